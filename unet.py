@@ -142,10 +142,11 @@ class PositionalEmbedding(nn.Module):
         self.endpoint = endpoint
 
     def forward(self, x):
-        freqs = torch.arange(0, self.num_channels // 2, dtype=torch.float32, device=x.device)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # never below fp32 for times
+        freqs = torch.arange(0, self.num_channels // 2, dtype=dtype, device=x.device)
         freqs = freqs / (self.num_channels // 2 - (1 if self.endpoint else 0))
         freqs = (1 / self.max_positions) ** freqs
-        x = x.float().ger(freqs)
+        x = x.to(dtype).ger(freqs)
         return torch.cat([x.cos(), x.sin()], dim=1)
 
 
@@ -165,6 +166,7 @@ class SongUNet(nn.Module):
                             eps=1e-6, resample_filter=resample_filter, resample_proj=True,
                             init=init, init_zero=init_zero, init_attn=init_attn)
         self.augment_dim = augment_dim
+        self.dropout = dropout  # read by the SoFlow wrapper: dropout makes the consistency calls share RNG state
         self.img_resolution = img_resolution
         self.in_channels = in_channels
         # Two time inputs, t and t - s, each with its own positional embedding.

@@ -1,0 +1,81 @@
+"""DiT backbone: reference state-dict layout and parameter counts, conditioning, initialisation."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dit import DIT_SIZES, build_dit, get_2d_sincos_pos_embed, timestep_embedding
+from models import Soflow
+
+MANIFEST = json.load(open(os.path.join(os.path.dirname(__file__), "data", "official_state_dict_manifest.json")))
+
+
+def reference_model(model_type, device="meta"):
+    with torch.device(device):
+        if model_type == "UNet":
+            return Soflow(3, 32, 0, 0.0, "Linear", "Euler", "UNet")
+        return Soflow(4, 32, 1000, 0.1, "Linear", "Euler", model_type)
+
+
+@pytest.mark.parametrize("model_type", ["UNet"] + list(DIT_SIZES))
+def test_state_dict_matches_manifest(model_type):
+    model = reference_model(model_type)
+    ref = MANIFEST[model_type]
+    ours = [[k, list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in model.state_dict().items()]
+    assert [k for k, _, _ in ours] == [k for k, _, _ in ref["state_dict"]]
+    assert ours == ref["state_dict"]
+    assert sum(p.numel() for p in model.parameters()) == ref["num_params"]
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == ref["num_trainable"]
+
+
+def test_pos_embed_is_fixed_sincos():
+    net = build_dit("DiT-B-4", 32, 4, 10, True)
+    assert not net.pos_embed.requires_grad
+    table = get_2d_sincos_pos_embed(768, 8)
+    assert np.allclose(net.pos_embed[0].numpy(), table, atol=1e-6)
+    # first half encodes the column index: rows in one image row share their second half
+    assert np.allclose(table[0, 384:], table[1, 384:]) and not np.allclose(table[0, :384], table[1, :384])
+
+
+def test_adaln_zero_start_outputs_zero_and_conditions_on_t_minus_s():
+    torch.manual_seed(0)
+    net = build_dit("DiT-B-4", 16, 4, 10, True, hidden_size=64, depth=2, num_heads=4)
+    x = torch.randn(3, 4, 16, 16)
+    t = torch.rand(3)
+    assert torch.all(net(x, t, t * 0.5, torch.tensor([0, 1, 10])) == 0)
+    for p in net.parameters():  # leave adaLN-Zero start
+        torch.nn.init.normal_(p, std=0.05)
+    out1 = net(x, t, t * 0.5, torch.tensor([0, 1, 10]))
+    out2 = net(x, t, t * 0.2, torch.tensor([0, 1, 10]))
+    out3 = net(x, t, t * 0.5, None)  # null class = row 10
+    assert out1.shape == x.shape and not torch.allclose(out1, out2)
+    assert torch.allclose(out3[2], out1[2], atol=1e-6) and not torch.allclose(out3[0], out1[0])
+    # the s-embedder sees only t - s
+    emb = net.s_embedder(t - t * 0.5)
+    assert torch.allclose(emb, net.s_embedder(torch.tensor(0.5) * t))
+
+
+def test_timestep_embedding_raw_time():
+    t = torch.tensor([0.0, 0.5])
+    emb = timestep_embedding(t, 256)
+    assert emb.shape == (2, 256)
+    assert torch.allclose(emb[0, :128], torch.ones(128)) and torch.allclose(emb[0, 128:], torch.zeros(128))
+    assert torch.isclose(emb[1, 0], torch.cos(torch.tensor(0.5)))
+
+
+def test_label_table_without_null_row_rejects_none():
+    net = build_dit("DiT-B-4", 16, 4, 10, False, hidden_size=32, depth=1, num_heads=2)
+    assert net.y_embedder.embedding_table.num_embeddings == 10
+    with pytest.raises(ValueError, match="null"):
+        net(torch.randn(1, 4, 16, 16), torch.rand(1), torch.rand(1), None)
+
+
+def test_bad_sizes():
+    with pytest.raises(ValueError, match="DiT-Z-9"):
+        build_dit("DiT-Z-9", 32, 4, 10, True)
+    with pytest.raises(ValueError, match="patch size"):
+        build_dit("DiT-B-4", 30, 4, 10, True)
+    with pytest.raises(ValueError, match="mlp_ratio"):
+        build_dit("DiT-B-4", 32, 4, 10, True, mlp_ratio=2)
