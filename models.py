@@ -128,7 +128,9 @@ def shared_random_state(device):
 
 class Soflow(nn.Module):
     def __init__(self, data_channels, data_size, num_classes, cfg_drop_rate, noising_type="Linear",
-                 coefficient_type="Euler", model_type="DiT-B-4", unet_dropout=0.30, dit_sizes=None):
+                 coefficient_type="Euler", model_type="DiT-B-4", network_kwargs=None):
+        """`network_kwargs` reach the backbone: SongUNet arguments (dropout, model_channels, channel_mult,
+        num_blocks, attn_resolutions) or DiT size overrides (hidden_size, depth, num_heads, patch_size)."""
         super().__init__()
         _check_choice("model_type", model_type, MODEL_TYPES)
         self.scheduler = Scheduler(noising_type, coefficient_type)
@@ -144,11 +146,11 @@ class Soflow(nn.Module):
                 raise ValueError(f"model_type 'UNet' is the unconditional EDM U-Net; num_classes must be 0, "
                                  f"got {num_classes} (use a DiT model_type for class-conditional data)")
             self.network = SongUNet(img_resolution=data_size, in_channels=data_channels,
-                                    out_channels=data_channels, dropout=unet_dropout)
+                                    out_channels=data_channels, **(network_kwargs or {}))
         else:
             # The null class row exists when labels are dropped for CFG, and is the only row when unconditional.
             self.network = build_dit(model_type, data_size, data_channels, num_classes,
-                                     has_null_class=cfg_drop_rate > 0 or num_classes == 0, **(dit_sizes or {}))
+                                     has_null_class=cfg_drop_rate > 0 or num_classes == 0, **(network_kwargs or {}))
 
     # ----------------------------------------------------------------------------------------------
     # Inputs

@@ -20,15 +20,15 @@ def randomise(model, std=0.05, seed=0):
 
 def tiny_dit(coefficient_type="Euler", noising_type="Linear", num_classes=10, cfg_drop_rate=0.1, dtype=torch.float64):
     torch.manual_seed(0)
-    model = Soflow(4, 8, num_classes, cfg_drop_rate, noising_type, coefficient_type, "DiT-B-4", dit_sizes=TINY_DIT)
+    model = Soflow(4, 8, num_classes, cfg_drop_rate, noising_type, coefficient_type, "DiT-B-4",
+                   network_kwargs=TINY_DIT)
     return randomise(model).to(dtype)
 
 
 def tiny_unet(dropout=0.0, dtype=torch.float32):
     torch.manual_seed(0)
-    model = Soflow(3, 8, 0, 0.0, "Linear", "Euler", "UNet", unet_dropout=dropout)
-    model.network = type(model.network)(img_resolution=8, in_channels=3, out_channels=3, model_channels=16,
-                                        channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), dropout=dropout)
+    model = Soflow(3, 8, 0, 0.0, "Linear", "Euler", "UNet", network_kwargs=dict(
+        model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), dropout=dropout))
     return randomise(model, std=0.1).to(dtype)
 
 

@@ -1,0 +1,647 @@
+"""Sample-quality metrics following the ADM evaluation protocol (Dhariwal & Nichol 2021).
+
+Computes Inception Score, FID, sFID and k-NN precision / recall (Kynkaanniemi et al. 2019, k=3) of
+every sample batch (`.npz`, images under `arr_0` as uint8 [N, H, W, 3]) in a folder against a reference
+batch, using the TensorFlow Inception-v3 graph `classify_image_graph_def.pb`:
+
+    python evaluator.py --ref_batch REF.npz --sample_batch_dir SAMPLES/ [--inception-graph PATH]
+                        [--inception-sha256 HEX] [--batch-size 64] [--cache-dir DIR]
+
+Results are appended, one line per sample file, to `SAMPLES/eval_results.txt`; files already listed there
+are skipped, so the command can be re-run while new sample files appear.
+
+Features: images (float32 in [0, 255], NHWC, any size; the graph resizes internally) enter at
+`ExpandDims:0`. `pool_3:0` (2048-d) gives FID, precision/recall and, multiplied by the weights of
+`softmax/logits/MatMul` and soft-maxed, the class probabilities for IS. The first 7 channels of
+`mixed_6/conv:0`, flattened, give the spatial features for sFID.
+
+TensorFlow is imported lazily (inside functions) so `import evaluator` stays cheap, and the graph runs in
+TF1 graph mode through `tf.compat.v1` (on the GPU when there is one, otherwise on the CPU).
+"""
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import os
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from urllib.request import urlopen
+
+import numpy as np
+import scipy.linalg
+from scipy.special import xlogy
+from tqdm import tqdm
+
+log = logging.getLogger("evaluator")
+
+INCEPTION_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
+                 "classify_image_graph_def.pb")
+INCEPTION_FILENAME = "classify_image_graph_def.pb"
+# SHA-256 of the file above. The value was not available (no network) when this was written, so it is
+# None and the download is then only checked for completeness (Content-Length) and, on load, for the
+# tensors the metrics need. Set it, or pass --inception-sha256, to have every download and cached copy
+# verified.
+INCEPTION_SHA256 = None
+
+# Tensor / op names of the Inception graph.
+INPUT_TENSOR = "ExpandDims:0"
+POOL_TENSOR = "pool_3:0"
+SPATIAL_TENSOR = "mixed_6/conv:0"
+LOGITS_MATMUL_OP = "softmax/logits/MatMul"
+SPATIAL_CHANNELS = 7  # sFID uses the first 7 channels of mixed_6/conv (17 x 17 x 7 = 2023 features)
+
+NEAREST_K = 3  # neighbourhood size of the precision / recall manifolds
+IS_SPLIT_SIZE = 5000
+# The covariance needs 2 images; a k-NN radius needs k other images in the same set.
+MIN_IMAGES = max(2, NEAREST_K + 1)
+
+RESULTS_FILENAME = "eval_results.txt"
+CACHE_VERSION = 1  # bump when the layout of the cached reference activations changes
+
+
+class BadInputError(ValueError):
+    """An input file or folder that cannot be evaluated; the message names the file and the problem."""
+
+
+class DownloadError(RuntimeError):
+    """The Inception graph could not be downloaded or failed its checksum."""
+
+
+def default_cache_dir():
+    """Folder for the downloaded graph and the cached reference activations ($SOFLOW_CACHE_DIR or
+    ~/.cache/soflow)."""
+    return Path(os.environ.get("SOFLOW_CACHE_DIR") or Path.home() / ".cache" / "soflow")
+
+
+# --------------------------------------------------------------------------------------------------
+# Input files
+# --------------------------------------------------------------------------------------------------
+
+def _npz_headers(path):
+    """{array name: (shape, dtype)} of an .npz archive, read from the .npy headers only, so checking a
+    large batch does not load its images."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{path}: file not found")
+    headers = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+                    else:
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+                headers[info.filename[:-len(".npy")]] = (shape, dtype)
+    except (zipfile.BadZipFile, ValueError, OSError) as err:
+        raise BadInputError(f"{path}: not a readable .npz archive ({err})") from err
+    return headers
+
+
+def check_batch(path, role="sample batch", min_images=MIN_IMAGES):
+    """Check, without loading the images, that `path` holds `arr_0` as uint8 [N, H, W, 3] with at least
+    `min_images` images. Returns the {name: (shape, dtype)} headers. Raises BadInputError otherwise."""
+    headers = _npz_headers(path)
+    if "arr_0" not in headers:
+        found = ", ".join(sorted(headers)) or "nothing"
+        extra = (" (precision/recall need the reference images even when mu/sigma are precomputed)"
+                 if role == "reference batch" else "")
+        raise BadInputError(f"{role} {path}: no images: 'arr_0' is missing (found: {found}); expected "
+                            f"uint8 images [N, H, W, 3] under 'arr_0'{extra}")
+    shape, dtype = headers["arr_0"]
+    if dtype != np.uint8:
+        raise BadInputError(f"{role} {path}: arr_0 has dtype {dtype}, expected uint8 images in [0, 255]")
+    if len(shape) != 4 or shape[-1] != 3 or min(shape[1:3]) < 1:
+        hint = ""
+        if len(shape) == 4 and shape[-1] == 1:
+            hint = "; grayscale images: repeat the channel, np.repeat(x, 3, axis=-1)"
+        elif len(shape) == 4 and shape[1] == 3:
+            hint = "; channels-first (NCHW) images: use x.transpose(0, 2, 3, 1)"
+        raise BadInputError(f"{role} {path}: arr_0 has shape {shape}, expected [N, H, W, 3]{hint}")
+    if shape[0] < min_images:
+        raise BadInputError(f"{role} {path}: has {shape[0]} images, but at least {min_images} are needed "
+                            f"(2 for the covariance, k+1={NEAREST_K + 1} for precision/recall)")
+    return headers
+
+
+def load_images(path, role="sample batch", min_images=MIN_IMAGES):
+    """Validated uint8 images [N, H, W, 3] of an .npz batch (opened read-only)."""
+    check_batch(path, role, min_images)
+    with np.load(path, allow_pickle=False) as batch:
+        return batch["arr_0"]
+
+
+def load_reference_stats(path):
+    """Precomputed statistics in a reference batch: a dict with any of the pairs (mu, sigma) and
+    (mu_s, sigma_s), each checked to be a [D] mean with a [D, D] covariance."""
+    headers = _npz_headers(path)
+    stats = {}
+    for mean_key, cov_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        present = [key for key in (mean_key, cov_key) if key in headers]
+        if not present:
+            continue
+        if len(present) == 1:
+            missing = cov_key if present[0] == mean_key else mean_key
+            raise BadInputError(f"reference batch {path}: has '{present[0]}' but not '{missing}'")
+        mean_shape, cov_shape = headers[mean_key][0], headers[cov_key][0]
+        if len(mean_shape) != 1 or cov_shape != (mean_shape[0], mean_shape[0]):
+            raise BadInputError(f"reference batch {path}: '{mean_key}' {mean_shape} and '{cov_key}' "
+                                f"{cov_shape} are not a [D] mean and a [D, D] covariance")
+    with np.load(path, allow_pickle=False) as batch:
+        for key in ("mu", "sigma", "mu_s", "sigma_s"):
+            if key in headers:
+                stats[key] = batch[key].astype(np.float64)
+    return stats
+
+
+# --------------------------------------------------------------------------------------------------
+# Inception graph
+# --------------------------------------------------------------------------------------------------
+
+def file_sha256(path, chunk_size=1 << 20):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_file(url, dest, sha256=None, chunk_size=1 << 20):
+    """Download `url` to `dest` atomically: the bytes go to a temporary file next to `dest`, which is
+    renamed onto `dest` only once it is complete and (when `sha256` is given) matches the checksum, so an
+    interrupted or corrupt download never leaves a file that looks valid."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    digest = hashlib.sha256()
+    received = 0
+    try:
+        with os.fdopen(fd, "wb") as out, urlopen(url, timeout=60) as response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length else None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
+                for chunk in iter(lambda: response.read(chunk_size), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        if total is not None and received != total:
+            raise DownloadError(f"download of {url} incomplete: got {received} of {total} bytes")
+        if sha256 and digest.hexdigest() != sha256.lower():
+            raise DownloadError(f"checksum mismatch for {url}: expected sha256 {sha256.lower()}, "
+                                f"got {digest.hexdigest()}")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is an ordinary readable file
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return dest
+
+
+def resolve_inception_graph(graph_path=None, cache_dir=None, sha256=None):
+    """Path of the Inception graph: `graph_path` when given (checked against `sha256` if set), otherwise
+    the copy in the cache folder, downloaded once from INCEPTION_URL and verified against `sha256` or
+    INCEPTION_SHA256."""
+    if graph_path is not None:
+        graph_path = Path(graph_path)
+        if not graph_path.is_file():
+            raise BadInputError(f"Inception graph {graph_path}: file not found")
+        if sha256 and file_sha256(graph_path) != sha256.lower():
+            raise BadInputError(f"Inception graph {graph_path}: sha256 does not match {sha256}")
+        return graph_path
+    sha256 = sha256 or INCEPTION_SHA256
+    dest = Path(cache_dir or default_cache_dir()) / INCEPTION_FILENAME
+    if dest.is_file():
+        if sha256 and file_sha256(dest) != sha256.lower():
+            raise DownloadError(f"cached Inception graph {dest} does not match sha256 {sha256}; delete it "
+                                f"to download it again")
+        return dest
+    log.info("downloading the Inception graph from %s to %s", INCEPTION_URL, dest)
+    try:
+        return download_file(INCEPTION_URL, dest, sha256)
+    except OSError as err:
+        raise DownloadError(f"could not download {INCEPTION_URL} ({err}); download it by hand and pass "
+                            f"--inception-graph PATH") from err
+
+
+def _import_tensorflow():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide TF's start-up chatter unless asked for
+    import tensorflow as tf
+    return tf
+
+
+class InceptionFeatures:
+    """The Inception graph and its TF1 session. The graph is parsed and the session created on first use,
+    so constructing this object is cheap.
+
+    compute(images, batch_size) -> (pool [N, 2048], spatial [N, 17*17*7], probs [N, 1008]), float32.
+    """
+
+    def __init__(self, graph_path, spatial_channels=SPATIAL_CHANNELS):
+        self.graph_path = Path(graph_path)
+        if not self.graph_path.is_file():
+            raise BadInputError(f"Inception graph {self.graph_path}: file not found")
+        self.spatial_channels = spatial_channels
+        self._session = None
+
+    def _build(self):
+        tf = _import_tensorflow()
+        graph_def = tf.compat.v1.GraphDef()
+        try:
+            graph_def.ParseFromString(self.graph_path.read_bytes())
+        except Exception as err:  # protobuf's DecodeError
+            raise BadInputError(f"Inception graph {self.graph_path}: not a TensorFlow GraphDef ({err})") from err
+        graph = tf.Graph()
+        with graph.as_default():
+            # The graph's own input has batch size 1; mapping it onto a placeholder with a free batch
+            # dimension lets whole batches go through (every op up to pool_3 is batch-agnostic).
+            images = tf.compat.v1.placeholder(tf.float32, [None, None, None, 3], name="images")
+            try:
+                pool, spatial = tf.import_graph_def(graph_def, input_map={INPUT_TENSOR: images},
+                                                    return_elements=[POOL_TENSOR, SPATIAL_TENSOR],
+                                                    name="inception")
+                weights = graph.get_operation_by_name(f"inception/{LOGITS_MATMUL_OP}").inputs[1]
+            except (ValueError, KeyError, IndexError) as err:
+                raise BadInputError(f"Inception graph {self.graph_path}: lacks the tensors the metrics need "
+                                    f"({INPUT_TENSOR}, {POOL_TENSOR}, {SPATIAL_TENSOR}, "
+                                    f"{LOGITS_MATMUL_OP}): {err}") from err
+            batch = tf.shape(pool)[0]
+            pool_flat = tf.reshape(pool, [batch, -1])
+            # The graph's own softmax sits behind a reshape to batch size 1, so the class probabilities
+            # are recomputed here from the pool features and the logits weights.
+            probs = tf.nn.softmax(tf.matmul(pool_flat, weights))
+            spatial_flat = tf.reshape(spatial[..., :self.spatial_channels], [batch, -1])
+        config = tf.compat.v1.ConfigProto(allow_soft_placement=True)
+        config.gpu_options.allow_growth = True  # do not grab all GPU memory (torch may share the GPU)
+        self._session = tf.compat.v1.Session(graph=graph, config=config)
+        self._images = images
+        self._fetches = (pool_flat, spatial_flat, probs)
+
+    def compute(self, images, batch_size=64, desc="inception features"):
+        """Features of uint8 images [N, H, W, 3], fed in batches of `batch_size`."""
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected images [N, H, W, 3], got shape {images.shape}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if self._session is None:
+            self._build()
+        outputs = ([], [], [])
+        for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch"):
+            batch = images[start:start + batch_size].astype(np.float32)
+            for out, value in zip(outputs, self._session.run(self._fetches, {self._images: batch})):
+                out.append(value.astype(np.float32, copy=False))
+        return tuple(np.concatenate(out, axis=0) for out in outputs)
+
+    def close(self):
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------
+
+def feature_statistics(features):
+    """Mean and covariance (float64) of features [N, D]."""
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """Frechet distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2):
+    ||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2))."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        # A (near-)singular product can make sqrtm fail; a tiny ridge on both covariances fixes that.
+        log.warning("sqrtm of the covariance product is not finite; adding %g to the diagonals", eps)
+        ridge = np.eye(len(mu1)) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + ridge) @ (sigma2 + ridge))
+    if np.iscomplexobj(covmean):
+        # Round-off can leave a small imaginary part; a large one means the statistics are broken.
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm has a large imaginary component ({np.abs(covmean.imag).max():.3g})")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(probs, split_size=IS_SPLIT_SIZE):
+    """Inception Score of class probabilities [N, C]: the predictions are cut into consecutive splits of
+    `split_size` (the last one may be shorter; one split when N <= split_size); per split
+    exp(mean_i KL(p_i || mean p)); the mean over splits."""
+    probs = np.asarray(probs, dtype=np.float64)
+    scores = []
+    for start in range(0, len(probs), split_size):
+        part = probs[start:start + split_size]
+        marginal = part.mean(axis=0, keepdims=True)
+        # xlogy(0, .) = 0, so classes with zero probability (softmax underflow) add nothing, not nan.
+        kl = (xlogy(part, part) - xlogy(part, marginal)).sum(axis=1).mean()
+        scores.append(np.exp(kl))
+    return float(np.mean(scores))
+
+
+def _squared_distances(a, a_sq, b, b_sq):
+    """Block of squared Euclidean distances by ||a||^2 - 2 a.b + ||b||^2, clipped at 0 (round-off)."""
+    d = a_sq[:, None] - 2 * (a @ b.T) + b_sq[None, :]
+    return np.maximum(d, 0, out=d)
+
+
+def _prepare(features, center, dtype):
+    # Centring does not change distances but shrinks the norms, which limits the cancellation in the
+    # ||a||^2 - 2ab + ||b||^2 expansion when it runs in float32.
+    x = (np.asarray(features, dtype=np.float64) - center).astype(dtype)
+    return x, np.einsum("ij,ij->i", x, x)
+
+
+def manifold_radii(features, k=NEAREST_K, block_size=1000, dtype=np.float32):
+    """Distance of every feature [N, D] to its k-th nearest neighbour in the same set (itself excluded,
+    i.e. the (k+1)-th smallest distance counting 0 to itself). Distances are evaluated in
+    block_size x block_size blocks, keeping only the k+1 smallest per row, so no N x N matrix exists."""
+    n = len(features)
+    if n <= k:
+        raise ValueError(f"need more than k={k} features for k-NN radii, got {n}")
+    x, x_sq = _prepare(features, np.mean(features, axis=0), dtype)
+    radii = np.empty(n, dtype=np.float64)
+    for r0 in range(0, n, block_size):
+        rows = slice(r0, r0 + block_size)
+        best = np.full((len(x[rows]), k + 1), np.inf, dtype=dtype)
+        for c0 in range(0, n, block_size):
+            cols = slice(c0, c0 + block_size)
+            d = _squared_distances(x[rows], x_sq[rows], x[cols], x_sq[cols])
+            best = np.partition(np.concatenate([best, d], axis=1), k, axis=1)[:, :k + 1]
+        radii[rows] = np.sqrt(best[:, k].astype(np.float64))
+    return radii
+
+
+def precision_recall(ref, sample, k=NEAREST_K, block_size=1000, dtype=np.float32, ref_radii=None,
+                     sample_radii=None):
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of features [N, D].
+
+    precision: fraction of samples within the k-NN ball of at least one reference feature;
+    recall: fraction of reference features within the k-NN ball of at least one sample.
+    Radii may be passed in when already known (the reference radii are reused across sample files)."""
+    if ref_radii is None:
+        ref_radii = manifold_radii(ref, k, block_size, dtype)
+    if sample_radii is None:
+        sample_radii = manifold_radii(sample, k, block_size, dtype)
+    center = np.mean(ref, axis=0)
+    r, r_sq = _prepare(ref, center, dtype)
+    s, s_sq = _prepare(sample, center, dtype)
+    sample_in_ref = np.zeros(len(s), dtype=bool)
+    ref_in_sample = np.zeros(len(r), dtype=bool)
+    # One pass over the sample x reference distance blocks answers both questions.
+    for s0 in range(0, len(s), block_size):
+        srows = slice(s0, s0 + block_size)
+        for r0 in range(0, len(r), block_size):
+            rrows = slice(r0, r0 + block_size)
+            d = np.sqrt(_squared_distances(s[srows], s_sq[srows], r[rrows], r_sq[rrows]).astype(np.float64))
+            sample_in_ref[srows] |= (d <= ref_radii[None, rrows]).any(axis=1)
+            ref_in_sample[rrows] |= (d <= sample_radii[srows, None]).any(axis=0)
+    return float(sample_in_ref.mean()), float(ref_in_sample.mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference batch and folder evaluation
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Reference:
+    """Reference activations with the statistics the metrics compare against."""
+    path: Path
+    pool: np.ndarray
+    spatial: np.ndarray
+    mu: np.ndarray
+    sigma: np.ndarray
+    mu_s: np.ndarray
+    sigma_s: np.ndarray
+    _radii: dict = dataclasses.field(default_factory=dict)
+
+    def radii(self, k=NEAREST_K):
+        """k-NN radii of the reference pool features, computed once and reused for every sample file."""
+        if k not in self._radii:
+            log.info("computing reference manifold radii (k=%d)", k)
+            self._radii[k] = manifold_radii(self.pool, k)
+        return self._radii[k]
+
+
+# In-process memo of the last reference (one entry: the activations of 50k images take ~800 MB).
+_REFERENCE_MEMO = {}
+
+
+def _file_signature(path):
+    stat = Path(path).stat()
+    return f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def reference_cache_path(ref_batch, graph_path, cache_dir=None):
+    """Where the activations of `ref_batch` are cached: under <cache dir>/ref_activations/, keyed by the
+    path, size and mtime of both the reference batch and the Inception graph (features depend on both).
+    The cache never goes into the sample folder, where an .npz would be taken for a sample batch."""
+    key = hashlib.sha256(f"v{CACHE_VERSION}|{_file_signature(ref_batch)}|{_file_signature(graph_path)}"
+                         .encode()).hexdigest()
+    folder = Path(cache_dir or default_cache_dir()) / "ref_activations"
+    return folder / f"{Path(ref_batch).stem}-{key[:20]}.npz", key
+
+
+def _load_cached_activations(path, key, n_images):
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            if str(cached["key"]) != key:
+                return None
+            pool, spatial = cached["pool"], cached["spatial"]
+    except Exception as err:  # a corrupt or foreign cache file is recomputed, not fatal
+        log.warning("ignoring unreadable reference cache %s (%s)", path, err)
+        return None
+    if pool.ndim != 2 or spatial.ndim != 2 or len(pool) != n_images or len(spatial) != n_images:
+        log.warning("ignoring reference cache %s with unexpected shapes", path)
+        return None
+    return pool, spatial
+
+
+def _save_cached_activations(path, key, pool, spatial):
+    """Atomic write (temporary file + rename) so a crash never leaves a truncated cache behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, key=np.array(key), pool=pool, spatial=spatial)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def load_reference(ref_batch, features, batch_size=64, cache_dir=None):
+    """Reference activations and statistics, from the in-process memo, the disk cache, or computed (and
+    then cached). Precomputed mu/sigma (mu_s/sigma_s) in the batch replace the statistics of its images
+    for FID (sFID); precision/recall always use the activations of the images."""
+    ref_batch = Path(ref_batch)
+    headers = check_batch(ref_batch, role="reference batch")
+    n_images = headers["arr_0"][0][0]
+    stats = load_reference_stats(ref_batch)
+    cache_path, key = reference_cache_path(ref_batch, features.graph_path, cache_dir)
+    if key in _REFERENCE_MEMO:
+        return _REFERENCE_MEMO[key]
+
+    cached = _load_cached_activations(cache_path, key, n_images) if cache_path.is_file() else None
+    if cached is not None:
+        log.info("using cached reference activations %s", cache_path)
+        pool, spatial = cached
+    else:
+        log.info("computing reference activations of %s (cached to %s)", ref_batch, cache_path)
+        pool, spatial, _ = features.compute(load_images(ref_batch, role="reference batch"), batch_size,
+                                            desc=f"reference {ref_batch.name}")
+        _save_cached_activations(cache_path, key, pool, spatial)
+
+    for mean_key, cov_key, acts in (("mu", "sigma", pool), ("mu_s", "sigma_s", spatial)):
+        if mean_key in stats and stats[mean_key].shape != (acts.shape[1],):
+            raise BadInputError(f"reference batch {ref_batch}: precomputed '{mean_key}' has shape "
+                                f"{stats[mean_key].shape}, but the features have dimension {acts.shape[1]}")
+    if "mu" in stats:
+        log.info("using the precomputed mu/sigma of %s for FID", ref_batch)
+        mu, sigma = stats["mu"], stats["sigma"]
+    else:
+        mu, sigma = feature_statistics(pool)
+    if "mu_s" in stats:
+        log.info("using the precomputed mu_s/sigma_s of %s for sFID", ref_batch)
+        mu_s, sigma_s = stats["mu_s"], stats["sigma_s"]
+    else:
+        mu_s, sigma_s = feature_statistics(spatial)
+    reference = Reference(ref_batch, pool, spatial, mu, sigma, mu_s, sigma_s)
+    _REFERENCE_MEMO.clear()
+    _REFERENCE_MEMO[key] = reference
+    return reference
+
+
+def compute_metrics(reference, pool, spatial, probs, k=NEAREST_K):
+    """IS, FID, sFID, precision and recall of one sample set's features against `reference`."""
+    mu, sigma = feature_statistics(pool)
+    mu_s, sigma_s = feature_statistics(spatial)
+    log.info("computing precision/recall (k=%d)", k)
+    precision, recall = precision_recall(reference.pool, pool, k, ref_radii=reference.radii(k))
+    return {
+        "IS": inception_score(probs),
+        "FID": frechet_distance(reference.mu, reference.sigma, mu, sigma),
+        "sFID": frechet_distance(reference.mu_s, reference.sigma_s, mu_s, sigma_s),
+        "precision": precision,
+        "recall": recall,
+    }
+
+
+def format_result(result):
+    """One eval_results.txt line."""
+    return (f"{result['file']} # IS: {result['IS']:.4f}, FID: {result['FID']:.4f}, "
+            f"sFID: {result['sFID']:.4f}, prec: {result['precision']:.4f}, recall: {result['recall']:.4f}")
+
+
+def evaluated_files(results_path):
+    """Names of the sample files an eval_results.txt already lists."""
+    results_path = Path(results_path)
+    if not results_path.is_file():
+        return set()
+    with open(results_path) as f:
+        return {line.split(" # ", 1)[0] for line in f if " # " in line}
+
+
+def evaluate_folder(ref_batch, sample_dir, graph_path=None, batch_size=64, cache_dir=None,
+                    inception_sha256=None, features=None):
+    """Evaluate every .npz in `sample_dir` (sorted) not yet listed in its eval_results.txt, appending one
+    line per file. Returns the result dicts (file, path, IS, FID, sFID, precision, recall) of the files
+    evaluated now. `features` (an InceptionFeatures) may be passed in to reuse a session.
+
+    All inputs are checked before anything is computed, and sample files are only ever read."""
+    ref_batch, sample_dir = Path(ref_batch), Path(sample_dir)
+    check_batch(ref_batch, role="reference batch")
+    load_reference_stats(ref_batch)
+    if not sample_dir.is_dir():
+        raise BadInputError(f"sample folder {sample_dir}: not a directory")
+    files = sorted(p for p in sample_dir.glob("*.npz") if p.is_file())
+    # The reference batch may live in the sample folder; it is no sample.
+    files = [p for p in files if not (ref_batch.exists() and p.samefile(ref_batch))]
+    if not files:
+        raise BadInputError(f"sample folder {sample_dir}: no .npz sample files")
+    results_path = sample_dir / RESULTS_FILENAME
+    done = evaluated_files(results_path)
+    pending = [p for p in files if p.name not in done]
+    if len(pending) < len(files):
+        log.info("skipping %d file(s) already listed in %s", len(files) - len(pending), results_path)
+    if not pending:
+        log.info("nothing new to evaluate in %s", sample_dir)
+        return []
+    for path in pending:
+        check_batch(path, role="sample batch")
+
+    own_features = features is None
+    if own_features:
+        features = InceptionFeatures(resolve_inception_graph(graph_path, cache_dir, inception_sha256))
+    results = []
+    try:
+        reference = load_reference(ref_batch, features, batch_size, cache_dir)
+        for i, path in enumerate(pending, 1):
+            log.info("evaluating %s (%d/%d)", path.name, i, len(pending))
+            pool, spatial, probs = features.compute(load_images(path), batch_size, desc=path.name)
+            result = {"file": path.name, "path": str(path), **compute_metrics(reference, pool, spatial, probs)}
+            line = format_result(result)
+            with open(results_path, "a") as f:
+                f.write(line + "\n")
+                f.flush()  # one line per finished file: a later crash loses nothing already computed
+                os.fsync(f.fileno())
+            log.info("%s", line)
+            results.append(result)
+    finally:
+        if own_features:
+            features.close()
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ref_batch", "--ref-batch", required=True,
+                        help="reference .npz (uint8 images [N, H, W, 3] under arr_0; optional mu, sigma, "
+                             "mu_s, sigma_s)")
+    parser.add_argument("--sample_batch_dir", "--sample-batch-dir", required=True,
+                        help="folder of sample .npz files; results go to eval_results.txt in it")
+    parser.add_argument("--inception-graph", default=None,
+                        help=f"path of {INCEPTION_FILENAME} (default: download once into the cache folder)")
+    parser.add_argument("--inception-sha256", default=None,
+                        help="expected SHA-256 of the Inception graph (overrides the built-in value)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per Inception batch")
+    parser.add_argument("--cache-dir", default=None,
+                        help="folder for the downloaded graph and cached reference activations "
+                             "(default: $SOFLOW_CACHE_DIR or ~/.cache/soflow)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be positive, got {args.batch_size}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        results = evaluate_folder(args.ref_batch, args.sample_batch_dir, args.inception_graph,
+                                  args.batch_size, args.cache_dir, args.inception_sha256)
+    except (BadInputError, DownloadError) as err:
+        raise SystemExit(f"evaluator: error: {err}") from None
+    for result in results:
+        print(format_result(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

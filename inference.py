@@ -1,0 +1,242 @@
+"""Sample dumps from a SoFlow checkpoint at any NFE, in the ADM `.npz` format, on one or many ranks.
+
+    torchrun --nproc-per-node=N inference.py --config CFG --ckpt-steps K --eval-NFE 1 --eval-batch-size 125 --seed 0
+
+Sample i takes its label and all of its noise from a generator seeded by (seed, i), so a dump is
+identical whatever the world size and batch size. The same functions write the FID dumps and the
+sample grids of train.py.
+"""
+import argparse
+import contextlib
+import math
+import os
+import time
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from models import to_uint8
+
+# ----------------------------------------------------------------------------------------------------
+# Per-sample randomness
+
+
+def sample_inputs(indices, num_classes, class_balanced, shape, nfe, seed):
+    """Labels [n] (None when unconditional) and noise [nfe, n, *shape] for global sample indices."""
+    labels, noise = [], []
+    for i in indices:
+        g = torch.Generator().manual_seed((seed << 32) + int(i))
+        if num_classes > 0:
+            labels.append(int(i) % num_classes if class_balanced
+                          else int(torch.randint(num_classes, (1,), generator=g)))
+        noise.append(torch.randn((nfe, *shape), generator=g))
+    labels = torch.tensor(labels, dtype=torch.long) if num_classes > 0 else None
+    return labels, torch.stack(noise, dim=1)
+
+
+def rank_slice(num_samples, rank, world_size):
+    """Contiguous, near-equal slice of range(num_samples) for this rank."""
+    bounds = np.linspace(0, num_samples, world_size + 1).round().astype(int)
+    return range(bounds[rank], bounds[rank + 1])
+
+
+def autocast_context(device, precision):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def generate(model, indices, nfe, seed, device, decode=None, class_balanced=False, precision="fp32"):
+    """uint8 NHWC images (and labels) of the given global sample indices, through `model.sample`."""
+    shape = (model.data_channels, model.data_size, model.data_size)
+    labels, noise = sample_inputs(indices, model.num_classes, class_balanced, shape, nfe, seed)
+    noise = noise.to(device)
+    with autocast_context(device, precision):
+        x = model.sample(noise[0], labels.to(device) if labels is not None else None, nfe=nfe,
+                         renoise=noise[1:] if nfe > 1 else None)
+        if decode is not None:
+            x = decode(x)
+    return to_uint8(x.float()), labels
+
+
+def build_decoder(vae, latent_scale, device, chunk_size=32):
+    """Latents -> [-1, 1] images with the SD-VAE decoder, `chunk_size` latents at a time to bound memory."""
+    from diffusers import AutoencoderKL
+    model = AutoencoderKL.from_pretrained(vae).to(device).eval()
+
+    def decode(latents):
+        return torch.cat([model.decode(chunk.float() / latent_scale).sample
+                          for chunk in latents.split(chunk_size)])
+    return decode
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _write_npz_streaming(path, parts, labels):
+    """Writes `arr_0` (and `arr_1` labels) by streaming the parts, so no rank holds all images at once."""
+    arrays = [np.load(p, mmap_mode="r") for p in parts]
+    total = sum(len(a) for a in arrays)
+    tmp = f"{path}.tmp"
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                      "shape": (total, *arrays[0].shape[1:])}
+            np.lib.format.write_array_header_2_0(f, header)
+            for a in arrays:
+                for start in range(0, len(a), 1024):
+                    f.write(np.ascontiguousarray(a[start:start + 1024]).tobytes())
+        if labels is not None:
+            with zf.open("arr_1.npy", "w") as f:
+                np.lib.format.write_array(f, labels)
+    os.replace(tmp, path)
+
+
+def dump_samples(model, out_path, num_samples, nfe, seed, batch_size, device, rank=0, world_size=1, decode=None,
+                 class_balanced=False, precision="fp32", progress=True):
+    """Writes `num_samples` images to `out_path` (ADM format) from all ranks; returns the path on rank 0."""
+    if class_balanced and model.num_classes > 0 and num_samples % model.num_classes:
+        raise ValueError(f"--class-balanced needs num_samples ({num_samples}) divisible by the number of "
+                         f"classes ({model.num_classes})")
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    part = f"{out_path}.part{rank:05d}.npy"
+    indices = rank_slice(num_samples, rank, world_size)
+    images, labels = [], []
+    bar = tqdm(total=num_samples, desc=f"sampling {os.path.basename(out_path)}", unit="img",
+               disable=not progress or rank != 0, dynamic_ncols=True)
+    start = time.time()
+    for lo in range(0, len(indices), batch_size):
+        batch = indices[lo:lo + batch_size]
+        x, y = generate(model, batch, nfe, seed, device, decode, class_balanced, precision)
+        images.append(x.numpy())
+        if y is not None:
+            labels.append(y.numpy())
+        bar.update(len(batch) * world_size)
+        bar.set_postfix(img_per_s=f"{len(images) and sum(len(a) for a in images) * world_size / (time.time() - start):.1f}")
+    bar.close()
+    shape = (0, model.data_size, model.data_size, 3)
+    np.save(part, np.concatenate(images) if images else np.zeros(shape, np.uint8))
+    label_part = None
+    if model.num_classes > 0:
+        label_part = f"{out_path}.labels{rank:05d}.npy"
+        np.save(label_part, np.concatenate(labels) if labels else np.zeros(0, np.int64))
+    if world_size > 1:
+        dist.barrier()
+    if rank == 0:
+        parts = [f"{out_path}.part{r:05d}.npy" for r in range(world_size)]
+        all_labels = None
+        if label_part is not None:
+            all_labels = np.concatenate([np.load(f"{out_path}.labels{r:05d}.npy") for r in range(world_size)])
+        _write_npz_streaming(out_path, parts, all_labels)
+        for r in range(world_size):
+            for f in (f"{out_path}.part{r:05d}.npy", f"{out_path}.labels{r:05d}.npy"):
+                if os.path.exists(f):
+                    os.remove(f)
+    if world_size > 1:
+        dist.barrier()
+    return out_path if rank == 0 else None
+
+
+def save_grid(images, rows, path):
+    """uint8 NHWC images -> one PNG with `rows` rows."""
+    from PIL import Image
+    n, h, w, c = images.shape
+    cols = math.ceil(n / rows)
+    canvas = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, cols)
+        canvas[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
+    tmp = f"{path}.tmp.png"
+    Image.fromarray(canvas).save(tmp)
+    os.replace(tmp, path)
+
+
+def grid_labels(rows, cols, num_classes):
+    """Row r shows class r * (num_classes // rows): one row per class when rows == num_classes."""
+    if num_classes == 0:
+        return None
+    step = max(num_classes // rows, 1)
+    return torch.tensor([(r * step) % num_classes for r in range(rows) for _ in range(cols)], dtype=torch.long)
+
+
+@torch.no_grad()
+def sample_grid(model, shape, nfe, seed, device, path, decode=None, precision="fp32"):
+    rows, cols = shape
+    labels = grid_labels(rows, cols, model.num_classes)
+    g = torch.Generator().manual_seed(seed)
+    size = (model.data_channels, model.data_size, model.data_size)
+    noise = torch.randn((nfe, rows * cols, *size), generator=g).to(device)
+    with autocast_context(device, precision):
+        x = model.sample(noise[0], labels.to(device) if labels is not None else None, nfe=nfe,
+                         renoise=noise[1:] if nfe > 1 else None)
+        if decode is not None:
+            x = decode(x)
+    save_grid(to_uint8(x.float()).numpy(), rows, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="the training config (YAML)")
+    p.add_argument("--ckpt-steps", type=int, default=None, help="use working_dir/ckpts/{K}.pt")
+    p.add_argument("--ckpt", default=None, help="any checkpoint file (a released one included)")
+    p.add_argument("--eval-NFE", type=int, default=1, help="number of function evaluations")
+    p.add_argument("--eval-batch-size", type=int, default=125, help="images per forward pass and rank")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=50_000)
+    p.add_argument("--vae", default=None, help="SD-VAE id or folder for ImageNet (default: the config's)")
+    p.add_argument("--out", default=None, help="output folder (default: working_dir/evals)")
+    p.add_argument("--class-balanced", action="store_true",
+                   help="exactly num_samples / num_classes images per class (default: uniform random labels)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+                   help="default: the config's (auto = bf16 on CUDA)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    from checkpoints import load_checkpoint, model_state
+    from config import load_config
+    from train import cleanup_distributed, setup_distributed
+    args = parse_args(argv)
+    cfg = load_config(args.config)
+    if (args.ckpt is None) == (args.ckpt_steps is None):
+        raise SystemExit("give exactly one of --ckpt-steps K or --ckpt PATH")
+    if args.eval_NFE < 1 or args.num_samples < 1 or args.eval_batch_size < 1:
+        raise SystemExit("--eval-NFE, --num-samples and --eval-batch-size must be >= 1")
+    ckpt = args.ckpt or os.path.join(cfg.working_dir, "ckpts", f"{args.ckpt_steps}.pt")
+    if not os.path.isfile(ckpt):
+        raise SystemExit(f"checkpoint {ckpt} does not exist")
+    if args.class_balanced and cfg.num_classes and args.num_samples % cfg.num_classes:
+        raise SystemExit(f"--class-balanced needs --num-samples divisible by {cfg.num_classes}")
+    rank, world_size, device = setup_distributed()
+    try:
+        model = cfg.build_model()
+        model.load_state_dict(model_state(load_checkpoint(ckpt)), strict=True)
+        model.to(device).eval()
+        decode = None
+        if cfg.dataset_type == "ImageNet":
+            decode = build_decoder(args.vae or cfg.vae, cfg.latent_scale, device)
+        name = os.path.splitext(os.path.basename(ckpt))[0]
+        out_dir = args.out or os.path.join(cfg.working_dir, "evals")
+        out = os.path.join(out_dir, f"{name}_{args.eval_NFE}NFE_{args.seed}.npz")
+        if rank == 0:
+            print(f"sampling {args.num_samples} images at {args.eval_NFE} NFE from the EMA weights of {ckpt} "
+                  f"on {world_size} rank(s) -> {out}")
+        dump_samples(model, out, args.num_samples, args.eval_NFE, args.seed, args.eval_batch_size, device, rank,
+                     world_size, decode, args.class_balanced, args.precision or cfg.precision)
+        if rank == 0:
+            print(f"wrote {out}")
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Config loader: every shipped config validates; bad configs fail early with a message naming the key."""
+import glob
+import os
+
+import pytest
+import yaml
+
+from config import ConfigError, from_dict, load_config, validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    model = None
+    if "tiny" in path or "digits" in path:
+        model = cfg.build_model()  # small enough to build
+        assert model.num_classes == cfg.num_classes
+    assert cfg.objective().total_steps == cfg.total_steps
+
+
+def test_reference_values():
+    b4 = load_config(os.path.join(ROOT, "configs", "imagenet_B4.yaml"))
+    assert (b4.cfg_scale, b4.mix_ratio, b4.cfg_drop_rate, b4.cfg_decay_time) == (3.0, 0.25, 0.1, 0.8)
+    assert b4.optimizer == "AdamW" and b4.ema_steps == 1 and b4.batch_size == 256 and b4.total_steps == 400_000
+    cifar = load_config(os.path.join(ROOT, "configs", "cifar.yaml"))
+    assert cifar.optimizer == "RAdam" and cifar.ema_steps == 16 and cifar.model_type == "UNet"
+    assert cifar.l_end_ratio == 0.0003125 and cifar.time_mean == [-0.9, -4.0, -0.9]
+    for name in ("B2", "M2", "L2", "XL2"):
+        cfg = load_config(os.path.join(ROOT, "configs", f"imagenet_{name}.yaml"))
+        assert cfg.total_steps == 1_200_000 and cfg.model_type == f"DiT-{name[:-1]}-2"
+        assert cfg.objective() == b4.objective().__class__(**{**b4.objective().__dict__, "total_steps": 1_200_000})
+
+
+def base():
+    return yaml.safe_load(open(os.path.join(ROOT, "configs", "imagenet_B4.yaml")))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"learning_rat": 1e-4}, r"unknown key\(s\) 'learning_rat' \(did you mean 'learning_rate'\?\)"),
+    ({"batch_size": "many"}, "'batch_size' must be an integer"),
+    ({"time_mean": [0.1, 0.2]}, "'time_mean' must be a list of 3"),
+    ({"cfg_drop_rate": 0.0}, "cfg_scale=3.0 > 1 needs cfg_drop_rate > 0"),
+    ({"model_type": "UNet", "num_classes": 0, "cfg_scale": 1.0}, "'ImageNet'.*'UNet'"),
+    ({"model_type": "UNet"}, "model_type 'UNet' is unconditional, but num_classes=1000"),
+    ({"model_type": "DiT-H-2"}, "'model_type' is 'DiT-H-2'; accepted: UNet, DiT-B-4"),
+    ({"l_schedule": "Step"}, "'l_schedule' is 'Step'; accepted: Const, Linear, Cosine, Exponent"),
+    ({"noising_type": "VP"}, "'noising_type' is 'VP'"),
+    ({"data_size": 30}, "data_size=30 is not divisible by the DiT patch size 4"),
+    ({"velocity_loss_ratio": 1.5}, r"'velocity_loss_ratio' must lie in \[0, 1\]"),
+    ({"model_channels": 64}, "do not apply to model_type 'DiT-B-4'"),
+    ({"use_fp16": True}, "unknown key"),
+    ({"betas": [0.9, 1.2]}, "betas"),
+])
+def test_bad_configs(change, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict({**base(), **change}, source="x.yaml")
+
+
+def test_batch_not_divisible_by_world_size():
+    cfg = from_dict({**base(), "batch_size": 255})
+    with pytest.raises(ConfigError, match="batch_size'=255 .* world size 2"):
+        validate(cfg, world_size=2)
+    validate(from_dict(base()), world_size=8)
+
+
+def test_cifar_defaults_and_bad_yaml(tmp_path):
+    cfg = from_dict({"dataset_type": "CIFAR10"})
+    assert (cfg.model_type, cfg.num_classes, cfg.data_channels, cfg.optimizer, cfg.ema_steps) == ("UNet", 0, 3, "RAdam", 16)
+    path = tmp_path / "bad.yaml"
+    path.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="dataset_type 'CIFAR10' is unconditional"):
+        from_dict({"dataset_type": "CIFAR10", "model_type": "DiT-B-4", "num_classes": 10})

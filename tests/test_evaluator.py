@@ -1,0 +1,520 @@
+"""Tests of evaluator.py on a small stand-in for the Inception graph (built here, no network).
+
+The toy graph carries the tensor names the evaluator relies on (ExpandDims, mixed_6/conv, pool_3,
+softmax/logits/MatMul); its features are recomputed here with a plain session on the whole batch and the
+metrics re-derived with straightforward, non-batched NumPy/SciPy code.
+"""
+import hashlib
+import io
+import re
+
+import numpy as np
+import pytest
+import scipy.linalg
+from scipy.spatial.distance import cdist
+
+import evaluator as ev
+
+POOL_DIM = 16
+CLASSES = 10
+K = 3
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch, tmp_path):
+    """No network, no writes to the real cache folder, and a fresh in-process reference memo."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("tests must not touch the network")
+    monkeypatch.setattr(ev, "urlopen", refuse)
+    monkeypatch.setenv("SOFLOW_CACHE_DIR", str(tmp_path / "default_cache"))
+    ev._REFERENCE_MEMO.clear()
+    yield
+    ev._REFERENCE_MEMO.clear()
+
+
+@pytest.fixture(scope="module")
+def tf():
+    return ev._import_tensorflow()
+
+
+@pytest.fixture(scope="module")
+def toy_graph(tf, tmp_path_factory):
+    """Write a toy Inception graph; returns (path, softmax weights [POOL_DIM, CLASSES])."""
+    rng = np.random.default_rng(1234)
+    conv_w = (0.3 * rng.normal(size=(3, 3, 3, 8))).astype(np.float32)
+    pool_w = (2.0 / np.sqrt(128) * rng.normal(size=(128, POOL_DIM))).astype(np.float32)
+    logits_w = (1.5 * rng.normal(size=(POOL_DIM, CLASSES))).astype(np.float32)
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf.compat.v1.placeholder(tf.float32, [None, None, None, 3], name="ExpandDims")
+        resized = tf.compat.v1.image.resize_bilinear(images, [8, 8])  # any input size, like the real graph
+        conv = tf.nn.conv2d(resized / 127.5 - 1, tf.constant(conv_w), strides=2, padding="SAME")
+        conv = tf.identity(conv, name="mixed_6/conv")  # [N, 4, 4, 8]
+        hidden = tf.nn.softplus(tf.matmul(tf.reshape(conv, [-1, 128]), tf.constant(pool_w)))
+        pool = tf.reshape(hidden, [-1, 1, 1, POOL_DIM], name="pool_3")
+        weights = tf.constant(logits_w, name="softmax/weights")
+        tf.raw_ops.MatMul(a=tf.reshape(pool, [-1, POOL_DIM]), b=weights, name="softmax/logits/MatMul")
+    for name in ("ExpandDims:0", "mixed_6/conv:0", "pool_3:0", "softmax/logits/MatMul:0"):
+        graph.get_tensor_by_name(name)  # the names must match exactly
+    path = tmp_path_factory.mktemp("graph") / "toy_inception.pb"
+    path.write_bytes(graph.as_graph_def().SerializeToString())
+    return path, logits_w.astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def toy_features(toy_graph):
+    features = ev.InceptionFeatures(toy_graph[0])
+    yield features
+    features.close()
+
+
+@pytest.fixture(scope="module")
+def direct_features(tf, toy_graph):
+    """Independent feature extraction: the toy graph run on the whole batch at once, softmax and the
+    spatial slice done in NumPy. Returns a function images -> (pool, spatial, probs)."""
+    path, logits_w = toy_graph
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString(path.read_bytes())
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.import_graph_def(graph_def, name="")
+    session = tf.compat.v1.Session(graph=graph)
+
+    def run(images):
+        pool, conv = session.run(["pool_3:0", "mixed_6/conv:0"], {"ExpandDims:0": images.astype(np.float32)})
+        pool = pool.reshape(len(images), -1).astype(np.float64)
+        logits = pool @ logits_w
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        return pool, conv[..., :7].reshape(len(images), -1).astype(np.float64), probs
+
+    yield run
+    session.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Straightforward NumPy versions of the metrics
+# --------------------------------------------------------------------------------------------------
+
+def np_fid(feats1, feats2):
+    mu1, mu2 = feats1.mean(0), feats2.mean(0)
+    s1, s2 = np.cov(feats1, rowvar=False), np.cov(feats2, rowvar=False)
+    return np_frechet(mu1, s1, mu2, s2)
+
+
+def np_frechet(mu1, s1, mu2, s2):
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+
+
+def np_inception_score(probs, split_size):
+    scores = []
+    for i in range(0, len(probs), split_size):
+        p = probs[i:i + split_size]
+        kl = np.sum(p * (np.log(p) - np.log(p.mean(axis=0))), axis=1)
+        scores.append(np.exp(kl.mean()))
+    return np.mean(scores)
+
+
+def np_radii(x, k=K):
+    return np.sort(cdist(x, x), axis=1)[:, k]
+
+
+def np_precision_recall(ref, sample, k=K):
+    d = cdist(sample, ref)  # full matrix [n_sample, n_ref]
+    precision = np.mean((d <= np_radii(ref, k)[None, :]).any(axis=1))
+    recall = np.mean((d <= np_radii(sample, k)[:, None]).any(axis=0))
+    return precision, recall
+
+
+def random_images(seed, n, size, low=0, high=256):
+    return np.random.default_rng(seed).integers(low, high, size=(n, size, size, 3), dtype=np.uint8)
+
+
+def sha_and_mtime(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns
+
+
+# --------------------------------------------------------------------------------------------------
+# Metric functions
+# --------------------------------------------------------------------------------------------------
+
+def test_frechet_distance_matches_numpy():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 12))
+    b = rng.normal(size=(300, 12)) @ rng.normal(size=(12, 12)) * 0.5 + 0.3
+    mu1, s1 = ev.feature_statistics(a)
+    mu2, s2 = ev.feature_statistics(b)
+    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(np_fid(a, b), rel=1e-9)
+    assert abs(ev.frechet_distance(mu1, s1, mu1, s1)) < 1e-3
+    # Degenerate covariances still give a finite distance (here just the squared mean difference).
+    zero = np.zeros((12, 12))
+    with pytest.warns(scipy.linalg.LinAlgWarning):
+        assert ev.frechet_distance(mu1, zero, mu2, zero) == pytest.approx(np.sum((mu1 - mu2) ** 2))
+    with pytest.raises(ValueError, match="mismatched"):
+        ev.frechet_distance(mu1, s1, mu2[:5], s2[:5, :5])
+
+
+def test_frechet_distance_retries_and_checks_imaginary_part(monkeypatch):
+    rng = np.random.default_rng(4)
+    mu1, s1 = ev.feature_statistics(rng.normal(size=(100, 5)))
+    mu2, s2 = ev.feature_statistics(rng.normal(size=(100, 5)) + 1)
+    real_sqrtm = scipy.linalg.sqrtm
+    seen = []
+
+    def failing_once(matrix):
+        seen.append(matrix)
+        return np.full_like(matrix, np.nan) if len(seen) == 1 else real_sqrtm(matrix)
+    monkeypatch.setattr(scipy.linalg, "sqrtm", failing_once)
+    ridge = np.eye(5) * 1e-6
+    # The ridge only enters the square root; the traces keep the original covariances.
+    want = (np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
+            - 2 * np.trace(real_sqrtm((s1 + ridge) @ (s2 + ridge)).real))
+    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-12)
+    np.testing.assert_allclose(seen[1], (s1 + ridge) @ (s2 + ridge))
+
+    # A small imaginary part is dropped, a large one is an error.
+    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda m: real_sqrtm(m) + 1e-9j)
+    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(np_frechet(mu1, s1, mu2, s2), rel=1e-9)
+    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda m: real_sqrtm(m) + 0.5j * np.eye(5))
+    with pytest.raises(ValueError, match="imaginary"):
+        ev.frechet_distance(mu1, s1, mu2, s2)
+
+
+def test_inception_score_matches_numpy():
+    rng = np.random.default_rng(1)
+    logits = 3 * rng.normal(size=(1234, 10))
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    # Several splits, the last one partial.
+    assert ev.inception_score(probs, split_size=500) == pytest.approx(np_inception_score(probs, 500), rel=1e-12)
+    # Fewer predictions than split_size: one split of everything (the default split is 5000).
+    assert ev.inception_score(probs) == pytest.approx(np_inception_score(probs, len(probs)), rel=1e-12)
+    # Confident predictions spread evenly over C classes score C; zero probabilities give no nan.
+    assert ev.inception_score(np.eye(10)[np.arange(100) % 10]) == pytest.approx(10)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_precision_recall_matches_numpy(dtype):
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(53, 6))
+    sample = rng.normal(size=(41, 6)) * 1.3 + 0.4
+    # block_size 7 forces several (and uneven) blocks along both axes.
+    radii = ev.manifold_radii(ref, K, block_size=7, dtype=dtype)
+    np.testing.assert_allclose(radii, np_radii(ref), rtol=1e-5)
+    precision, recall = ev.precision_recall(ref, sample, K, block_size=7, dtype=dtype)
+    assert (precision, recall) == np_precision_recall(ref, sample)
+    assert 0 < precision < 1 and 0 < recall < 1  # a non-trivial case
+    assert ev.precision_recall(ref, ref, K, block_size=7, dtype=dtype) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="more than k=3"):
+        ev.manifold_radii(ref[:3], K)
+
+
+# --------------------------------------------------------------------------------------------------
+# Features and folder evaluation on the toy graph
+# --------------------------------------------------------------------------------------------------
+
+def test_features_match_direct_run(toy_features, direct_features):
+    images = random_images(3, 23, 13)
+    pool, spatial, probs = toy_features.compute(images, batch_size=5)  # uneven last batch
+    want_pool, want_spatial, want_probs = direct_features(images)
+    assert pool.shape == (23, POOL_DIM) and spatial.shape == (23, 4 * 4 * 7) and probs.shape == (23, CLASSES)
+    np.testing.assert_allclose(pool, want_pool, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(spatial, want_spatial, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(probs, want_probs, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """A reference batch and a sample folder with two files (one a copy of the reference images)."""
+    ref_images = random_images(10, 300, 16)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=ref_images)
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    np.savez(samples / "a_copy.npz", arr_0=ref_images)
+    np.savez(samples / "b_shifted.npz", arr_0=random_images(11, 200, 12, low=40))
+    return ref, samples
+
+
+def count_compute_calls(monkeypatch, features):
+    calls = []
+    original = features.compute
+
+    def counting(images, *args, **kwargs):
+        calls.append(len(images))
+        return original(images, *args, **kwargs)
+    monkeypatch.setattr(features, "compute", counting)
+    return calls
+
+
+LINE = re.compile(r"^(?P<file>\S+) # IS: (?P<IS>\d+\.\d{4}), FID: (?P<FID>-?\d+\.\d{4}), "
+                  r"sFID: (?P<sFID>-?\d+\.\d{4}), prec: (?P<prec>[01]\.\d{4}), recall: (?P<recall>[01]\.\d{4})$")
+
+
+def test_evaluate_folder(folder, tmp_path, monkeypatch, toy_features, direct_features):
+    ref, samples = folder
+    cache = tmp_path / "cache"
+    before = {p.name: sha_and_mtime(p) for p in samples.iterdir()}
+    calls = count_compute_calls(monkeypatch, toy_features)
+
+    results = ev.evaluate_folder(ref, samples, batch_size=32, cache_dir=cache, features=toy_features)
+    assert [r["file"] for r in results] == ["a_copy.npz", "b_shifted.npz"]
+    assert calls == [300, 300, 200]  # reference once, then each sample file
+
+    lines = (samples / "eval_results.txt").read_text().splitlines()
+    assert lines == [ev.format_result(r) for r in results]
+    parsed = [LINE.match(line) for line in lines]
+    assert all(parsed), lines
+    assert [m["file"] for m in parsed] == ["a_copy.npz", "b_shifted.npz"]
+
+    # The copy of the reference: FID/sFID ~0, every point on the other manifold.
+    copy = results[0]
+    assert abs(copy["FID"]) < 1e-3 and abs(copy["sFID"]) < 1e-3
+    assert copy["precision"] == 1.0 and copy["recall"] == 1.0
+
+    # Every metric agrees with the non-batched NumPy computation on independently computed features.
+    ref_pool, ref_spatial, _ = direct_features(np.load(ref)["arr_0"])
+    for result, match in zip(results, parsed):
+        pool, spatial, probs = direct_features(np.load(samples / result["file"])["arr_0"])
+        want = {"IS": np_inception_score(probs, 5000), "FID": np_fid(ref_pool, pool),
+                "sFID": np_fid(ref_spatial, spatial)}
+        want["precision"], want["recall"] = np_precision_recall(ref_pool, pool)
+        for key, value in want.items():
+            assert result[key] == pytest.approx(value, rel=1e-4, abs=1e-4), key
+        for key, field in (("IS", "IS"), ("FID", "FID"), ("sFID", "sFID"), ("precision", "prec"),
+                           ("recall", "recall")):
+            assert float(match[field]) == pytest.approx(want[key], abs=2e-4), key
+    shifted = results[1]
+    assert shifted["FID"] > 0.1 and shifted["precision"] < 1
+
+    # Re-running evaluates nothing and adds no line.
+    calls.clear()
+    assert ev.evaluate_folder(ref, samples, batch_size=32, cache_dir=cache, features=toy_features) == []
+    assert calls == []
+    assert (samples / "eval_results.txt").read_text().splitlines() == lines
+
+    # A new file: only it is evaluated; the reference comes from the disk cache (memo cleared).
+    np.savez(samples / "c_new.npz", arr_0=random_images(12, 150, 20))
+    ev._REFERENCE_MEMO.clear()
+    new = ev.evaluate_folder(ref, samples, batch_size=32, cache_dir=cache, features=toy_features)
+    assert [r["file"] for r in new] == ["c_new.npz"]
+    assert calls == [150]
+    final = (samples / "eval_results.txt").read_text().splitlines()
+    assert final[:2] == lines and len(final) == 3 and final[2].startswith("c_new.npz # IS: ")
+
+    # Sample files untouched, and nothing but eval_results.txt added to the sample folder.
+    after = {p.name: sha_and_mtime(p) for p in samples.iterdir()}
+    assert {name: after[name] for name in before} == before
+    assert set(after) == set(before) | {"c_new.npz", "eval_results.txt"}
+    assert list((cache / "ref_activations").glob("*.npz"))
+
+
+def test_reference_reused_in_process(folder, tmp_path, monkeypatch, toy_features):
+    """Without a disk cache, the in-process memo still computes the reference only once."""
+    ref, samples = folder
+    calls = count_compute_calls(monkeypatch, toy_features)
+    ev.evaluate_folder(ref, samples, cache_dir=tmp_path / "cache", features=toy_features)
+    for cached in (tmp_path / "cache" / "ref_activations").iterdir():
+        cached.unlink()
+    np.savez(samples / "c_new.npz", arr_0=random_images(12, 150, 20))
+    ev.evaluate_folder(ref, samples, cache_dir=tmp_path / "cache", features=toy_features)
+    assert calls == [300, 300, 200, 150]
+
+
+def test_precomputed_reference_stats(folder, tmp_path, toy_features, direct_features):
+    ref, samples = folder
+    ref_images = np.load(ref)["arr_0"]
+    rng = np.random.default_rng(5)
+    mu = rng.normal(size=POOL_DIM)
+    factor = rng.normal(size=(POOL_DIM, POOL_DIM))
+    sigma = factor @ factor.T / POOL_DIM
+    ref_stats = tmp_path / "ref_stats.npz"
+    np.savez(ref_stats, arr_0=ref_images, mu=mu, sigma=sigma)  # no mu_s/sigma_s: sFID from the images
+
+    results = ev.evaluate_folder(ref_stats, samples, cache_dir=tmp_path / "cache", features=toy_features)
+    ref_pool, ref_spatial, _ = direct_features(ref_images)
+    for result in results:
+        pool, spatial, _ = direct_features(np.load(samples / result["file"])["arr_0"])
+        want_fid = np_frechet(mu, sigma, pool.mean(0), np.cov(pool, rowvar=False))
+        assert result["FID"] == pytest.approx(want_fid, rel=1e-4)
+        assert result["sFID"] == pytest.approx(np_fid(ref_spatial, spatial), rel=1e-4, abs=1e-4)
+        # precision/recall still come from the reference images
+        assert (result["precision"], result["recall"]) == np_precision_recall(ref_pool, pool)
+
+    # With mu_s/sigma_s too, sFID uses them.
+    dim = 4 * 4 * 7
+    mu_s, sigma_s = np.zeros(dim), np.eye(dim)
+    np.savez(ref_stats, arr_0=ref_images, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    (samples / "eval_results.txt").unlink()
+    result = ev.evaluate_folder(ref_stats, samples, cache_dir=tmp_path / "cache", features=toy_features)[1]
+    pool, spatial, _ = direct_features(np.load(samples / result["file"])["arr_0"])
+    want = np_frechet(mu_s, sigma_s, spatial.mean(0), np.cov(spatial, rowvar=False))
+    assert result["sFID"] == pytest.approx(want, rel=1e-4)
+
+
+def test_main_cli(folder, tmp_path, toy_graph, capsys):
+    ref, samples = folder
+    argv = ["--ref_batch", str(ref), "--sample_batch_dir", str(samples), "--inception-graph", str(toy_graph[0]),
+            "--batch-size", "50", "--cache-dir", str(tmp_path / "cache")]
+    assert ev.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == (samples / "eval_results.txt").read_text().splitlines()
+    assert len(out) == 2 and all(LINE.match(line) for line in out)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match=r"empty.*no \.npz"):
+        ev.main(["--ref_batch", str(ref), "--sample_batch_dir", str(empty)])
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arrays, problem", [
+    ({"images": np.zeros((8, 4, 4, 3), np.uint8)}, r"'arr_0' is missing \(found: images\)"),
+    ({"arr_0": np.zeros((8, 4, 4, 3), np.float32)}, "dtype float32, expected uint8"),
+    ({"arr_0": np.zeros((8, 4, 4), np.uint8)}, r"shape \(8, 4, 4\), expected \[N, H, W, 3\]"),
+    ({"arr_0": np.zeros((8, 4, 4, 1), np.uint8)}, "grayscale"),
+    ({"arr_0": np.zeros((8, 3, 4, 4), np.uint8)}, "channels-first"),
+    ({"arr_0": np.zeros((3, 4, 4, 3), np.uint8)}, "has 3 images, but at least 4 are needed"),
+])
+def test_bad_sample_file(tmp_path, arrays, problem):
+    path = tmp_path / "bad_batch.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match=f"bad_batch.npz.*{problem}"):
+        ev.load_images(path)
+
+
+def test_not_an_npz_and_missing_file(tmp_path):
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip archive")
+    with pytest.raises(ValueError, match="junk.npz.*not a readable .npz"):
+        ev.load_images(junk)
+    with pytest.raises(ValueError, match="absent.npz.*not found"):
+        ev.load_images(tmp_path / "absent.npz")
+
+
+def test_folder_input_errors_come_before_any_computation(folder, tmp_path, monkeypatch, toy_features):
+    ref, samples = folder
+    calls = count_compute_calls(monkeypatch, toy_features)
+
+    def run(ref_path=ref, sample_dir=samples):
+        return ev.evaluate_folder(ref_path, sample_dir, cache_dir=tmp_path / "cache", features=toy_features)
+
+    stats_only = tmp_path / "stats_only.npz"
+    np.savez(stats_only, mu=np.zeros(POOL_DIM), sigma=np.eye(POOL_DIM))
+    with pytest.raises(ValueError, match=r"reference batch .*stats_only.npz.*no images.*'arr_0' is missing"):
+        run(ref_path=stats_only)
+    half_stats = tmp_path / "half_stats.npz"
+    np.savez(half_stats, arr_0=np.zeros((8, 4, 4, 3), np.uint8), mu=np.zeros(POOL_DIM))
+    with pytest.raises(ValueError, match="half_stats.npz.*'mu' but not 'sigma'"):
+        run(ref_path=half_stats)
+    with pytest.raises(ValueError, match="missing_ref.npz.*not found"):
+        run(ref_path=tmp_path / "missing_ref.npz")
+    with pytest.raises(ValueError, match="no_such_dir.*not a directory"):
+        run(sample_dir=tmp_path / "no_such_dir")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a batch")
+    with pytest.raises(ValueError, match="empty.*no .npz sample files"):
+        run(sample_dir=empty)
+
+    # One bad file among good ones: nothing is computed and no result is written.
+    np.savez(samples / "c_tiny.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="c_tiny.npz.*has 2 images, but at least 4"):
+        run()
+    assert calls == []
+    assert not (samples / "eval_results.txt").exists()
+
+
+def test_bad_inception_graph(tmp_path, tf):
+    junk = tmp_path / "junk.pb"
+    junk.write_bytes(b"not a graph")
+    with pytest.raises(ValueError, match="junk.pb.*not a TensorFlow GraphDef"):
+        ev.InceptionFeatures(junk).compute(np.zeros((4, 8, 8, 3), np.uint8))
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.constant(1.0, name="something_else")
+    other = tmp_path / "other.pb"
+    other.write_bytes(graph.as_graph_def().SerializeToString())
+    with pytest.raises(ValueError, match="other.pb.*lacks the tensors"):
+        ev.InceptionFeatures(other).compute(np.zeros((4, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="nope.pb.*not found"):
+        ev.InceptionFeatures(tmp_path / "nope.pb")
+
+
+# --------------------------------------------------------------------------------------------------
+# Download of the Inception graph (with a fake urlopen)
+# --------------------------------------------------------------------------------------------------
+
+class FakeResponse(io.BytesIO):
+    def __init__(self, payload, content_length=None):
+        super().__init__(payload)
+        length = len(payload) if content_length is None else content_length
+        self.headers = {"Content-Length": str(length)}
+
+
+def fake_urlopen(payload, calls, content_length=None):
+    def urlopen(url, timeout=None):
+        calls.append(url)
+        return FakeResponse(payload, content_length)
+    return urlopen
+
+
+def test_download_file_is_atomic_and_checked(tmp_path, monkeypatch):
+    payload = b"graph bytes " * 100_000  # > 1 chunk
+    digest = hashlib.sha256(payload).hexdigest()
+    calls = []
+    monkeypatch.setattr(ev, "urlopen", fake_urlopen(payload, calls))
+    dest = tmp_path / "dl" / "graph.pb"
+
+    with pytest.raises(ev.DownloadError, match="checksum mismatch"):
+        ev.download_file("https://example.invalid/graph.pb", dest, sha256="0" * 64)
+    assert list(dest.parent.iterdir()) == []  # no partial or temporary file left behind
+
+    monkeypatch.setattr(ev, "urlopen", fake_urlopen(payload, calls, content_length=len(payload) + 1))
+    with pytest.raises(ev.DownloadError, match="incomplete"):
+        ev.download_file("https://example.invalid/graph.pb", dest)
+    assert list(dest.parent.iterdir()) == []
+
+    monkeypatch.setattr(ev, "urlopen", fake_urlopen(payload, calls))
+    assert ev.download_file("https://example.invalid/graph.pb", dest, sha256=digest.upper()) == dest
+    assert dest.read_bytes() == payload
+    assert list(dest.parent.iterdir()) == [dest]
+
+
+def test_resolve_inception_graph_downloads_once(tmp_path, monkeypatch):
+    payload = b"fake inception graph"
+    digest = hashlib.sha256(payload).hexdigest()
+    calls = []
+    monkeypatch.setattr(ev, "urlopen", fake_urlopen(payload, calls))
+    cache = tmp_path / "cache"
+
+    path = ev.resolve_inception_graph(None, cache, sha256=digest)
+    assert path == cache / ev.INCEPTION_FILENAME and path.read_bytes() == payload
+    assert calls == [ev.INCEPTION_URL]
+    assert ev.resolve_inception_graph(None, cache, sha256=digest) == path  # cached: no second download
+    assert calls == [ev.INCEPTION_URL]
+    with pytest.raises(ev.DownloadError, match="does not match"):
+        ev.resolve_inception_graph(None, cache, sha256="f" * 64)
+
+    # A failing download points at --inception-graph and leaves nothing behind.
+    def offline(url, timeout=None):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(ev, "urlopen", offline)
+    other = tmp_path / "other_cache"
+    with pytest.raises(ev.DownloadError, match="--inception-graph"):
+        ev.resolve_inception_graph(None, other)
+    assert list(other.iterdir()) == []
+
+    # An explicit path is used as is (and checked when a checksum is given).
+    assert ev.resolve_inception_graph(path, None) == path
+    with pytest.raises(ValueError, match="does not match"):
+        ev.resolve_inception_graph(path, None, sha256="f" * 64)
+    with pytest.raises(ValueError, match="missing.pb.*not found"):
+        ev.resolve_inception_graph(tmp_path / "missing.pb")

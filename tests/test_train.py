@@ -1,0 +1,144 @@
+"""train.py end to end on CPU with 2 ranks (gloo): outputs, crash-safe resume, non-finite losses."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
+from config import load_config
+from helpers import make_cifar_folder, torchrun, write_config
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    return make_cifar_folder(str(tmp_path_factory.mktemp("cifar")))
+
+
+@pytest.fixture(scope="module")
+def reference_run(cifar_root, tmp_path_factory):
+    """An uninterrupted 6-step run of the tiny CIFAR config on 2 ranks."""
+    work = tmp_path_factory.mktemp("ref")
+    cfg = write_config("tiny_cifar_cpu.yaml", work / "cfg.yaml", data_path=cifar_root, working_dir=str(work / "run"))
+    torchrun("train.py", ["--config", cfg])
+    return work / "run"
+
+
+def test_cifar_run_writes_everything(reference_run):
+    run = reference_run
+    log = (run / "log.txt").read_text()
+    assert "starting a new run" in log and "on 2 rank(s)" in log
+    lines = [l for l in log.splitlines() if l.startswith("Step ")]
+    assert [l.split(" | ")[0] for l in lines] == ["Step 2", "Step 4", "Step 6"]
+    for line in lines:
+        fields = dict(f.rsplit(" ", 1) for f in line.split(" | ")[1:])
+        assert set(fields) >= {"Vel_MSE", "Vel_Weight", "Con_MSE", "Con_Weight", "Grad_Norm", "Peak_Mem", "Time"}
+        assert np.isfinite(float(fields["Con_MSE"])) and float(fields["Con_MSE"]) > 0
+    assert sorted(os.listdir(run / "figs")) == ["3.png", "6.png"]
+    assert [s for s, _ in list_checkpoints(run / "ckpts")] == [2, 4, 6]
+    with np.load(run / "evals" / "6.npz") as f:
+        assert f["arr_0"].shape == (16, 32, 32, 3) and f["arr_0"].dtype == np.uint8
+        assert "arr_1" not in f.files  # unconditional
+    state = load_checkpoint(run / "ckpts" / "6.pt")
+    assert set(state) >= {"model", "ema_model", "optimizer", "finished_steps", "finished_epochs", "rng_states"}
+    assert state["finished_steps"] == 6 and state["finished_epochs"] == 1 and len(state["rng_states"]) == 2
+    assert (run / "config.yaml").exists()
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def assert_same_final_state(run_a, run_b, step=6):
+    a, b = load_checkpoint(run_a / "ckpts" / f"{step}.pt"), load_checkpoint(run_b / "ckpts" / f"{step}.pt")
+    for key in ("model", "ema_model"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for name in sa:
+            assert torch.equal(torch.as_tensor(sa[name]), torch.as_tensor(sb[name]))
+
+
+@pytest.mark.parametrize("crash", ["step:3@1", "ckpt:4@0"])
+def test_kill_and_resume_is_bit_exact(crash, reference_run, cifar_root, tmp_path):
+    cfg = write_config("tiny_cifar_cpu.yaml", tmp_path / "cfg.yaml", data_path=cifar_root,
+                       working_dir=str(tmp_path / "run"))
+    proc = torchrun("train.py", ["--config", cfg], env={"SOFLOW_TEST_CRASH": crash}, check=False)
+    assert proc.returncode != 0
+    steps = [s for s, _ in list_checkpoints(tmp_path / "run" / "ckpts")]
+    assert steps == [2], steps  # killed before step 4 was saved under its name
+    proc = torchrun("train.py", ["--config", cfg])
+    assert "resumed from" in (tmp_path / "run" / "log.txt").read_text()
+    assert "2.pt at step 2 (bit-exact continuation)" in (tmp_path / "run" / "log.txt").read_text()
+    assert_same_final_state(reference_run, tmp_path / "run")
+
+
+def test_truncated_newest_checkpoint_is_skipped(reference_run, cifar_root, tmp_path):
+    run = tmp_path / "run"
+    os.makedirs(run / "ckpts")
+    for step in (2, 4):
+        data = (reference_run / "ckpts" / f"{step}.pt").read_bytes()
+        (run / "ckpts" / f"{step}.pt").write_bytes(data if step == 2 else data[: len(data) // 2])
+    cfg = write_config("tiny_cifar_cpu.yaml", tmp_path / "cfg.yaml", data_path=cifar_root, working_dir=str(run))
+    torchrun("train.py", ["--config", cfg])
+    log = (run / "log.txt").read_text()
+    assert "skipping" in log and "4.pt" in log and "resumed from" in log and "2.pt at step 2" in log
+    assert_same_final_state(reference_run, run)
+
+
+def test_non_finite_loss_stops_without_writing(cifar_root, tmp_path, monkeypatch):
+    cfg = write_config("tiny_cifar_cpu.yaml", tmp_path / "cfg.yaml", data_path=cifar_root,
+                       working_dir=str(tmp_path / "run"), ckpt_saving_steps=2, logging_steps=1, eval_demo_steps=100)
+    original = train.Soflow.forward if hasattr(train, "Soflow") else None
+    from models import Soflow
+    forward = Soflow.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        loss, stats = forward(self, *args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 4 else loss), stats
+    monkeypatch.setattr(Soflow, "forward", poisoned)
+    with pytest.raises(train.NonFiniteLoss, match=r"at step 4; .*Last good checkpoint: .*2\.pt"):
+        train.main(["--config", cfg])
+    assert [s for s, _ in list_checkpoints(tmp_path / "run" / "ckpts")] == [2]
+    assert original is None
+
+
+def test_missing_cifar_is_a_clear_error(tmp_path):
+    cfg = write_config("tiny_cifar_cpu.yaml", tmp_path / "cfg.yaml", data_path=str(tmp_path / "nothing"),
+                       working_dir=str(tmp_path / "run"))
+    with pytest.raises(FileNotFoundError, match="download: true"):
+        train.main(["--config", cfg])
+
+
+def test_bad_config_exits_before_work(tmp_path):
+    cfg = write_config("tiny_cifar_cpu.yaml", tmp_path / "cfg.yaml", batch_size=7, working_dir=str(tmp_path / "r"))
+    os.environ["WORLD_SIZE"] = "2"
+    try:
+        with pytest.raises(SystemExit, match="batch_size'=7 .*world size 2"):
+            train.main(["--config", cfg])
+    finally:
+        del os.environ["WORLD_SIZE"]
+    assert not (tmp_path / "r").exists()
+
+
+def test_ema_update_variants():
+    a, b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    expected = [0.9 * pa + 0.1 * pb for pa, pb in zip(a.parameters(), b.parameters())]
+    train.ema_update(a, b, 0.9)
+    for p, e in zip(a.parameters(), expected):
+        assert torch.allclose(p, e)
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "cifar.yaml"))
+    assert train.ema_decay(cfg) == float(torch.tensor(0.9999, dtype=torch.float64) ** 16)
+
+
+def test_atomic_checkpoint_write_leaves_no_partial_file(tmp_path):
+    path = tmp_path / "8.pt"
+
+    def boom(tmp):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"model": {"w": torch.ones(2)}}, str(path), before_rename=boom)
+    assert os.listdir(tmp_path) == []
+    save_checkpoint({"model": {"w": torch.ones(2)}}, str(path))
+    assert torch.equal(load_checkpoint(str(path))["model"]["w"], torch.ones(2))
