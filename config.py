@@ -16,6 +16,7 @@ from models import COEFFICIENT_TYPES, L_SCHEDULES, MODEL_TYPES, NOISING_TYPES, O
 DATASET_TYPES = ("ImageNet", "CIFAR10", "Digits")
 OPTIMIZERS = ("AdamW", "RAdam")
 PRECISIONS = ("auto", "bf16", "fp32")
+ATTENTIONS = ("auto", "math")
 
 
 class ConfigError(ValueError):
@@ -77,6 +78,8 @@ class Config:
     tf32: bool = True
     compile: bool = False
     channels_last: bool = True          # UNet on CUDA
+    fused_optimizer: bool = True        # fused AdamW kernel on CUDA (RAdam: foreach)
+    attention: str = "auto"             # auto: PyTorch picks flash / memory-efficient SDPA; math: reference kernel
     # --- bookkeeping ---
     working_dir: str = "./results/run"
     logging_steps: int = 100
@@ -118,7 +121,7 @@ class Config:
 _FIELDS = {f.name: f for f in fields(Config)}
 _CHOICES = dict(dataset_type=DATASET_TYPES, model_type=MODEL_TYPES, noising_type=NOISING_TYPES,
                 coefficient_type=COEFFICIENT_TYPES, l_schedule=L_SCHEDULES, optimizer=OPTIMIZERS,
-                precision=PRECISIONS)
+                precision=PRECISIONS, attention=ATTENTIONS)
 _LISTS = dict(time_mean=(float, 3), time_std=(float, 3), betas=(float, 2), eval_demo_shape=(int, 2))
 
 

@@ -141,9 +141,17 @@ def crash_hook(point, step, rank):
 
 def build_optimizer(cfg, params, device):
     kw = dict(lr=cfg.learning_rate, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    fast = cfg.fused_optimizer and device.type == "cuda"
     if cfg.optimizer == "AdamW":
-        return torch.optim.AdamW(params, fused=device.type == "cuda", **kw)
-    return torch.optim.RAdam(params, foreach=True, **kw)
+        return torch.optim.AdamW(params, fused=fast or None, **kw)
+    return torch.optim.RAdam(params, foreach=fast or None, **kw)  # RAdam has no fused kernel
+
+
+def attention_context(cfg):
+    """`attention: math` pins SDPA to the reference's math kernel; `auto` lets PyTorch choose (flash /
+    memory-efficient on CUDA: the consistency loss has no JVP, so nothing rules them out)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(SDPBackend.MATH) if cfg.attention == "math" else contextlib.nullcontext()
 
 
 def configure_backends(cfg, device):
@@ -249,11 +257,12 @@ def train(cfg, args, rank, world_size, device):
         samples, augment_labels = dataset.prepare(x)
         if device.type == "cuda" and cfg.channels_last and cfg.model_type == "UNet":
             samples = samples.contiguous(memory_format=torch.channels_last)
-        with autocast_context(device, cfg.precision):
+        with autocast_context(device, cfg.precision), attention_context(cfg):
             loss, stats = ddp(samples, labels, augment_labels, objective=objective, finished_steps=step)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        with attention_context(cfg):
+            loss.backward()
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
         first_bad_step.copy_(torch.where((first_bad_step < 0) & ~finite, step, first_bad_step))
         optimizer.step()
