@@ -79,3 +79,26 @@ def test_bad_sizes():
         build_dit("DiT-B-4", 30, 4, 10, True)
     with pytest.raises(ValueError, match="mlp_ratio"):
         build_dit("DiT-B-4", 32, 4, 10, True, mlp_ratio=2)
+
+
+@pytest.mark.parametrize("model_type", ["UNet"] + list(DIT_SIZES))
+def test_reference_state_dict_loads_strictly(model_type):
+    """A state dict with exactly the manifest's keys and shapes loads with strict=True, no renaming."""
+    model = reference_model(model_type)
+    released = {k: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+                for k, shape, dtype in MANIFEST[model_type]["state_dict"]}
+    result = model.load_state_dict(released, strict=True, assign=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+def test_reference_layout_checkpoint_file_loads(tmp_path):
+    """A checkpoint file in the release's layout (model / ema_model / optimizer / finished_steps /
+    finished_epochs) of the real-size U-Net loads through the checkpoint reader with strict=True."""
+    from checkpoints import load_checkpoint, model_state
+    g = torch.Generator().manual_seed(0)
+    weights = {k: torch.randn(shape, generator=g) for k, shape, _ in MANIFEST["UNet"]["state_dict"]}
+    torch.save({"model": weights, "ema_model": weights, "optimizer": {}, "finished_steps": 800000,
+                "finished_epochs": 16384}, tmp_path / "released.pt")
+    model = reference_model("UNet", device="cpu")
+    model.load_state_dict(model_state(load_checkpoint(str(tmp_path / "released.pt"))), strict=True)
+    assert torch.equal(model.network.map_layer0.weight, weights["network.map_layer0.weight"])
