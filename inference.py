@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import math
 import os
-import time
 import zipfile
 
 import numpy as np
@@ -86,7 +85,7 @@ def _write_npz_streaming(path, parts, labels):
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                      "shape": (total, *arrays[0].shape[1:])}
+                      "shape": (total, *max(arrays, key=len).shape[1:])}
             np.lib.format.write_array_header_2_0(f, header)
             for a in arrays:
                 for start in range(0, len(a), 1024):
@@ -106,25 +105,29 @@ def dump_samples(model, out_path, num_samples, nfe, seed, batch_size, device, ra
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     part = f"{out_path}.part{rank:05d}.npy"
     indices = rank_slice(num_samples, rank, world_size)
-    images, labels = [], []
+    images = None  # this rank's images, written to disk as they come (a memory-mapped .npy)
+    labels = np.zeros(len(indices), dtype=np.int64)
     bar = tqdm(total=num_samples, desc=f"sampling {os.path.basename(out_path)}", unit="img",
                disable=not progress or rank != 0, dynamic_ncols=True)
-    start = time.time()
     for lo in range(0, len(indices), batch_size):
         batch = indices[lo:lo + batch_size]
         x, y = generate(model, batch, nfe, seed, device, decode, class_balanced, precision)
-        images.append(x.numpy())
+        if images is None:
+            images = np.lib.format.open_memmap(part, mode="w+", dtype=np.uint8, shape=(len(indices), *x.shape[1:]))
+        images[lo:lo + len(batch)] = x.numpy()
         if y is not None:
-            labels.append(y.numpy())
-        bar.update(len(batch) * world_size)
-        bar.set_postfix(img_per_s=f"{len(images) and sum(len(a) for a in images) * world_size / (time.time() - start):.1f}")
+            labels[lo:lo + len(batch)] = y.numpy()
+        bar.update(len(batch) * world_size)  # tqdm's rate is then the images/s of all ranks
     bar.close()
-    shape = (0, model.data_size, model.data_size, 3)
-    np.save(part, np.concatenate(images) if images else np.zeros(shape, np.uint8))
+    if images is None:  # more ranks than samples
+        np.save(part, np.zeros((0, model.data_size, model.data_size, 3), np.uint8))
+    else:
+        images.flush()
+        del images
     label_part = None
     if model.num_classes > 0:
         label_part = f"{out_path}.labels{rank:05d}.npy"
-        np.save(label_part, np.concatenate(labels) if labels else np.zeros(0, np.int64))
+        np.save(label_part, labels)
     if world_size > 1:
         dist.barrier()
     if rank == 0:
