@@ -3,6 +3,7 @@
 Key names are those of the reference release (SPEC section 7), so published configs load unchanged;
 the extra keys of this implementation have defaults that reproduce the reference behaviour.
 """
+import copy
 import difflib
 import os
 from dataclasses import dataclass, field, fields
@@ -97,10 +98,8 @@ class Config:
         return self.num_classes > 0
 
     def objective(self):
-        return Objective(velocity_loss_ratio=self.velocity_loss_ratio, p=self.p, eps=self.eps,
-                         time_mean=list(self.time_mean), time_std=list(self.time_std), cfg_scale=self.cfg_scale,
-                         mix_ratio=self.mix_ratio, cfg_decay_time=self.cfg_decay_time, l_schedule=self.l_schedule,
-                         l_init_ratio=self.l_init_ratio, l_end_ratio=self.l_end_ratio, total_steps=self.total_steps)
+        """The loss settings, under the same names as in the config."""
+        return Objective(**{f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(Objective)})
 
     def network_kwargs(self):
         if self.model_type == "UNet":
