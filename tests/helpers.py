@@ -5,7 +5,9 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import yaml
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,3 +42,35 @@ def torchrun(script, args, nproc=2, env=None, check=True, timeout=600):
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+# Images for the latent extractor: (width, height), extension, PIL mode -- non-square, smaller and larger
+# than 2 x the image size, several formats, grayscale, RGBA and palette images; 9 images over 3 classes.
+IMAGE_SPECS = {
+    'cat': [((40, 24), 'png', 'RGB'), ((70, 90), 'jpg', 'RGB'), ((16, 16), 'png', 'L')],
+    'dog': [((33, 65), 'png', 'RGBA'), ((100, 40), 'JPEG', 'RGB')],
+    'emu': [((20, 18), 'bmp', 'RGB'), ((64, 64), 'png', 'P'), ((50, 31), 'webp', 'RGB'), ((17, 300), 'jpeg', 'L')],
+}
+
+
+def make_image_folder(root, seed=0):
+    rng = np.random.default_rng(seed)
+    for name, specs in IMAGE_SPECS.items():
+        os.makedirs(root / name)
+        for k, ((width, height), ext, mode) in enumerate(specs):
+            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            Image.fromarray(pixels).convert(mode).save(root / name / f'img{k}.{ext}')
+    (root / 'cat' / 'notes.txt').write_text('not an image: ignored')
+
+
+def make_tiny_vae(folder):
+    """A small randomly initialised AutoencoderKL (2x down-sampling, 4 latent channels), saved with
+    save_pretrained so that the real from_pretrained loading code reads it."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=('DownEncoderBlock2D',) * 2,
+                        up_block_types=('UpDecoderBlock2D',) * 2, latent_channels=4, norm_num_groups=4,
+                        layers_per_block=1, sample_size=32)
+    vae.save_pretrained(folder)
+    return vae

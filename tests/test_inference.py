@@ -7,7 +7,7 @@ import torch
 
 import inference
 import train
-from helpers import torchrun, write_config
+from helpers import make_tiny_vae, torchrun, write_config
 
 DIGITS_TINY = dict(dataset_type="Digits", model_type="DiT-B-4", hidden_size=32, depth=2, num_heads=2, patch_size=2,
                    data_size=8, data_channels=1, num_classes=10, batch_size=16, total_steps=2, logging_steps=1,
@@ -88,12 +88,7 @@ def test_training_grid_has_one_row_per_class(trained):
 
 
 def test_vae_decoder_in_chunks(tmp_path):
-    from diffusers import AutoencoderKL
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                        layers_per_block=1, sample_size=16)
-    vae.save_pretrained(tmp_path / "vae")
+    vae = make_tiny_vae(tmp_path / "vae")
     decode = inference.build_decoder(str(tmp_path / "vae"), 0.18215, torch.device("cpu"), chunk_size=2)
     latents = torch.randn(5, 4, 4, 4)
     with torch.no_grad():

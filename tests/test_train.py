@@ -142,3 +142,46 @@ def test_atomic_checkpoint_write_leaves_no_partial_file(tmp_path):
     assert os.listdir(tmp_path) == []
     save_checkpoint({"model": {"w": torch.ones(2)}}, str(path))
     assert torch.equal(load_checkpoint(str(path))["model"]["w"], torch.ones(2))
+
+
+@pytest.fixture(scope="module")
+def imagenet_latents(tmp_path_factory):
+    """Latents written by latent_dataset.py from a generated image folder and a tiny random VAE."""
+    import latent_dataset
+    from helpers import make_image_folder, make_tiny_vae
+    base = tmp_path_factory.mktemp("imagenet")
+    make_image_folder(base / "images")
+    make_tiny_vae(base / "vae")
+    latent_dataset.main(["--data-path", str(base / "images"), "--save-path", str(base / "latents"),
+                         "--image-size", "16", "--device-batch-size", "4", "--num-workers", "0", "--seed", "0",
+                         "--vae", str(base / "vae")])
+    return base
+
+
+def test_imagenet_latent_run_with_cfg(imagenet_latents, tmp_path):
+    base = imagenet_latents
+    run = tmp_path / "run"
+    cfg = write_config("tiny_imagenet_cpu.yaml", tmp_path / "cfg.yaml", data_path=str(base / "latents"),
+                       vae=str(base / "vae"), working_dir=str(run))
+    torchrun("train.py", ["--config", cfg])
+    log = (run / "log.txt").read_text()
+    lines = [l for l in log.splitlines() if l.startswith("Step ")]
+    assert len(lines) == 3
+    for line in lines:  # both losses present: per rank, 1 FM row and 1 consistency row (local batch 2)
+        fields = dict(f.rsplit(" ", 1) for f in line.split(" | ")[1:])
+        for key in ("Vel_MSE", "Vel_Weight", "Con_MSE", "Con_Weight", "Grad_Norm"):
+            assert np.isfinite(float(fields[key])) and float(fields[key]) > 0, (key, line)
+    from PIL import Image
+    grid = np.asarray(Image.open(run / "figs" / "6.png"))
+    assert grid.shape == (3 * 16, 2 * 16, 3)  # decoded by the VAE: 8 x 8 latents -> 16 x 16 images
+    with np.load(run / "evals" / "6.npz") as f:
+        assert f["arr_0"].shape == (6, 16, 16, 3) and f["arr_0"].dtype == np.uint8
+        assert f["arr_1"].shape == (6,) and f["arr_1"].max() < 3
+    assert [s for s, _ in list_checkpoints(run / "ckpts")] == [2, 4, 6]
+
+
+def test_imagenet_latent_size_mismatch_is_clear(imagenet_latents, tmp_path):
+    cfg = write_config("tiny_imagenet_cpu.yaml", tmp_path / "cfg.yaml", data_path=str(imagenet_latents / "latents"),
+                       vae=str(imagenet_latents / "vae"), working_dir=str(tmp_path / "run"), data_size=4)
+    with pytest.raises(ValueError, match="latents are 8 x 8 but data_size is 4"):
+        train.main(["--config", cfg])

@@ -1,0 +1,794 @@
+"""ImageNet latents for SoFlow: a resumable multi-process pre-extractor and a fast dataset reader.
+
+As a script it turns an ImageFolder tree into `imagenet_latent.hdf5`:
+
+    torchrun --nproc-per-node=8 latent_dataset.py --data-path /data/imagenet/train --save-path data/ \
+        --image-size 256 --device-batch-size 64 --num-workers 8 --seed 0
+
+(`python latent_dataset.py ...` runs it as a single process.) Each image gets the ADM centre crop, is
+mapped to [-1, 1] and encoded by the SD-VAE; the posterior mean and std are stored side by side, so a
+sample has 2 x latent_channels channels (8 for the SD-VAE) at image_size / 8 resolution. No latent
+scaling is applied here: `sample_latents` draws mean + std * noise and scales it at training time.
+
+Output layout (HDF5): `latents` [N, 8, L, L] float32, `labels` [N] int64, scalars `amount` (= N) and
+`latent_size` (= L), `class_names` [num_classes] strings (label i is the i-th sorted class folder) and
+`source_indices` [N] int64 (position of each sample in the ImageFolder list, which only differs from
+0..N-1 when bad images were skipped). Samples are in ImageFolder order whatever the world size.
+
+Work is split into one contiguous shard of the image list per rank. A rank writes its shard into
+`<save-path>/parts/part_RRRRR_of_WWWWW.hdf5` one batch ("chunk") at a time and flushes after each, with
+the attribute `num_done` counting the shard items finished so far and `complete` set only once the
+whole shard is written. Re-running the same command therefore skips complete parts and *continues* an
+interrupted part from its last flushed chunk (a part that cannot be opened or that was made with other
+images or settings is started afresh; parts of a run with another world size are ignored; a complete
+part that skipped bad images is redone when --skip-bad-images is not given). After a barrier rank 0
+merges the parts into `imagenet_latent.hdf5.tmp`, verifies it and atomically renames it to
+`imagenet_latent.hdf5`; the parts are then deleted unless `--keep-parts` is given.
+
+--dtype float32 (default) also turns off TF32 convolutions on GPUs; float16 is faster on GPUs.
+
+Test-only hook: SOFLOW_TEST_CRASH_AFTER_CHUNKS="RANK:N" makes rank RANK exit abruptly (os._exit) right
+after flushing its N-th chunk, to simulate a killed worker.
+
+As a module it provides `LatentDataset` (what train.py reads) and `sample_latents`.
+"""
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from datetime import timedelta
+
+import h5py
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import BatchSampler, DataLoader, Dataset
+from tqdm import tqdm
+
+OUTPUT_NAME = 'imagenet_latent.hdf5'
+LATENT_SCALE = 0.18215
+# Same extensions as torchvision.datasets.ImageFolder, matched case-insensitively.
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+CRASH_ENV = 'SOFLOW_TEST_CRASH_AFTER_CHUNKS'
+REQUIRED_DATASETS = ('latents', 'labels', 'amount', 'latent_size')
+# Rows copied per read/write while merging parts (8 x 32 x 32 float32 rows: 32 MiB per block).
+MERGE_BLOCK_ROWS = 1024
+
+log = logging.getLogger('latent_dataset')
+
+
+class ExtractionError(RuntimeError):
+    """A problem the user has to fix (bad arguments, unreadable image, ...); printed without traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading the latent file (used by training)
+# ----------------------------------------------------------------------------------------------------
+
+def validate_latent_file(path):
+    """Check the layout of a latent file and return its metadata; raise ValueError naming the problem.
+
+    The labels are returned too (N int64 values are small even for ImageNet) so callers need not read
+    them again.
+    """
+    def fail(problem):
+        raise ValueError(f'{path}: {problem}')
+
+    if not os.path.isfile(path):
+        fail('no such file (run latent_dataset.py to create it)')
+    try:
+        f = h5py.File(path, 'r')
+    except OSError as exc:
+        fail(f'not a readable HDF5 file ({exc})')
+    with f:
+        missing = [name for name in REQUIRED_DATASETS if not isinstance(f.get(name), h5py.Dataset)]
+        if missing:
+            fail(f'missing dataset(s) {missing}; expected {list(REQUIRED_DATASETS)}')
+        latents, labels = f['latents'], f['labels']
+        if latents.ndim != 4:
+            fail(f'latents must be [N, C, L, L], got shape {latents.shape}')
+        if latents.dtype != np.float32:
+            fail(f'latents must be float32, got {latents.dtype}')
+        if labels.ndim != 1 or labels.dtype != np.int64:
+            fail(f'labels must be a 1-D int64 array, got shape {labels.shape} dtype {labels.dtype}')
+        for name in ('amount', 'latent_size'):
+            if f[name].shape != () or f[name].dtype.kind not in 'iu':
+                fail(f'{name} must be an integer scalar, got shape {f[name].shape} dtype {f[name].dtype}')
+        amount, latent_size = int(f['amount'][()]), int(f['latent_size'][()])
+        n, channels, height, width = latents.shape
+        if amount != n or labels.shape[0] != n:
+            fail(f'amount mismatch: amount={amount}, latents has {n} rows, labels has {labels.shape[0]}')
+        if n == 0:
+            fail('contains no samples')
+        if height != latent_size or width != latent_size:
+            fail(f'latents are {height}x{width} but latent_size is {latent_size}')
+        if channels == 0 or channels % 2:
+            fail(f'latents need an even number of channels (mean and std halves), got {channels}')
+        label_values = labels[()]
+        class_names = None
+        if 'class_names' in f:
+            class_names = [name.decode() if isinstance(name, bytes) else str(name) for name in f['class_names'][()]]
+        if label_values.min() < 0:
+            fail(f'negative label {label_values.min()}')
+        if class_names is not None and label_values.max() >= len(class_names):
+            fail(f'label {label_values.max()} out of range for {len(class_names)} class names')
+        return {
+            'amount': amount, 'latent_size': latent_size, 'channels': channels, 'labels': label_values,
+            'class_names': class_names, 'attrs': dict(f.attrs),
+        }
+
+
+class LatentDataset(Dataset):
+    """Reader for `imagenet_latent.hdf5` returning (latent_params [C, L, L] float32, label int64).
+
+    latent_params holds the posterior mean and std halves; feed it through `sample_latents` to get a
+    training latent. Labels are always held in memory. Latents are read in one of three ways
+    (`read_mode`):
+      - 'memory': everything loaded once (`load_into_memory=True`), batches are tensor gathers;
+      - 'mmap':   the file written by this script stores `latents` contiguously and uncompressed, so its
+                  bytes are memory-mapped directly (no HDF5 call per read);
+      - 'h5py':   fallback for chunked/compressed files (or `mmap=False`): one HDF5 read per batch.
+    File handles are opened lazily in the process that reads (and reopened after a fork), so the
+    dataset can be handed to DataLoader workers safely.
+
+    `get_batch(indices)` is the fast path; `dataset[list_of_indices]` calls it too, so a DataLoader built
+    with `batch_size=None` and a BatchSampler (see `make_batch_loader`) reads whole batches at once.
+    `mmap=False` forces h5py reads (e.g. on a file system where memory maps misbehave).
+    """
+
+    def __init__(self, path, load_into_memory=False, mmap=True):
+        self.path = os.fspath(path)
+        meta = validate_latent_file(self.path)
+        self.amount = meta['amount']
+        self.latent_size = meta['latent_size']
+        self.channels = meta['channels']
+        self.data_channels = self.channels // 2
+        self.class_names = meta['class_names']
+        self.labels = torch.from_numpy(meta['labels'])
+        self.num_classes = len(self.class_names) if self.class_names is not None else int(self.labels.max()) + 1
+        self.attrs = meta['attrs']
+        self._pid = None
+        self._h5 = None          # h5py.File, only in 'h5py' mode
+        self._array = None       # np.memmap or h5py.Dataset, per process
+        self._memory = None      # np.ndarray in 'memory' mode
+        if load_into_memory:
+            with h5py.File(self.path, 'r') as f:
+                self._memory = np.empty(f['latents'].shape, dtype=np.float32)
+                f['latents'].read_direct(self._memory)
+            self.read_mode = 'memory'
+        else:
+            with h5py.File(self.path, 'r') as f:
+                self.read_mode = 'mmap' if mmap and self._mmap_offset(f['latents']) is not None else 'h5py'
+
+    @staticmethod
+    def _mmap_offset(dataset):
+        """Byte offset of a dataset's data if it can be memory-mapped (contiguous, unfiltered), else None."""
+        if dataset.chunks is not None or dataset.compression is not None or dataset.external:
+            return None
+        return dataset.id.get_offset()
+
+    def _reader(self):
+        """Open (once per process) the object latents are read from."""
+        if self._pid != os.getpid():
+            # A handle inherited through fork is not safe to use (HDF5 state is per process): reopen.
+            self._h5 = self._array = None
+            with h5py.File(self.path, 'r') as f:
+                dataset = f['latents']
+                offset = self._mmap_offset(dataset)
+                shape, dtype = dataset.shape, dataset.dtype
+            if self.read_mode == 'mmap' and offset is not None:
+                self._array = np.memmap(self.path, dtype=dtype, mode='r', offset=offset, shape=shape)
+            else:
+                self.read_mode = 'h5py'
+                self._h5 = h5py.File(self.path, 'r')
+                self._array = self._h5['latents']
+            self._pid = os.getpid()
+        return self._array
+
+    def __len__(self):
+        return self.amount
+
+    def __getitem__(self, index):
+        """One sample for an integer index; a batch (as `get_batch`) for a sequence of indices."""
+        if not (isinstance(index, (int, np.integer)) or (isinstance(index, torch.Tensor) and index.ndim == 0)):
+            return self.get_batch(index)
+        index = int(index)
+        if not 0 <= index < self.amount:
+            raise IndexError(f'index {index} out of range for {self.amount} samples in {self.path}')
+        source = self._memory if self._memory is not None else self._reader()
+        return torch.from_numpy(np.array(source[index])), self.labels[index]  # a copy, never a view
+
+    def get_batch(self, indices):
+        """Return (latent_params [B, C, L, L] float32, labels [B] int64) for `indices`, in that order.
+
+        Gathers are numpy fancy indexing (one single-threaded copy of the rows); in 'memory' and 'mmap'
+        modes rows are taken in any order directly into the result. h5py needs increasing, distinct
+        indices, so there each distinct row is read once in sorted order and then put in place.
+        """
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if indices.size and (indices.min() < 0 or indices.max() >= self.amount):
+            raise IndexError(f'indices out of range for {self.amount} samples in {self.path}')
+        labels = torch.from_numpy(self.labels.numpy()[indices])
+        if self._memory is not None:
+            return torch.from_numpy(self._memory[indices]), labels
+        array = self._reader()
+        if self.read_mode == 'mmap':
+            return torch.from_numpy(array[indices]), labels
+        unique, inverse = np.unique(indices, return_inverse=True)
+        rows = array[unique]
+        if not np.array_equal(unique, indices):
+            rows = rows[inverse]
+        return torch.from_numpy(rows), labels
+
+    def close(self):
+        if self._h5 is not None:
+            self._h5.close()
+        self._h5 = self._array = self._pid = None
+
+    def __getstate__(self):
+        # Handles never travel to other processes (spawned workers open their own).
+        state = self.__dict__.copy()
+        state.update(_h5=None, _array=None, _pid=None)
+        return state
+
+
+def make_batch_loader(dataset, batch_size, sampler=None, num_workers=0, drop_last=True, **kwargs):
+    """DataLoader that reads whole batches through `dataset.get_batch`.
+
+    `sampler` yields sample indices (e.g. a DistributedSampler, or None for sequential order); they are
+    grouped into batches here and each batch is read in one go, instead of one read per sample.
+    """
+    sampler = sampler if sampler is not None else range(len(dataset))
+    batches = BatchSampler(sampler, batch_size, drop_last=drop_last)
+    return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=num_workers, **kwargs)
+
+
+def sample_latents(params, latent_scale=LATENT_SCALE, generator=None):
+    """Draw training latents (mean + std * N(0, 1)) * latent_scale from stored params [B, 2C, L, L].
+
+    `generator`, if given, must live on params' device."""
+    if params.shape[1] % 2:
+        raise ValueError(f'expected mean and std halves along dim 1, got {params.shape[1]} channels')
+    mean, std = params.chunk(2, dim=1)
+    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+    return (mean + std * noise) * latent_scale
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------------
+
+def scan_image_folder(root):
+    """List (relative path, label) pairs and class names in torchvision ImageFolder order.
+
+    Classes are the sorted sub-folder names; within a class, folders are walked recursively in sorted
+    order and files sorted by name, keeping files with a known image extension.
+    """
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    samples = []
+    for label, name in enumerate(classes):
+        for dirpath, _, filenames in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+            reldir = os.path.relpath(dirpath, root)  # once per folder: 1.28M relpath calls take seconds
+            samples.extend((os.path.join(reldir, filename), label) for filename in sorted(filenames)
+                           if filename.lower().endswith(IMG_EXTENSIONS))
+    return samples, classes
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM centre crop: BOX-halve while the short side >= 2 * size, BICUBIC to short side = size, crop.
+
+    Returns an [image_size, image_size, 3] uint8 array. The halving steps keep the final bicubic
+    resize from aliasing on large images.
+    """
+    pil_image = pil_image.convert('RGB')
+    while min(pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(side // 2 for side in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(pil_image.size)
+    pil_image = pil_image.resize(tuple(round(side * scale) for side in pil_image.size), resample=Image.BICUBIC)
+    array = np.asarray(pil_image)
+    top = (array.shape[0] - image_size) // 2
+    left = (array.shape[1] - image_size) // 2
+    return array[top:top + image_size, left:left + image_size]
+
+
+def load_image(path, image_size):
+    """Read an image file and return its [3, S, S] float32 tensor in [-1, 1]."""
+    with Image.open(path) as image:
+        image.load()  # decode now, so truncated files fail here with their own error
+        array = center_crop_arr(image, image_size)
+    tensor = torch.from_numpy(np.array(array)).permute(2, 0, 1).float() / 255.0  # copy: PIL's buffer is read-only
+    return tensor * 2 - 1
+
+
+class ImageShard(Dataset):
+    """Images of one rank's shard. A failure to read is returned as data rather than raised, so the
+    main process can report it with the file's path (a raise inside a worker surfaces as an opaque
+    worker error) or skip it."""
+
+    def __init__(self, entries, root, image_size):
+        self.entries = entries  # list of (global index, relative path, label)
+        self.root = root
+        self.image_size = image_size
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, i):
+        index, relpath, label = self.entries[i]
+        path = os.path.join(self.root, relpath)
+        try:
+            return index, label, load_image(path, self.image_size), path, None
+        except Exception as exc:  # any decoder error: report it with the path
+            return index, label, None, path, f'{type(exc).__name__}: {exc}'
+
+
+def collate_with_failures(batch):
+    """Stack the images that loaded; keep (index, path, reason) of those that did not."""
+    ok = [item for item in batch if item[2] is not None]
+    return {
+        'indices': torch.tensor([item[0] for item in batch], dtype=torch.int64),  # all, in order
+        'ok_indices': torch.tensor([item[0] for item in ok], dtype=torch.int64),
+        'labels': torch.tensor([item[1] for item in batch], dtype=torch.int64),
+        'images': torch.stack([item[2] for item in ok]) if ok else None,
+        'failures': [(item[0], item[3], item[4]) for item in batch if item[2] is None],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# VAE
+# ----------------------------------------------------------------------------------------------------
+
+def load_vae(name_or_path, device, dtype):
+    """Load a diffusers AutoencoderKL (Hugging Face id or local save_pretrained folder) for inference."""
+    from diffusers import AutoencoderKL  # imported here so training can import this module cheaply
+
+    try:
+        # Concurrent ranks may download the same id: huggingface_hub serialises that with file locks.
+        vae = AutoencoderKL.from_pretrained(name_or_path, torch_dtype=dtype, low_cpu_mem_usage=False)
+    except Exception as exc:
+        raise ExtractionError(
+            f'could not load the VAE from {name_or_path!r}: {type(exc).__name__}: {exc}\n'
+            'Pass --vae a Hugging Face id (needs network access, or a filled HF cache with HF_HUB_OFFLINE=1) '
+            'or a local folder written by AutoencoderKL.save_pretrained.') from exc
+    return vae.to(device).eval().requires_grad_(False)
+
+
+@torch.inference_mode()
+def encode_images(vae, images):
+    """Posterior mean and std of images in [-1, 1], concatenated along channels, as float32."""
+    posterior = vae.encode(images.to(dtype=vae.dtype)).latent_dist
+    return torch.cat([posterior.mean, posterior.std], dim=1).float()
+
+
+def probe_latent_shape(vae, image_size, device):
+    """Per-sample shape of what `encode_images` stores, found by encoding one blank image."""
+    shape = tuple(encode_images(vae, torch.zeros(1, 3, image_size, image_size, device=device)).shape[1:])
+    _, height, width = shape
+    if height != width or image_size % height:
+        raise ExtractionError(f'the VAE maps {image_size}x{image_size} images to {height}x{width} latents; '
+                              '--image-size must be a multiple of its downsampling factor')
+    return shape
+
+
+# ----------------------------------------------------------------------------------------------------
+# Extraction
+# ----------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--data-path', required=True, help='ImageFolder root: DIR/<class>/<image>')
+    parser.add_argument('--save-path', required=True, help=f'output folder for {OUTPUT_NAME}')
+    parser.add_argument('--image-size', type=int, default=256)
+    parser.add_argument('--device-batch-size', type=int, default=64,
+                        help='images per encode call and per flushed chunk')
+    parser.add_argument('--num-workers', type=int, default=4, help='DataLoader workers decoding images, per rank')
+    parser.add_argument('--seed', type=int, default=0, help='seeds the RNGs; extraction itself is deterministic')
+    parser.add_argument('--vae', default='stabilityai/sd-vae-ft-mse', help='Hugging Face id or local folder')
+    parser.add_argument('--dtype', choices=('float32', 'float16'), default='float32',
+                        help='VAE compute dtype (latents are stored as float32 either way)')
+    parser.add_argument('--skip-bad-images', action='store_true',
+                        help='log and leave out unreadable images instead of stopping')
+    parser.add_argument('--keep-parts', action='store_true', help='keep the per-rank part files after merging')
+    parser.add_argument('--dist-timeout-min', type=float, default=120.0,
+                        help='how long ranks wait for each other at the barrier (minutes)')
+    return parser.parse_args(argv)
+
+
+def check_args(args):
+    """Reject bad arguments before any heavy work, saying how to fix them."""
+    if args.image_size <= 0 or args.image_size % 8:
+        raise ExtractionError(f'--image-size {args.image_size} must be a positive multiple of 8 (e.g. 256)')
+    if args.device_batch_size < 1:
+        raise ExtractionError('--device-batch-size must be at least 1')
+    if args.num_workers < 0:
+        raise ExtractionError('--num-workers must be 0 or more')
+    if not os.path.isdir(args.data_path):
+        raise ExtractionError(f'--data-path {args.data_path} is not an existing folder; point it at the '
+                              'ImageFolder root (e.g. imagenet/train holding n01440764/ ...)')
+    if os.path.exists(args.save_path) and not os.path.isdir(args.save_path):
+        raise ExtractionError(f'--save-path {args.save_path} exists and is not a folder; choose a folder')
+
+
+def scan_and_check(data_path, verbose=True):
+    samples, classes = scan_image_folder(data_path)
+    if not classes:
+        raise ExtractionError(f'{data_path} has no class sub-folders; expected the ImageFolder layout '
+                              f'{data_path}/<class name>/<image files>')
+    if not samples:
+        raise ExtractionError(f'no images with extensions {IMG_EXTENSIONS} (any case) found under the '
+                              f'{len(classes)} class folders of {data_path}')
+    counts = np.bincount([label for _, label in samples], minlength=len(classes))
+    empty = [classes[i] for i in np.flatnonzero(counts == 0)]
+    if empty and verbose:
+        log.warning('%d class folder(s) hold no images (their labels stay reserved): %s',
+                    len(empty), ', '.join(empty[:10]) + (' ...' if len(empty) > 10 else ''))
+    return samples, classes
+
+
+def settings_fingerprint(samples, classes, args):
+    """Hash of everything that decides the stored values; parts and outputs made otherwise are not reused."""
+    vae = os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae
+    digest = hashlib.sha256(json.dumps(
+        {'image_size': args.image_size, 'vae': vae, 'dtype': args.dtype, 'classes': classes}).encode())
+    for relpath, label in samples:
+        digest.update(f'{relpath}\t{label}\n'.encode())
+    return digest.hexdigest()
+
+
+def shard_bounds(num_items, rank, world):
+    """Contiguous, near-equal [start, stop) slice of the item list for `rank`."""
+    return num_items * rank // world, num_items * (rank + 1) // world
+
+
+def part_path(save_path, rank, world):
+    return os.path.join(save_path, 'parts', f'part_{rank:05d}_of_{world:05d}.hdf5')
+
+
+def inspect_part(path, fingerprint, start, stop):
+    """State of an existing part file: None if it is absent or unusable, else a dict with
+    `complete`, `num_done`, `latent_shape` and `num_failures`."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with h5py.File(path, 'r') as f:
+            attrs = f.attrs
+            if attrs.get('fingerprint') != fingerprint or (attrs.get('start'), attrs.get('stop')) != (start, stop):
+                log.info('part %s was made with other settings or another split; redoing it', path)
+                return None
+            num_done = int(attrs['num_done'])
+            if not 0 <= num_done <= stop - start:
+                raise ValueError(f'num_done={num_done} out of range')
+            return {'complete': bool(attrs.get('complete', False)), 'num_done': num_done,
+                    'latent_shape': tuple(f['latents'].shape[1:]),
+                    'num_failures': int((f['indices'][:num_done] < 0).sum())}
+    except Exception as exc:  # a part cut off mid-write may not even open: start it afresh
+        log.warning('part %s is unreadable (%s: %s); redoing it', path, type(exc).__name__, exc)
+        return None
+
+
+def create_part(path, fingerprint, start, stop, latent_shape):
+    """Fresh part file with rows preallocated for the whole shard.
+
+    Row k holds global index start + k; `indices` is -1 for rows not written yet or skipped.
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    n = stop - start
+    with h5py.File(path, 'w') as f:
+        f.create_dataset('latents', (n, *latent_shape), dtype=np.float32)
+        f.create_dataset('labels', (n,), dtype=np.int64, fillvalue=-1)
+        f.create_dataset('indices', (n,), dtype=np.int64, fillvalue=-1)
+        f.create_dataset('failures', (0,), maxshape=(None,), dtype=h5py.string_dtype())
+        f.attrs.update(fingerprint=fingerprint, start=start, stop=stop, num_done=0, complete=False)
+
+
+def read_failures(f, below=None):
+    """Failure records [(index, path, reason)] of a part, optionally only those with index < below."""
+    records = [json.loads(item) for item in f['failures'].asstr()[()]]
+    return [tuple(r) for r in records if below is None or r[0] < below]
+
+
+def _crash_hook(rank):
+    """Chunk count after which this rank must die (test hook), or None."""
+    value = os.environ.get(CRASH_ENV)
+    if not value:
+        return None
+    crash_rank, chunks = value.split(':')
+    return int(chunks) if int(crash_rank) == rank else None
+
+
+def extract_part(args, samples, start, stop, path, fingerprint, device, rank, world):
+    """Encode this rank's shard into its part file, continuing a partial part where possible."""
+    state = inspect_part(path, fingerprint, start, stop)
+    if state is not None and state['complete'] and (state['num_failures'] == 0 or args.skip_bad_images):
+        log.info('rank %d: part %s is complete (%d images); not recomputing it', rank, path, stop - start)
+        return
+    if state is not None and state['complete']:
+        # Made with --skip-bad-images earlier; without it now, the bad files must be looked at again.
+        log.info('rank %d: part %s skipped %d bad image(s) and --skip-bad-images is off; redoing it',
+                 rank, path, state['num_failures'])
+        state = None
+
+    dtype = getattr(torch, args.dtype)
+    vae = load_vae(args.vae, device, dtype)
+    latent_shape = probe_latent_shape(vae, args.image_size, device)
+    if state is not None and state['latent_shape'] != latent_shape:
+        log.info('rank %d: part %s has latent shape %s, expected %s; redoing it',
+                 rank, path, state['latent_shape'], latent_shape)
+        state = None
+    if state is None:
+        create_part(path, fingerprint, start, stop, latent_shape)
+        num_done = 0
+    else:
+        num_done = state['num_done']
+        log.info('rank %d: continuing part %s after its last flushed chunk: %d of %d images already done',
+                 rank, path, num_done, stop - start)
+    if rank == 0:
+        log.info('VAE %s (%s on %s): storing mean+std latents of shape %s per image',
+                 args.vae, args.dtype, device, latent_shape)
+
+    entries = [(i, samples[i][0], samples[i][1]) for i in range(start + num_done, stop)]
+    loader = DataLoader(ImageShard(entries, args.data_path, args.image_size), batch_size=args.device_batch_size,
+                        shuffle=False, num_workers=args.num_workers, collate_fn=collate_with_failures,
+                        pin_memory=device.type == 'cuda')
+    with h5py.File(path, 'a') as f:
+        # Drop failure records of a chunk that was cut off before its num_done update.
+        kept = read_failures(f, below=start + num_done)
+        if len(kept) != f['failures'].shape[0]:
+            f['failures'].resize((len(kept),))
+            if kept:
+                f['failures'][:] = [json.dumps(r) for r in kept]
+        with tqdm(total=stop - start, initial=num_done, unit='img', disable=rank != 0, desc=f'rank 0 of {world}',
+                  dynamic_ncols=True, mininterval=1.0) as progress:
+            skipped = write_chunks(args, loader, vae, device, f, start, latent_shape, len(kept), progress, rank)
+        f.attrs['complete'] = True
+    log.info('rank %d: part %s complete (%d images, %d skipped)', rank, path, stop - start, skipped)
+
+
+def write_chunks(args, loader, vae, device, f, start, latent_shape, skipped, progress, rank):
+    """Encode each batch of the loader and write it to its rows of the part file `f`, one flushed
+    chunk at a time. `skipped` is the number of failure records already in the part; returns the
+    number after this pass."""
+    latents_ds, labels_ds, indices_ds, failures_ds = f['latents'], f['labels'], f['indices'], f['failures']
+    crash_after = _crash_hook(rank)
+    chunks = 0
+    for batch in loader:
+        for _, bad_path, reason in batch['failures']:
+            if not args.skip_bad_images:
+                raise ExtractionError(
+                    f'cannot read image {bad_path} ({reason}).\nRepair or remove this file, or re-run '
+                    'with --skip-bad-images to leave it out (work done so far is kept).')
+            log.warning('rank %d: skipping bad image %s (%s)', rank, bad_path, reason)
+        n = len(batch['indices'])
+        lo = int(batch['indices'][0]) - start  # rows of this chunk in the part: lo .. lo + n
+        block = np.zeros((n, *latent_shape), dtype=np.float32)
+        row_indices = np.full(n, -1, dtype=np.int64)
+        if batch['images'] is not None:
+            rows = (batch['ok_indices'] - start - lo).numpy()
+            encoded = encode_images(vae, batch['images'].to(device, non_blocking=True))
+            block[rows] = encoded.cpu().numpy()
+            row_indices[rows] = batch['ok_indices'].numpy()
+        latents_ds[lo:lo + n] = block
+        labels_ds[lo:lo + n] = batch['labels'].numpy()
+        indices_ds[lo:lo + n] = row_indices
+        if batch['failures']:
+            failures_ds.resize((skipped + len(batch['failures']),))
+            failures_ds[skipped:] = [json.dumps(r) for r in batch['failures']]
+            skipped += len(batch['failures'])
+        # num_done is updated last, then flushed: it only ever counts rows that are on disk.
+        f.attrs['num_done'] = lo + n
+        f.flush()
+        chunks += 1
+        progress.update(n)
+        progress.set_postfix(skipped=skipped, refresh=False)
+        if crash_after is not None and chunks >= crash_after:
+            log.warning('rank %d: %s=%s, exiting abruptly after %d chunk(s)', rank, CRASH_ENV,
+                        os.environ[CRASH_ENV], chunks)
+            os._exit(17)
+    return skipped
+
+
+def merge_parts(args, samples, classes, world, fingerprint):
+    """Rank 0: join the parts into OUTPUT_NAME.tmp, verify it, rename it to OUTPUT_NAME."""
+    final = os.path.join(args.save_path, OUTPUT_NAME)
+    tmp = final + '.tmp'
+    paths = [part_path(args.save_path, rank, world) for rank in range(world)]
+    parts = [h5py.File(p, 'r') for p in paths]
+    try:
+        for p, f in zip(paths, parts):
+            if f.attrs.get('fingerprint') != fingerprint or not f.attrs.get('complete'):
+                raise ExtractionError(f'part {p} is not complete; re-run the same command to finish it')
+        failures = [r for f in parts for r in read_failures(f)]
+        if failures and not args.skip_bad_images:
+            listed = '\n'.join(f'  {path}: {reason}' for _, path, reason in failures)
+            raise ExtractionError(f'{len(failures)} unreadable image(s):\n{listed}\n'
+                                  'Repair or remove them, or re-run with --skip-bad-images.')
+        valid = [f['indices'][()] >= 0 for f in parts]
+        total = int(sum(v.sum() for v in valid))
+        if total == 0:
+            raise ExtractionError(f'none of the {len(samples)} images could be read; see the log above')
+        latent_shape = tuple(parts[0]['latents'].shape[1:])
+        log.info('merging %d part(s) into %s: %d latents of shape %s', world, tmp, total, latent_shape)
+
+        expected_labels = np.array([label for _, label in samples], dtype=np.int64)
+        all_indices = [np.zeros(0, dtype=np.int64)]
+        with h5py.File(tmp, 'w') as out:
+            # Contiguous, uncompressed layout: LatentDataset memory-maps it for fast random access.
+            latents_out = out.create_dataset('latents', (total, *latent_shape), dtype=np.float32)
+            labels_out = out.create_dataset('labels', (total,), dtype=np.int64)
+            indices_out = out.create_dataset('source_indices', (total,), dtype=np.int64)
+            pos = 0
+            for p, f, mask in zip(paths, parts, valid):
+                for lo in range(0, len(mask), MERGE_BLOCK_ROWS):
+                    keep = mask[lo:lo + MERGE_BLOCK_ROWS]
+                    block = f['latents'][lo:lo + len(keep)][keep]
+                    labels = f['labels'][lo:lo + len(keep)][keep]
+                    indices = f['indices'][lo:lo + len(keep)][keep]
+                    if not np.isfinite(block).all():
+                        raise ExtractionError(f'non-finite latents in {p} around source index {indices[0]}; '
+                                              f'delete that part and re-run (try --dtype float32)')
+                    latents_out[pos:pos + len(block)] = block
+                    labels_out[pos:pos + len(block)] = labels
+                    indices_out[pos:pos + len(block)] = indices
+                    all_indices.append(indices)
+                    pos += len(block)
+            indices = np.concatenate(all_indices)
+            labels = labels_out[()]
+            # Each source index exactly once, in ImageFolder order, with its folder's label.
+            failed = np.array([r[0] for r in failures], dtype=np.int64)
+            counts = np.bincount(indices, minlength=len(samples))
+            problems = []
+            if pos != len(samples) - len(failures):
+                problems.append(f'{pos} samples written, expected {len(samples)} - {len(failures)} skipped')
+            if np.any(np.diff(indices) <= 0):
+                problems.append('source indices are not strictly increasing')
+            if len(counts) != len(samples) or np.any(counts[failed] != 0) or \
+                    np.count_nonzero(counts == 1) != len(samples) - len(failed):
+                problems.append('not every non-skipped image appears exactly once')
+            if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+                problems.append(f'labels outside [0, {len(classes)})')
+            if not problems and not np.array_equal(labels, expected_labels[indices]):
+                problems.append('labels do not match the class folders')
+            if problems:
+                raise ExtractionError(f'verification of {tmp} failed: ' + '; '.join(problems) +
+                                      f'. Delete {os.path.dirname(paths[0])} and re-run.')
+            out.create_dataset('amount', data=np.int64(pos))
+            out.create_dataset('latent_size', data=np.int64(latent_shape[-1]))
+            out.create_dataset('class_names', data=classes, dtype=h5py.string_dtype())
+            out.attrs.update(fingerprint=fingerprint, image_size=args.image_size, vae=args.vae, dtype=args.dtype,
+                             data_path=os.path.abspath(args.data_path), num_images=len(samples),
+                             num_skipped=len(failures))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    finally:
+        for f in parts:
+            f.close()
+    validate_latent_file(tmp)  # the layout training will check, before the file gets its final name
+    os.replace(tmp, final)
+    if failures:
+        log.warning('left out %d bad image(s):\n%s', len(failures),
+                    '\n'.join(f'  {path}: {reason}' for _, path, reason in failures))
+    log.info('wrote %s: %d latents %s, %d classes, %d bad image(s) skipped',
+             final, pos, latent_shape, len(classes), len(failures))
+    if not args.keep_parts:
+        for p in paths:
+            os.remove(p)
+        parts_dir = os.path.dirname(paths[0])
+        if not os.listdir(parts_dir):
+            os.rmdir(parts_dir)
+        log.info('removed the part files (pass --keep-parts to keep them)')
+    return pos, len(failures)
+
+
+def existing_output_is_current(final, fingerprint):
+    """True if `final` is a valid output made with the same images and settings."""
+    if not os.path.exists(final):
+        return False
+    try:
+        meta = validate_latent_file(final)
+    except ValueError as exc:
+        log.warning('existing %s is not valid (%s); it will be rebuilt', final, exc)
+        return False
+    if meta['attrs'].get('fingerprint') != fingerprint:
+        raise ExtractionError(f'{final} already exists but was made from other images or settings; '
+                              'move it away or choose another --save-path')
+    log.info('%s already exists and is valid (%d latents); nothing to do', final, meta['amount'])
+    return True
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines that do not tear the progress bar."""
+
+    def emit(self, record):
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def setup_logging(rank, world):
+    for handler in [h for h in log.handlers if isinstance(h, _TqdmHandler)]:
+        log.removeHandler(handler)
+    handler = _TqdmHandler()
+    prefix = f'[latent_dataset %(asctime)s rank {rank}/{world}]'
+    handler.setFormatter(logging.Formatter(prefix + ' %(levelname)s %(message)s', datefmt='%H:%M:%S'))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def main(argv=None):
+    """Extract latents as described in the module docstring. Returns 0; raises ExtractionError on a
+    problem the user must fix."""
+    args = parse_args(argv)
+    distributed = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+    rank = int(os.environ.get('RANK', 0)) if distributed else 0
+    world = int(os.environ.get('WORLD_SIZE', 1)) if distributed else 1
+    setup_logging(rank, world)
+
+    check_args(args)
+    samples, classes = scan_and_check(args.data_path, verbose=rank == 0)
+    fingerprint = settings_fingerprint(samples, classes, args)
+    if rank == 0:
+        log.info('found %d images in %d classes under %s', len(samples), len(classes), args.data_path)
+    final = os.path.join(args.save_path, OUTPUT_NAME)
+    if existing_output_is_current(final, fingerprint):
+        return 0
+
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    device = torch.device('cuda', local_rank) if cuda else torch.device('cpu')
+    if cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise ExtractionError(f'LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) are '
+                                  'visible; start at most that many processes per node')
+        torch.cuda.set_device(device)
+        if args.dtype == 'float32':
+            torch.backends.cudnn.allow_tf32 = False  # float32 means float32 math, not TF32 convolutions
+    elif args.dtype == 'float16' and rank == 0:
+        log.warning('--dtype float16 on CPU is slow; float32 is recommended there')
+    if distributed:
+        dist.init_process_group('nccl' if cuda else 'gloo', timeout=timedelta(minutes=args.dist_timeout_min),
+                                **({'device_id': device} if cuda else {}))
+    try:
+        if distributed:
+            # Every rank must have listed the same files (e.g. a lagging network file system would not).
+            fingerprints = [None] * world
+            dist.all_gather_object(fingerprints, fingerprint)
+            if len(set(fingerprints)) != 1:
+                raise ExtractionError('ranks see different image lists under --data-path; make sure every '
+                                      'process sees the same, complete folder')
+        start, stop = shard_bounds(len(samples), rank, world)
+        path = part_path(args.save_path, rank, world)
+        log.info('rank %d: images [%d, %d) of %d -> %s', rank, start, stop, len(samples), path)
+        if rank == 0 and world > 1:
+            log.info('the progress bar follows rank 0; the %d ranks together run about %d times its rate',
+                     world, world)
+        began = time.time()
+        extract_part(args, samples, start, stop, path, fingerprint, device, rank, world)
+        if distributed:
+            if rank == 0:
+                log.info('rank 0 shard done in %.1f s; waiting for the other ranks', time.time() - began)
+            dist.barrier()
+        if rank == 0:
+            merge_parts(args, samples, classes, world, fingerprint)
+            elapsed = time.time() - began
+            log.info('all done in %.1f s (%.1f images/s over %d rank(s), VAE loading and merge included)',
+                     elapsed, len(samples) / elapsed, world)
+    finally:
+        # Other ranks leave right after the barrier; rank 0 merges alone (no collective is pending).
+        if distributed:
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == '__main__':
+    try:
+        sys.exit(main())
+    except ExtractionError as error:
+        log.error('%s', error)
+        sys.exit(1)
