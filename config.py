@@ -265,9 +265,8 @@ def validate(cfg, source="config", world_size=None):
         fail(f"size override(s) {dit_keys or unet_keys} do not apply to model_type {cfg.model_type!r}; "
              f"hidden_size/depth/num_heads/patch_size are DiT keys, model_channels/channel_mult/num_blocks/"
              f"attn_resolutions UNet keys")
-    if cfg.dataset_type == "ImageNet" and (cfg.data_channels != 4 or not cfg.conditional):
-        fail(f"dataset_type 'ImageNet' trains on 4-channel SD-VAE latents with num_classes > 0; got "
-             f"data_channels={cfg.data_channels}, num_classes={cfg.num_classes}")
+    if cfg.dataset_type == "ImageNet" and cfg.data_channels != 4:
+        fail(f"dataset_type 'ImageNet' trains on 4-channel SD-VAE latents; got data_channels={cfg.data_channels}")
     if cfg.dataset_type == "CIFAR10" and (cfg.data_channels != 3 or cfg.data_size != 32 or cfg.conditional):
         fail("dataset_type 'CIFAR10' is unconditional 3 x 32 x 32 (data_channels: 3, data_size: 32, num_classes: 0)")
     if cfg.dataset_type == "Digits":

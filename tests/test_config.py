@@ -45,6 +45,8 @@ def base():
     ({"cfg_drop_rate": 0.0}, "cfg_scale=3.0 > 1 needs cfg_drop_rate > 0"),
     ({"model_type": "UNet", "num_classes": 0, "cfg_scale": 1.0}, "'ImageNet'.*'UNet'"),
     ({"model_type": "UNet"}, "model_type 'UNet' is unconditional, but num_classes=1000"),
+    ({"data_channels": 3}, "4-channel SD-VAE latents"),
+    ({"num_classes": 0}, "cfg_scale=3.0 > 1 needs a class-conditional model"),
     ({"model_type": "DiT-H-2"}, "'model_type' is 'DiT-H-2'; accepted: UNet, DiT-B-4"),
     ({"l_schedule": "Step"}, "'l_schedule' is 'Step'; accepted: Const, Linear, Cosine, Exponent"),
     ({"noising_type": "VP"}, "'noising_type' is 'VP'"),
@@ -57,6 +59,11 @@ def base():
 def test_bad_configs(change, message):
     with pytest.raises(ConfigError, match=message):
         from_dict({**base(), **change}, source="x.yaml")
+
+
+def test_unconditional_imagenet_is_allowed():
+    cfg = from_dict({**base(), "num_classes": 0, "cfg_scale": 1.0, "cfg_drop_rate": 0.0, "mix_ratio": 1.0})
+    assert not cfg.conditional
 
 
 def test_batch_not_divisible_by_world_size():
