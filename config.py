@@ -79,7 +79,7 @@ class Config:
     tf32: bool = True
     compile: bool = False
     channels_last: bool = True          # UNet on CUDA
-    fused_optimizer: bool = True        # fused AdamW kernel on CUDA (RAdam: foreach)
+    fused_optimizer: bool = True        # fused AdamW kernel (RAdam: foreach)
     attention: str = "auto"             # auto: PyTorch picks flash / memory-efficient SDPA; math: reference kernel
     # --- bookkeeping ---
     working_dir: str = "./results/run"

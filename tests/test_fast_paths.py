@@ -101,8 +101,8 @@ def test_fused_adamw_matches_plain():
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         assert torch.allclose(a, b, atol=1e-6)
     # what train.py builds
-    assert isinstance(train.build_optimizer(cfg, list(models[0].parameters()), torch.device("cpu")),
-                      torch.optim.AdamW)
+    built = train.build_optimizer(cfg, list(models[0].parameters()), torch.device("cpu"))
+    assert isinstance(built, torch.optim.AdamW) and built.defaults["fused"]
 
 
 def test_foreach_ema_matches_python_loop():

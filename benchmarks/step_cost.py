@@ -1,0 +1,625 @@
+"""Cost of one SoFlow training step against flow matching, a reference-style SoFlow step and MeanFlow.
+
+    python benchmarks/step_cost.py [--model-type DiT-B-4] [--batch-size 8] [--dtype float32|bfloat16]
+                                   [--compile] [--steps 10] [--warmup 2] [--data-size 32]
+                                   [--malloc system|retain] [--sequential] [--max-minutes 8.5]
+
+Every variant trains the same class-conditional DiT (1000 classes, cfg_drop_rate 0.1) on the same random
+latents [B, 4, S, S] and labels; one timed step is zero_grad + loss + backward + AdamW step.
+
+  fm         plain flow matching, `Soflow.get_velocity_loss` with cfg_scale 1: one forward + backward.
+  soflow     `Soflow.forward` with the ImageNet reference objective (SPEC section 7): the fused step of
+             three network calls (batched no-grad guidance, the grad call, the no-grad call at l).
+  reference  the same loss computed the way the reference release does it: six separate network calls
+             (FM: grad + no-grad unconditional; consistency: no-grad unconditional, no-grad conditional,
+             grad F(x_t, t, s), no-grad F(x_l, l, s)), always fp32 and the math attention kernel.
+  meanflow   a MeanFlow step (Geng et al. 2025): u(z_t, r, t) and d/dt u by one `torch.func.jvp` along
+             (v, 0, 1), target v - (t - r) du/dt (stop-gradient), adaptive weight with p = 1.
+
+Each variant runs in its own process (weights, optimizer and allocator state never shared). By default the
+processes are stepped in turn, one step at a time, so that a change of machine load hits every variant
+alike; `--sequential` runs them one after the other instead (one model in memory at a time).
+
+Memory: on CUDA, torch.cuda.max_memory_allocated of the variant's process. On CPU, the peak resident set
+(VmHWM, reset through /proc/self/clear_refs after set-up) of the variant's process. "step MiB" is that
+peak minus what the process holds between steps (weights, gradients kept allocated, AdamW moments, data):
+the activations and temporaries of the step, the part that depends on the objective. Ratios of memory use
+"step MiB". "sys ms" and "faults k" (kernel time and minor page faults per step) show what the CPU allocator
+costs when it hands freed memory back to the kernel between steps; `--malloc retain` turns that off.
+
+The last line reads `ratios: soflow/fm=.. soflow/reference=.. soflow_mem/fm_mem=.. meanflow/fm=..` (medians).
+"""
+import argparse
+import contextlib
+import ctypes
+import json
+import math
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from models import MIN_TIME_GAP, Objective, Soflow  # noqa: E402
+
+VARIANTS = ("fm", "soflow", "reference", "meanflow")
+NUM_CLASSES = 1000
+CFG_DROP_RATE = 0.1
+DATA_CHANNELS = 4
+# SPEC section 7, ImageNet column.
+IMAGENET_OBJECTIVE = dict(velocity_loss_ratio=0.75, p=1.0, eps=0.01, time_mean=[-0.2, -1.0, 0.2],
+                          time_std=[1.0, 0.8, 0.8], cfg_scale=3.0, mix_ratio=0.25, cfg_decay_time=0.8,
+                          l_schedule="Exponent", l_init_ratio=0.1, l_end_ratio=0.002, total_steps=400_000)
+# MeanFlow defaults (Geng et al. 2025): 25% of the rows with r != t, logit-normal(-0.4, 1) times,
+# adaptive weight 1 / (mse + 1e-3)^p with p = 1.
+MEANFLOW_RATIO = 0.25
+MEANFLOW_TIME_MEAN, MEANFLOW_TIME_STD = -0.4, 1.0
+MEANFLOW_P, MEANFLOW_EPS = 1.0, 1e-3
+# `--malloc retain`: glibc keeps freed memory (fixed 32 MiB mmap threshold, no heap trimming), the way a
+# caching allocator does, so that steps stop paying page faults for memory handed back to the kernel.
+RETAIN_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**44)}
+
+
+def _bcast(t, x):
+    return t.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def imagenet_objective():
+    return Objective(**IMAGENET_OBJECTIVE)
+
+
+def build_model(model_type="DiT-B-4", data_size=32, dit_sizes=None):
+    """The class-conditional latent DiT of the benchmark; `dit_sizes` overrides the DiT size (tests)."""
+    extra = {} if dit_sizes is None else {"network_kwargs": dit_sizes}
+    return Soflow(DATA_CHANNELS, data_size, NUM_CLASSES, CFG_DROP_RATE, "Linear", "Euler", model_type, **extra)
+
+
+def _cfg_mask(model, batch_size, device):
+    return torch.rand(batch_size, device=device) < model.cfg_drop_rate
+
+
+def _with_null(model, labels, mask):
+    return torch.where(mask, model.null_labels(labels.shape[0], labels.device), labels)
+
+
+# ------------------------------------------------------------------------------------------------------
+# 1. flow matching
+def fm_loss(model, x, labels, step=0, objective=None):
+    """Flow Matching only: one network call with gradient, no guidance passes (cfg_scale 1)."""
+    o = objective or imagenet_objective()
+    t = Soflow.logit_normal(x.shape[0], o.time_mean[0], o.time_std[0], x.device)
+    mask = _cfg_mask(model, x.shape[0], x.device)
+    return model.get_velocity_loss(x, t, labels, cfg_mask=mask, cfg_scale=1.0, p=o.p, eps=o.eps)[0]
+
+
+# ------------------------------------------------------------------------------------------------------
+# 2. SoFlow, fused (the code under test)
+def soflow_loss(model, x, labels, step=0, objective=None):
+    return model(x, labels, objective=objective or imagenet_objective(), finished_steps=step)[0]
+
+
+# ------------------------------------------------------------------------------------------------------
+# 3. SoFlow as the reference release computes it: one network call per quantity
+def reference_losses(model, samples, t, s, l, n_fm, labels, cfg_mask, cfg_scale, cfg_decay_time, p, eps,
+                     mix_ratio, noise):
+    """The SoFlow losses of rows [:n_fm] (Flow Matching) and [n_fm:] (consistency), six network calls.
+
+    Same inputs and same return value as `Soflow._losses` (class-conditional DiT, no augment labels):
+    {'fm': (loss, mse, weight), 'cons': (surrogate loss, mse, weight)} for the non-empty parts.
+    """
+    sch = model.scheduler
+    B = samples.shape[0]
+    guided = cfg_scale > 1
+    out = {}
+    parts = {"fm": slice(0, n_fm), "cons": slice(n_fm, B)}
+    for name, rows in parts.items():
+        x0, x1, t_, y = samples[rows], noise[rows], t[rows], labels[rows]
+        m = cfg_mask[rows] if cfg_mask is not None else torch.zeros_like(y, dtype=torch.bool)
+        if x0.shape[0] == 0:
+            continue
+        x_t, v_t = sch.add_noise(x0, x1, t_)
+        y_masked = _with_null(model, y, m)
+        null = model.null_labels(x0.shape[0], x0.device)
+        if name == "fm":
+            pred = model.predict_velocity(x_t, t_, y_masked)  # network call with gradient
+            target = v_t
+            if guided:
+                with torch.no_grad():
+                    v_uncond = model.predict_velocity(x_t, t_, null)
+                    w_cfg = _bcast(Soflow.get_cfg_decay_scale(t_, cfg_decay_time), x_t)
+                    v_guided = v_t + w_cfg * (cfg_scale - 1) * (v_t - v_uncond)
+                    v_guided = mix_ratio * v_guided + (1 - mix_ratio) * pred.detach()
+                    target = torch.where(_bcast(m, x_t), v_t, v_guided)
+            delta = pred - target
+            mse = delta.square().flatten(1).mean(1)
+            weight = 1 / (sch.db_ds(t_, t_).abs() * (mse.detach() + eps) ** p)
+            out[name] = ((weight * mse).mean(), mse.detach().mean(), weight.mean())
+            continue
+        s_, l_ = s[rows], l[rows]
+        target = v_t
+        if guided:
+            with torch.no_grad():
+                v_uncond = model.predict_velocity(x_t, t_, null)
+                v_cond = model.predict_velocity(x_t, t_, y)
+                w_cfg = _bcast(Soflow.get_cfg_decay_scale(t_, cfg_decay_time), x_t)
+                v_guided = v_t + w_cfg * (cfg_scale - 1) * (v_t - v_uncond)
+                v_guided = mix_ratio * v_guided + (1 - mix_ratio) * v_cond
+                target = torch.where(_bcast(m, x_t), v_t, v_guided)
+        F_t = model.network(x_t, t_, s_, y_masked)  # network call with gradient
+        f_t = _bcast(sch.a(t_, s_), x_t) * x_t + _bcast(sch.b(t_, s_), x_t) * F_t
+        with torch.no_grad():
+            x_l = x_t + target * _bcast(l_ - t_, x_t)
+            f_l = model.solution_operator(x_l, l_, s_, y_masked)
+        Delta = (f_t.detach() - f_l) / _bcast(t_ - l_, x_t)
+        mse = Delta.square().flatten(1).mean(1)
+        weight = 1 / (mse + eps) ** p
+        sign_b = _bcast(torch.sign(sch.b(t_, s_)), x_t)
+        surrogate = (sign_b * F_t * (Delta * _bcast(weight, Delta))).flatten(1).mean(1)
+        out[name] = (surrogate.mean(), mse.mean(), weight.mean())
+    return out
+
+
+def sample_soflow_inputs(model, samples, objective, finished_steps):
+    """Times, CFG mask and noise drawn in the order `Soflow.forward` draws them: (t, s, l, n_fm, mask, noise)."""
+    o, B, device = objective, samples.shape[0], samples.device
+    n_fm = int(o.velocity_loss_ratio * B)
+    t_fm = Soflow.logit_normal(n_fm, o.time_mean[0], o.time_std[0], device)
+    tau1 = Soflow.logit_normal(B - n_fm, o.time_mean[1], o.time_std[1], device)
+    tau2 = Soflow.logit_normal(B - n_fm, o.time_mean[2], o.time_std[2], device)
+    t_c = tau2.clamp(min=MIN_TIME_GAP)
+    s_c = torch.minimum(tau1, t_c - MIN_TIME_GAP)
+    l_c = Soflow.get_middle_time(t_c, s_c, finished_steps, o.total_steps, o.l_schedule, o.l_init_ratio,
+                                 o.l_end_ratio)
+    t, s, l = torch.cat([t_fm, t_c]), torch.cat([t_fm, s_c]), torch.cat([t_fm, l_c])
+    mask = _cfg_mask(model, B, device)
+    noise = torch.randn_like(samples)
+    if samples.dtype == torch.float64:
+        t, s, l = t.double(), s.double(), l.double()
+    return t, s, l, n_fm, mask, noise
+
+
+def reference_loss(model, x, labels, step=0, objective=None):
+    """Total reference-style SoFlow loss, fp32 (no autocast) and the math attention kernel."""
+    o = objective or imagenet_objective()
+    t, s, l, n_fm, mask, noise = sample_soflow_inputs(model, x, o, step)
+    B = x.shape[0]
+    with torch.autocast(x.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
+        parts = reference_losses(model, x, t, s, l, n_fm, labels, mask, o.cfg_scale, o.cfg_decay_time, o.p,
+                                 o.eps, o.mix_ratio, noise)
+    zero = x.new_zeros(())
+    return parts.get("fm", (zero,))[0] * (n_fm / B) + parts.get("cons", (zero,))[0] * ((B - n_fm) / B)
+
+
+# ------------------------------------------------------------------------------------------------------
+# 4. MeanFlow
+def meanflow_jvp(network, z, r, t, v, labels):
+    """(u(z, r, t), d/dt u(z_t, r, t)) with z moving along v: one forward-mode pass of u = network(z, t, s=r).
+
+    Our network conditions on t and t - s, which with s = r is MeanFlow's (t, t - r) conditioning.
+    The math attention kernel is the one with forward-mode derivatives."""
+    def u_fn(z_, r_, t_):
+        return network(z_, t_, r_, labels)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.func.jvp(u_fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+
+
+def sample_meanflow_times(batch_size, device, dtype=torch.float32):
+    """t >= r, both logit-normal; the first MEANFLOW_RATIO of the rows keep r != t, the others r = t."""
+    a = Soflow.logit_normal(batch_size, MEANFLOW_TIME_MEAN, MEANFLOW_TIME_STD, device).to(dtype)
+    b = Soflow.logit_normal(batch_size, MEANFLOW_TIME_MEAN, MEANFLOW_TIME_STD, device).to(dtype)
+    t, r = torch.maximum(a, b), torch.minimum(a, b)
+    n_neq = int(MEANFLOW_RATIO * batch_size)
+    r = torch.cat([r[:n_neq], t[n_neq:]])
+    return t, r
+
+
+def meanflow_losses(model, x, labels, t, r, cfg_mask, noise, p=MEANFLOW_P, eps=MEANFLOW_EPS):
+    """MeanFlow loss for fixed inputs. Returns (loss, u, u_tgt)."""
+    if model.scheduler.noising_type != "Linear":
+        raise ValueError("MeanFlow is defined for the Linear noising path")
+    z, v = model.scheduler.add_noise(x, noise, t)  # z_t = (1 - t) x + t e, v = e - x
+    network = getattr(model.network, "_orig_mod", model.network)  # the JVP runs on the eager module
+    u, dudt = meanflow_jvp(network, z, r, t, v, _with_null(model, labels, cfg_mask))
+    u_tgt = (v - _bcast(t - r, x) * dudt).detach()
+    delta = u - u_tgt
+    mse = delta.square().flatten(1).mean(1)
+    weight = 1 / (mse.detach() + eps) ** p
+    return (weight * mse).mean(), u, u_tgt
+
+
+def meanflow_loss(model, x, labels, step=0, objective=None):
+    t, r = sample_meanflow_times(x.shape[0], x.device)
+    mask = _cfg_mask(model, x.shape[0], x.device)
+    return meanflow_losses(model, x, labels, t, r, mask, torch.randn_like(x))[0]
+
+
+LOSSES = {"fm": fm_loss, "soflow": soflow_loss, "reference": reference_loss, "meanflow": meanflow_loss}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Step, pass counting
+def make_optimizer(model, impl="fused"):
+    """AdamW of the ImageNet reference (lr 1e-4, betas (0.9, 0.99), no weight decay) over the network."""
+    kw = dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)
+    if impl == "fused":
+        kw["fused"] = True
+    else:
+        kw["foreach"] = impl == "foreach"
+    return torch.optim.AdamW([p for p in model.network.parameters() if p.requires_grad], **kw)
+
+
+def autocast_for(variant, device, dtype):
+    if variant == "reference" or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def train_step(model, optimizer, variant, x, labels, step, dtype=torch.float32, objective=None):
+    """zero_grad + loss + backward + optimizer step; returns the detached loss."""
+    optimizer.zero_grad(set_to_none=False)  # gradients stay allocated: part of the between-steps memory
+    with autocast_for(variant, x.device, dtype):
+        loss = LOSSES[variant](model, x, labels, step, objective)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+class PassCounter:
+    """Counts the calls of `module` and the batch rows they see, split by gradient / no-gradient / JVP."""
+
+    def __init__(self, module):
+        self.calls = 0
+        self.rows = {"grad": 0, "nograd": 0, "jvp": 0}
+        self._handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        x = args[0]
+        kind = ("jvp" if torch._C._functorch.is_functorch_wrapped_tensor(x)
+                else "grad" if torch.is_grad_enabled() else "nograd")
+        self.calls += 1
+        self.rows[kind] += x.shape[0]
+
+    def remove(self):
+        self._handle.remove()
+
+
+def count_passes(model, variant, x, labels, dtype=torch.float32, objective=None):
+    counter = PassCounter(model.network)
+    try:
+        with autocast_for(variant, x.device, dtype):
+            LOSSES[variant](model, x, labels, 0, objective)
+    finally:
+        counter.remove()
+    B = x.shape[0]
+    return {"calls": counter.calls, **{k: v / B for k, v in counter.rows.items()}}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Memory
+def _proc_status_kib(key):
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{key}:\s+(\d+)", f.read(), re.M).group(1))
+
+
+class MemoryMeter:
+    """Peak memory of this process from `start()` on: CUDA allocator peak, or the CPU resident-set peak."""
+
+    def __init__(self, device):
+        self.device = device
+        self.method = None
+
+    def start(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.method = "cuda_max_memory_allocated"
+            return
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed set-up memory back before the baseline
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+            self.method = "VmHWM_after_clear_refs"
+        except OSError:
+            self.method = "ru_maxrss_(not_reset:_includes_setup)"
+        self.baseline = _proc_status_kib("VmRSS") * 1024
+
+    def peak(self):
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return _proc_status_kib("VmHWM") * 1024
+
+
+# ------------------------------------------------------------------------------------------------------
+# Worker process: one variant, stepped on command
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def worker(args):
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything else printed goes to stderr; stdout carries the protocol only
+
+    def send(**msg):
+        proto.write(json.dumps(msg) + "\n")
+
+    variant = args.worker
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(args.seed)
+    model = build_model(args.model_type, args.data_size).to(device).train()
+    g = torch.Generator().manual_seed(args.seed + 1)
+    x = torch.randn(args.batch_size, DATA_CHANNELS, args.data_size, args.data_size, generator=g).to(device)
+    labels = torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=g).to(device)
+    optimizer = make_optimizer(model, args.adamw)
+    # Allocate gradients and AdamW moments now (a zero-gradient step leaves the weights unchanged when
+    # weight_decay = 0), so that the memory baseline holds everything that lives between steps.
+    for p in model.network.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    passes = count_passes(model, variant, x, labels, dtype)
+    if args.compile:
+        model.network = torch.compile(model.network)
+    torch.manual_seed(args.seed + 2)
+    meter = MemoryMeter(device)
+    meter.start()
+    n_params = sum(p.numel() for p in model.parameters())
+    send(ready=True, passes=passes, params=n_params, device=str(device),
+         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    step = 0
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "step":
+            _sync(device)
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            loss = train_step(model, optimizer, variant, x, labels, step, dtype)
+            _sync(device)
+            elapsed = time.perf_counter() - t0
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            step += 1
+            send(seconds=elapsed, loss=float(loss), sys=r1.ru_stime - r0.ru_stime,
+                 faults=r1.ru_minflt - r0.ru_minflt)
+        elif cmd == "report":
+            send(peak=meter.peak(), baseline=meter.baseline, method=meter.method)
+        elif cmd == "quit":
+            break
+    proto.close()
+
+
+class Worker:
+    def __init__(self, variant, args):
+        self.variant = variant
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant] + _forward_args(args)
+        env = dict(os.environ, **(RETAIN_MALLOC_ENV if args.malloc == "retain" else {}))
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     text=True, bufsize=1, env=env)
+        self.times, self.sys, self.faults = [], [], []
+
+    def _recv(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.stderr.seek(0)
+            tail = self.stderr.read()[-4000:]
+            raise RuntimeError(f"worker '{self.variant}' exited (code {self.proc.returncode}):\n{tail}")
+        return json.loads(line)
+
+    def ready(self):
+        self.info = self._recv()
+        return self.info
+
+    def _send(self, cmd):
+        try:
+            self.proc.stdin.write(cmd + "\n")
+        except BrokenPipeError:
+            self._recv()  # raises with the worker's error output
+            raise
+
+    def step(self, record=False):
+        self._send("step")
+        msg = self._recv()
+        if not math.isfinite(msg["loss"]):
+            raise RuntimeError(f"variant '{self.variant}' produced a non-finite loss {msg['loss']}")
+        if record:
+            self.times.append(msg["seconds"])
+            self.sys.append(msg["sys"])
+            self.faults.append(msg["faults"])
+
+    def report(self):
+        self._send("report")
+        return self._recv()
+
+    def close(self):
+        if self.proc.poll() is None:
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.stderr.close()
+
+
+def _forward_args(args):
+    out = ["--model-type", args.model_type, "--batch-size", str(args.batch_size), "--dtype", args.dtype,
+           "--data-size", str(args.data_size), "--threads", str(args.threads), "--seed", str(args.seed),
+           "--adamw", args.adamw]
+    return out + (["--compile"] if args.compile else [])
+
+
+# ------------------------------------------------------------------------------------------------------
+# Driver
+def run_benchmark(args, log=print):
+    variants = list(args.variants)
+    if "fm" not in variants:
+        variants.insert(0, "fm")
+    start = time.perf_counter()
+    budget = args.max_minutes * 60
+    results = {}
+
+    def timed_rounds(group, deadline):
+        """Warm-up and timed steps, the workers of `group` stepped in turn. On a slow or loaded machine the
+        --max-minutes budget cuts the warm-up (to >= 1 round) and the timed rounds (to >= 2)."""
+        min_timed = min(2, args.steps)
+        last = 0.0
+        for i in range(args.warmup):
+            if i > 0 and time.perf_counter() + last * (args.warmup - i + min_timed) > deadline:
+                log(f"# time budget (--max-minutes {args.max_minutes}): warm-up cut to {i} step(s)")
+                break
+            t0 = time.perf_counter()
+            for w in group:
+                w.step()
+            last = time.perf_counter() - t0
+        for done in range(args.steps):
+            if done >= min_timed and time.perf_counter() + last > deadline:
+                log(f"# time budget (--max-minutes {args.max_minutes}): {done} timed steps per variant")
+                break
+            t0 = time.perf_counter()
+            for w in group:
+                w.step(record=True)
+            last = time.perf_counter() - t0
+
+    groups = [variants] if not args.sequential else [[v] for v in variants]
+    for k, group in enumerate(groups):
+        workers = [Worker(v, args) for v in group]
+        try:
+            for w in workers:
+                w.ready()
+            now = time.perf_counter()
+            timed_rounds(workers, now + (start + budget - now) / (len(groups) - k))
+            for w in workers:
+                results[w.variant] = dict(w.info, times=w.times, sys=w.sys, faults=w.faults, memory=w.report())
+        finally:
+            for w in workers:
+                w.close()
+    return results
+
+
+NOTES = {"fm": "velocity loss, cfg_scale 1",
+         "soflow": "fused 3-call step",
+         "reference": "6 calls, fp32, math SDPA",
+         "meanflow": "torch.func.jvp, math SDPA"}
+
+
+def format_table(results, args=None):
+    """The printed table and the final `ratios:` line (medians of the same run; memory = step MiB)."""
+    med = {v: statistics.median(r["times"]) for v, r in results.items()}
+    mem = {v: r["memory"]["peak"] - r["memory"]["baseline"] for v, r in results.items()}
+    fm_t, fm_m = med["fm"], mem["fm"]
+    columns = [("variant", "<10"), ("median ms", ">9"), ("min ms", ">8"), ("x fm", ">6"), ("sys ms", ">7"),
+               ("faults k", ">8"), ("peak MiB", ">8"), ("step MiB", ">8"), ("x fm", ">6"), ("calls", ">5"),
+               ("rows/B", ">6"), ("grad", ">4"), ("jvp", ">4"), ("notes", "")]
+    lines = [" ".join(f"{name:{fmt}}" for name, fmt in columns)]
+    lines.append("-" * (len(lines[0]) + 24))
+    for v in VARIANTS:
+        if v not in results:
+            continue
+        r, p = results[v], results[v]["passes"]
+        cells = [v, f"{med[v] * 1e3:.1f}", f"{min(r['times']) * 1e3:.1f}", f"{med[v] / fm_t:.3f}",
+                 f"{statistics.median(r.get('sys') or [0]) * 1e3:.0f}",
+                 f"{statistics.median(r.get('faults') or [0]) / 1e3:.1f}",
+                 f"{r['memory']['peak'] / 2**20:.1f}", f"{mem[v] / 2**20:.1f}",
+                 f"{mem[v] / fm_m:.3f}" if fm_m > 0 else "nan", str(p["calls"]),
+                 f"{p['grad'] + p['nograd'] + p['jvp']:.2f}", f"{p['grad']:.2f}", f"{p['jvp']:.2f}", NOTES[v]]
+        lines.append(" ".join(f"{c:{fmt}}" for c, (_, fmt) in zip(cells, columns)))
+    ratio = []
+    if "soflow" in results:
+        ratio.append(f"soflow/fm={med['soflow'] / fm_t:.3f}")
+        if "reference" in results:
+            ratio.append(f"soflow/reference={med['soflow'] / med['reference']:.3f}")
+        ratio.append(f"soflow_mem/fm_mem={mem['soflow'] / fm_m:.3f}")
+    if "meanflow" in results:
+        ratio.append(f"meanflow/fm={med['meanflow'] / fm_t:.3f}")
+    return "\n".join(lines), "ratios: " + " ".join(ratio)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-type", default="DiT-B-4")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                    help="autocast dtype of the forward passes (weights stay fp32); default float32 on CPU, "
+                         "bfloat16 on CUDA; the reference variant always runs fp32")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the network (the MeanFlow JVP "
+                                                           "runs on the eager module)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per variant (median reported)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2, 4 with --compile)")
+    ap.add_argument("--data-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every variant "
+                                                              "(default: the CPUs this process may use)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--adamw", choices=("fused", "foreach", "for-loop"), default="fused",
+                    help="AdamW implementation (fused: one kernel; foreach: what torch picks by default)")
+    ap.add_argument("--malloc", choices=("system", "retain"), default="system",
+                    help="CPU allocator of the variant processes: glibc as configured, or glibc told to keep "
+                         "freed memory (no page faults from trimming; what a caching allocator does)")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--sequential", action="store_true",
+                    help="run the variants one after another instead of stepping them in turn")
+    ap.add_argument("--max-minutes", type=float, default=8.5,
+                    help="wall-time budget: fewer warm-up (>= 1) and timed (>= 2) steps when the next round "
+                         "would end past it")
+    ap.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if args.dtype is None:
+        args.dtype = "bfloat16" if cuda else "float32"
+    if args.warmup is None:
+        args.warmup = 4 if args.compile else 2
+    if args.threads is None:
+        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 4:
+        ap.error("--steps >= 1, --warmup >= 0 and --batch-size >= 4 (so that every part of the SoFlow "
+                 "batch is non-empty) are required")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    wall = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"# step_cost: {args.model_type}, batch {args.batch_size}, latents {DATA_CHANNELS}x{args.data_size}x"
+          f"{args.data_size}, {NUM_CLASSES} classes, cfg_drop_rate {CFG_DROP_RATE}; device {device}, "
+          f"torch {torch.__version__}, {args.threads} threads, autocast {args.dtype}, "
+          f"compile {args.compile}, AdamW {args.adamw}, malloc {args.malloc}", flush=True)
+    print(f"# {args.warmup} warm-up + {args.steps} timed steps per variant, one process per variant, "
+          f"{'sequential' if args.sequential else 'stepped in turn'}; seed {args.seed}", flush=True)
+    results = run_benchmark(args, log=lambda s: print(s, flush=True))
+    first = next(iter(results.values()))
+    method = first["memory"]["method"]
+    print(f"# device: {first['device_name']}; model parameters {first['params']:,}; memory: {method}")
+    print("# peak MiB: process peak (CUDA: max allocated; CPU: peak resident set). step MiB: peak minus the "
+          "between-steps memory (weights, grads, AdamW moments, data) = activations and temporaries")
+    print("# rows/B: network rows per step / batch size (forward passes of the whole batch); grad / jvp: "
+          "of which with gradient / forward-mode JVP; the rest no-grad")
+    print("# sys ms, faults k: median kernel CPU time and minor page faults (thousands) per step, the cost of "
+          "the allocator handing memory back and touching it anew")
+    table, ratios = format_table(results, args)
+    print(table)
+    counts = ", ".join(f"{v}={len(r['times'])}" for v, r in results.items())
+    print(f"# timed steps per variant: {counts}; total wall time {time.perf_counter() - wall:.0f} s")
+    print(ratios)
+
+
+if __name__ == "__main__":
+    main()
