@@ -7,7 +7,7 @@ the point x_t of a probability-flow trajectory to its point at time s; f(x, t, t
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.nn as nn

@@ -7,7 +7,6 @@ from its newest readable checkpoint and then continues exactly as if it had neve
 import argparse
 import copy
 import contextlib
-import math
 import os
 import resource
 import signal

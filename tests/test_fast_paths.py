@@ -3,7 +3,6 @@ foreach EMA, channels_last U-Net, and the fused (batched) loss against separate 
 import copy
 import os
 
-import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
