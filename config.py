@@ -214,7 +214,7 @@ def validate(cfg, source="config", world_size=None):
                  "ckpt_saving_steps", "eval_steps", "eval_batch_size", "eval_NFE", "ema_steps"):
         if getattr(cfg, name) < 1:
             fail(f"'{name}' must be >= 1, got {getattr(cfg, name)}")
-    for name in ("num_classes", "num_workers", "num_eval_samples"):
+    for name in ("num_classes", "num_workers", "num_eval_samples", "seed"):
         if getattr(cfg, name) < 0:
             fail(f"'{name}' must be >= 0, got {getattr(cfg, name)}")
     for name in ("velocity_loss_ratio", "cfg_drop_rate", "mix_ratio", "augment_p", "ema_decay_rate", "dropout",

@@ -23,15 +23,24 @@ from models import to_uint8
 # Per-sample randomness
 
 
+def sample_rng(seed, index):
+    """The generator of global sample `index` under `seed`: NumPy PCG64 with a 128-bit state hashed from
+    (index, seed) by SeedSequence, so streams do not collide across seeds or indices. (A torch CPU
+    generator would not do: it keeps only the low 32 bits of its seed, so packing (seed, index) into one
+    integer either drops the seed or, hashed to 32 bits, collides within a 50K dump.)"""
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and sample index must be >= 0, got seed={seed}, index={index}")
+    return np.random.default_rng([int(index), int(seed)])
+
+
 def sample_inputs(indices, num_classes, class_balanced, shape, nfe, seed):
     """Labels [n] (None when unconditional) and noise [nfe, n, *shape] for global sample indices."""
     labels, noise = [], []
     for i in indices:
-        g = torch.Generator().manual_seed((seed << 32) + int(i))
+        rng = sample_rng(seed, i)
         if num_classes > 0:
-            labels.append(int(i) % num_classes if class_balanced
-                          else int(torch.randint(num_classes, (1,), generator=g)))
-        noise.append(torch.randn((nfe, *shape), generator=g))
+            labels.append(int(i) % num_classes if class_balanced else int(rng.integers(num_classes)))
+        noise.append(torch.from_numpy(rng.standard_normal((nfe, *shape), dtype=np.float32)))
     labels = torch.tensor(labels, dtype=torch.long) if num_classes > 0 else None
     return labels, torch.stack(noise, dim=1)
 
@@ -214,6 +223,8 @@ def main(argv=None):
         raise SystemExit("give exactly one of --ckpt-steps K or --ckpt PATH")
     if args.eval_NFE < 1 or args.num_samples < 1 or args.eval_batch_size < 1:
         raise SystemExit("--eval-NFE, --num-samples and --eval-batch-size must be >= 1")
+    if args.seed < 0:
+        raise SystemExit(f"--seed must be >= 0, got {args.seed}")
     ckpt = args.ckpt or os.path.join(cfg.working_dir, "ckpts", f"{args.ckpt_steps}.pt")
     if not os.path.isfile(ckpt):
         raise SystemExit(f"checkpoint {ckpt} does not exist")

@@ -14,7 +14,7 @@ into `--out`/soflow and `--out`/fm; a finished run there is reused (train.py res
 checkpoint). `--ckpt` evaluates that SoFlow checkpoint and trains the FM baseline unless `--fm-ckpt` is given.
 
 Samples: `--num-samples` (default 2,000) per row, class-balanced (sample i has label i % 10); sample i takes
-its label and noise from `inference.sample_inputs` (global index seed * 10^7 + i), so every row starts from
+its label and noise from `inference.sample_inputs` (generator keyed by (seed, i)), so every row starts from
 the same noise.
 
 Metrics. Every image, real or generated, goes through the uint8 conversion of the sample dumps
@@ -51,10 +51,6 @@ DEFAULT_CONFIG = os.path.join(ROOT, "configs", "digits_demo.yaml")
 SOFLOW_NFES = (1, 2)
 EULER_STEPS = (1, 2, 4, 50)
 SPLIT_SEED = 0
-# Sample i of seed k is global sample index k * SEED_STRIDE + i (a multiple of 10 keeps the classes balanced).
-# The offset is needed because inference.sample_inputs seeds torch.Generator with (seed << 32) + i, and the CPU
-# generator keeps only the low 32 bits of a seed: without it every seed would draw the same noise.
-SEED_STRIDE = 10_000_000
 # Acceptance of the demo (issue): SoFlow 1-NFE agreement >= 0.97, FD <= 1.25 x FM 50-step, FD < FM 1-step / 3.
 MIN_AGREEMENT, MAX_FD_VS_FM50, MAX_FD_VS_FM1 = 0.97, 1.25, 1 / 3
 
@@ -133,15 +129,11 @@ def euler_sample(model, noise, labels, steps):
     return x
 
 
-def sample_indices(lo, hi, seed):
-    return range(seed * SEED_STRIDE + lo, seed * SEED_STRIDE + hi)
-
-
 def soflow_samples(model, num_samples, nfe, seed, batch_size):
     from inference import generate
     images, labels = [], []
     for lo in range(0, num_samples, batch_size):
-        x, y = generate(model, sample_indices(lo, min(lo + batch_size, num_samples), seed), nfe, seed,
+        x, y = generate(model, range(lo, min(lo + batch_size, num_samples)), nfe, seed,
                         torch.device("cpu"), class_balanced=True)
         images.append(x.numpy())
         labels.append(y.numpy())
@@ -153,7 +145,7 @@ def euler_samples(model, num_samples, steps, seed, batch_size):
     shape = (model.data_channels, model.data_size, model.data_size)
     images, labels = [], []
     for lo in range(0, num_samples, batch_size):
-        y, noise = sample_inputs(sample_indices(lo, min(lo + batch_size, num_samples), seed), model.num_classes,
+        y, noise = sample_inputs(range(lo, min(lo + batch_size, num_samples)), model.num_classes,
                                  True, shape, 1, seed)
         images.append(to_uint8(euler_sample(model, noise[0], y, steps).float()).numpy())
         labels.append(y.numpy())

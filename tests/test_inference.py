@@ -95,3 +95,23 @@ def test_vae_decoder_in_chunks(tmp_path):
         images = decode(latents)
         direct = vae.decode(latents / 0.18215).sample
     assert images.shape == (5, 3, 8, 8) and torch.allclose(images, direct, atol=1e-5)
+
+
+def test_per_sample_inputs_depend_on_seed_and_index_only():
+    shape = (1, 4, 4)
+    labels, noise = inference.sample_inputs(range(6), 10, False, shape, 2, seed=0)
+    assert noise.shape == (2, 6, 1, 4, 4) and noise.dtype == torch.float32 and labels.shape == (6,)
+    # another seed changes every sample's noise (a torch CPU generator would keep only 32 seed bits)
+    for seed in (1, 2**32, 2**40 + 7):
+        other_labels, other = inference.sample_inputs(range(6), 10, False, shape, 2, seed=seed)
+        assert all(not torch.allclose(noise[:, i], other[:, i]) for i in range(6)), seed
+    # sample 4 is the same whether drawn alone or within a batch, and differs from its neighbours
+    alone_labels, alone = inference.sample_inputs([4], 10, False, shape, 2, seed=0)
+    assert torch.equal(alone[:, 0], noise[:, 4]) and alone_labels[0] == labels[4]
+    assert len({tuple(noise[0, i].flatten().tolist()) for i in range(6)}) == 6
+    # standard normal noise, uniform labels
+    many_labels, many = inference.sample_inputs(range(2000), 10, False, shape, 1, seed=5)
+    assert abs(many.mean().item()) < 0.03 and abs(many.std().item() - 1) < 0.03
+    assert np.bincount(many_labels.numpy(), minlength=10).min() > 150
+    with pytest.raises(ValueError, match="seed"):
+        inference.sample_inputs([0], 10, False, shape, 1, seed=-1)
