@@ -14,6 +14,8 @@ import yaml
 from dit import DIT_SIZES
 from models import COEFFICIENT_TYPES, L_SCHEDULES, MODEL_TYPES, NOISING_TYPES, Objective, Soflow
 
+_OBJECTIVE_DEFAULTS = Objective()
+
 DATASET_TYPES = ("ImageNet", "CIFAR10", "Digits")
 OPTIMIZERS = ("AdamW", "RAdam")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -51,21 +53,21 @@ class Config:
     depth: Optional[int] = None
     num_heads: Optional[int] = None
     patch_size: Optional[int] = None
-    # --- objective (SPEC section 3) ---
-    velocity_loss_ratio: float = 0.75
-    p: float = 1.0
-    eps: float = 0.01
-    time_mean: List[float] = field(default_factory=lambda: [-0.2, -1.0, 0.2])
-    time_std: List[float] = field(default_factory=lambda: [1.0, 0.8, 0.8])
-    cfg_scale: float = 1.0
-    mix_ratio: float = 1.0
+    # --- objective (SPEC section 3); defaults are those of models.Objective, the loss's own settings ---
+    velocity_loss_ratio: float = Objective.velocity_loss_ratio
+    p: float = Objective.p
+    eps: float = Objective.eps
+    time_mean: List[float] = field(default_factory=lambda: list(_OBJECTIVE_DEFAULTS.time_mean))
+    time_std: List[float] = field(default_factory=lambda: list(_OBJECTIVE_DEFAULTS.time_std))
+    cfg_scale: float = Objective.cfg_scale
+    mix_ratio: float = Objective.mix_ratio
     cfg_drop_rate: float = 0.0
-    cfg_decay_time: float = 1.0
-    l_schedule: str = "Exponent"
-    l_init_ratio: float = 0.1
-    l_end_ratio: float = 0.002
+    cfg_decay_time: float = Objective.cfg_decay_time
+    l_schedule: str = Objective.l_schedule
+    l_init_ratio: float = Objective.l_init_ratio
+    l_end_ratio: float = Objective.l_end_ratio
     # --- optimisation ---
-    total_steps: int = 400_000
+    total_steps: int = Objective.total_steps
     batch_size: int = 256               # global, over all ranks
     learning_rate: float = 1e-4
     betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
