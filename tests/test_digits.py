@@ -27,7 +27,7 @@ def test_demo_config_is_the_reference_recipe_on_digits():
     assert cfg.eval_demo_shape == [10, 10] and cfg.eval_NFE == 1  # one row per class, 1-NFE
     assert cfg.total_steps % cfg.ckpt_saving_steps == 0 and cfg.batch_size % 2 == 0  # checkpoint at the end
     model = cfg.build_model()
-    assert sum(p.numel() for p in model.parameters()) < 5e6  # a CPU-sized DiT
+    assert sum(p.numel() for p in model.parameters()) < 6e6  # a CPU-sized DiT
 
 
 def test_frechet_distance_and_features():
