@@ -292,6 +292,18 @@ def load_config(path):
     return from_dict(values, source=path)
 
 
+def write_variant(config_path, out_path, **changes):
+    """Copies the YAML config at `config_path` to `out_path` with some keys changed (not validated here:
+    load_config reads the result)."""
+    with open(config_path) as f:
+        values = yaml.safe_load(f) or {}
+    values.update(changes)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w") as f:
+        yaml.safe_dump(values, f, sort_keys=False)
+    return str(out_path)
+
+
 def save_config(cfg, path):
     with open(path, "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

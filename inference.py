@@ -45,6 +45,14 @@ def sample_inputs(indices, num_classes, class_balanced, shape, nfe, seed):
     return labels, torch.stack(noise, dim=1)
 
 
+def load_sampling_model(cfg, ckpt, device="cpu"):
+    """The config's model with the sampling (EMA) weights of checkpoint `ckpt`, strict, in eval mode."""
+    from checkpoints import load_checkpoint, model_state
+    model = cfg.build_model()
+    model.load_state_dict(model_state(load_checkpoint(ckpt)), strict=True)
+    return model.to(device).eval()
+
+
 def rank_slice(num_samples, rank, world_size):
     """Contiguous, near-equal slice of range(num_samples) for this rank."""
     bounds = np.linspace(0, num_samples, world_size + 1).round().astype(int)
@@ -214,7 +222,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from checkpoints import load_checkpoint, model_state
     from config import load_config
     from train import cleanup_distributed, setup_distributed
     args = parse_args(argv)
@@ -232,9 +239,7 @@ def main(argv=None):
         raise SystemExit(f"--class-balanced needs --num-samples divisible by {cfg.num_classes}")
     rank, world_size, device = setup_distributed()
     try:
-        model = cfg.build_model()
-        model.load_state_dict(model_state(load_checkpoint(ckpt)), strict=True)
-        model.to(device).eval()
+        model = load_sampling_model(cfg, ckpt, device)
         decode = None
         if cfg.dataset_type == "ImageNet":
             decode = build_decoder(args.vae or cfg.vae, cfg.latent_scale, device)

@@ -1,7 +1,7 @@
 """One-step quality on the scikit-learn digits: SoFlow against a flow-matching model of the same budget.
 
     python benchmarks/digits_quality.py --train                      # trains both models, then evaluates
-    python benchmarks/digits_quality.py --ckpt results/digits_demo/ckpts/3000.pt [--fm-ckpt PATH]
+    python benchmarks/digits_quality.py --ckpt results/digits_demo/ckpts/3500.pt [--fm-ckpt PATH]
 
 Models (both from `--config`, default configs/digits_demo.yaml):
   SoFlow  the config as it is; sampled with `inference.generate` (the shared `Soflow.sample`, EMA weights)
@@ -29,7 +29,6 @@ The real digits are split once (stratified, fixed seed) into halves A and B.
 Results: a markdown table on stdout and in `--out`/results.md, everything in `--out`/results.json.
 """
 import argparse
-import copy
 import json
 import os
 import subprocess
@@ -43,7 +42,6 @@ if ROOT not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import yaml  # noqa: E402
 
 from models import to_uint8  # noqa: E402
 
@@ -129,48 +127,31 @@ def euler_sample(model, noise, labels, steps):
     return x
 
 
+def batched_samples(draw, num_samples, batch_size):
+    """Concatenates draw(indices) -> (uint8 images, labels) over batches of the sample indices."""
+    images, labels = zip(*(draw(range(lo, min(lo + batch_size, num_samples)))
+                           for lo in range(0, num_samples, batch_size)))
+    return np.concatenate([x.numpy() for x in images]), np.concatenate([y.numpy() for y in labels])
+
+
 def soflow_samples(model, num_samples, nfe, seed, batch_size):
     from inference import generate
-    images, labels = [], []
-    for lo in range(0, num_samples, batch_size):
-        x, y = generate(model, range(lo, min(lo + batch_size, num_samples)), nfe, seed,
-                        torch.device("cpu"), class_balanced=True)
-        images.append(x.numpy())
-        labels.append(y.numpy())
-    return np.concatenate(images), np.concatenate(labels)
+    return batched_samples(lambda indices: generate(model, indices, nfe, seed, torch.device("cpu"),
+                                                    class_balanced=True), num_samples, batch_size)
 
 
 def euler_samples(model, num_samples, steps, seed, batch_size):
     from inference import sample_inputs
     shape = (model.data_channels, model.data_size, model.data_size)
-    images, labels = [], []
-    for lo in range(0, num_samples, batch_size):
-        y, noise = sample_inputs(range(lo, min(lo + batch_size, num_samples)), model.num_classes,
-                                 True, shape, 1, seed)
-        images.append(to_uint8(euler_sample(model, noise[0], y, steps).float()).numpy())
-        labels.append(y.numpy())
-    return np.concatenate(images), np.concatenate(labels)
 
-
-def load_model(cfg, ckpt):
-    from checkpoints import load_checkpoint, model_state
-    model = cfg.build_model()
-    model.load_state_dict(model_state(load_checkpoint(ckpt)), strict=True)
-    return model.eval()
+    def draw(indices):
+        labels, noise = sample_inputs(indices, model.num_classes, True, shape, 1, seed)
+        return to_uint8(euler_sample(model, noise[0], labels, steps).float()), labels
+    return batched_samples(draw, num_samples, batch_size)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Training
-
-
-def write_variant(config_path, out_path, **changes):
-    with open(config_path) as f:
-        values = yaml.safe_load(f) or {}
-    values.update(changes)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "w") as f:
-        yaml.safe_dump(values, f, sort_keys=False)
-    return out_path
 
 
 def run_training(config_path, nproc, log):
@@ -239,7 +220,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from config import load_config
+    from config import load_config, write_variant
+    from inference import load_sampling_model
     if args.fm_ckpt and args.train:
         raise SystemExit("--fm-ckpt goes with --ckpt; --train trains both models")
     if args.num_samples < 10 or args.num_samples % 10 or args.batch_size < 1 or args.nproc < 1:
@@ -272,15 +254,13 @@ def main(argv=None):
     real = RealReference(cfg.data_size, cfg.data_channels)
     rows = [dict(model="real", sampler=f"held-out half B vs half A (classifier trained on A, n={real.n_train})",
                  nfe=None, **real.floor)]
-    soflow = load_model(cfg, soflow_ckpt)
+    soflow = load_sampling_model(cfg, soflow_ckpt)
     for nfe in SOFLOW_NFES:
         images, labels = soflow_samples(soflow, args.num_samples, nfe, args.seed, args.batch_size)
         rows.append(dict(model="SoFlow", sampler="solution operator (`Soflow.sample`)", nfe=nfe,
                          **real.score(images, labels)))
         log(f"SoFlow {nfe} NFE: {rows[-1]}")
-    fm_cfg = copy.copy(cfg)
-    fm_cfg.velocity_loss_ratio = 1.0
-    fm = load_model(fm_cfg, fm_ckpt)
+    fm = load_sampling_model(cfg, fm_ckpt)  # same architecture: only velocity_loss_ratio differs
     for steps in EULER_STEPS:
         images, labels = euler_samples(fm, args.num_samples, steps, args.seed, args.batch_size)
         rows.append(dict(model="FM", sampler="Euler", nfe=steps, **real.score(images, labels)))

@@ -6,8 +6,9 @@ import sys
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
+
+from config import write_variant
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,12 +27,7 @@ def make_cifar_folder(root, per_batch=8, seed=0):
 
 
 def write_config(base_name, path, **changes):
-    with open(os.path.join(ROOT, "configs", base_name)) as f:
-        cfg = yaml.safe_load(f)
-    cfg.update(changes)
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg, f)
-    return str(path)
+    return write_variant(os.path.join(ROOT, "configs", base_name), path, **changes)
 
 
 def torchrun(script, args, nproc=2, env=None, check=True, timeout=600):
