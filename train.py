@@ -225,7 +225,9 @@ def train(cfg, args, rank, world_size, device):
         model.to(memory_format=torch.channels_last)
     if cfg.compile:
         model.network.compile()  # in place: state-dict keys stay those of the reference
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
+    # Gradients as views of DDP's buckets: no copy into and out of the buckets on every step.
+    ddp = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+           if world_size > 1 else model)
     objective = cfg.objective()
     decay = ema_decay(cfg)
     params = [p for p in model.network.parameters() if p.requires_grad]
