@@ -1,25 +1,53 @@
 """The one config loader: reads a YAML file, checks every key, fills defaults, and builds the model.
 
-Key names are those of the reference release (SPEC section 7), so published configs load unchanged;
-the extra keys of this implementation have defaults that reproduce the reference behaviour.
+Key names and spellings are the release's: its `imagenet.yaml`, `cifar.yaml` and the `config.yaml` beside each
+published checkpoint load unchanged, and the `config.yaml` written into `working_dir` lists the release's keys
+first, in its order (`RELEASE_KEYS`). Each key is declared once, as a field of `Config` (the loss settings as
+fields of `models.Objective`, which `Config` extends); the keys this code adds have defaults under which a
+release config runs the release's recipe (float32 with TF32, AdamW / RAdam, its EMA).
 """
-import copy
+import dataclasses
 import difflib
 import os
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import yaml
 
 from dit import DIT_SIZES
-from models import COEFFICIENT_TYPES, L_SCHEDULES, MODEL_TYPES, NOISING_TYPES, Objective, Soflow
+from models import COEFFICIENT_TYPES, MODEL_TYPES, NOISING_TYPES, Objective, Soflow
 
-_OBJECTIVE_DEFAULTS = Objective()
+# The release's keys, in the order of its files.
+RELEASE_KEYS = (
+    "working_dir", "noising_type", "coefficient_type", "model_type", "dataset_type", "data_size", "dataset_path",
+    "velocity_loss_ratio", "p", "eps", "time_mean", "time_std", "cfg_scale", "mix_ratio", "cfg_drop_rate",
+    "cfg_decay_time", "l_schedule", "l_init_ratio", "l_end_ratio", "total_steps", "ema_decay_rate",
+    "learning_rate", "betas", "weight_decay", "batch_size", "num_workers", "prefetch_factor", "eval_steps",
+    "eval_batch_size", "eval_NFE", "eval_demo_steps", "eval_demo_shape", "ckpt_saving_steps", "logging_steps",
+    "seed")
 
-DATASET_TYPES = ("ImageNet", "CIFAR10", "Digits")
+# Spellings of earlier versions of this code, refused with the release's name.
+RENAMED_KEYS = {"data_path": "dataset_path"}
+RENAMED_VALUES = {("dataset_type", "ImageNet"): "Imagenet"}
+
+# Defaults that depend on the data set (their one home): the data's geometry and the release's two recipes.
+DATASETS = {
+    "Imagenet": dict(data_channels=4, num_classes=1000, model_type="DiT-B-4", optimizer="AdamW", ema_steps=1),
+    "CIFAR10": dict(data_channels=3, num_classes=0, model_type="UNet", optimizer="RAdam", ema_steps=16),
+    "Digits": dict(data_channels=1, num_classes=10, model_type="DiT-B-4", optimizer="AdamW", ema_steps=1),
+}
 OPTIMIZERS = ("AdamW", "RAdam")
-PRECISIONS = ("auto", "bf16", "fp32")
-ATTENTIONS = ("auto", "math")
+# fp32: the release's numerics (float32, TF32 on CUDA with `tf32`). bf16: autocast everywhere (training,
+# sampling, VAE decode). bf16-guidance: autocast only for the no-grad guidance call of the loss, whose error
+# is not amplified by 1 / (t - l) (benchmarks/precision.py).
+PRECISIONS = ("fp32", "bf16", "bf16-guidance")
+ATTENTIONS = ("auto", "efficient", "flash", "math")
+_CHOICES = dict(dataset_type=tuple(DATASETS), model_type=MODEL_TYPES, noising_type=NOISING_TYPES,
+                coefficient_type=COEFFICIENT_TYPES, optimizer=OPTIMIZERS, precision=PRECISIONS, attention=ATTENTIONS)
+_LIST_LENGTHS = dict(betas=2, eval_demo_shape=2)
+_UNET_SIZES = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions")
+_DIT_SIZES = ("hidden_size", "depth", "num_heads", "patch_size")
 
 
 class ConfigError(ValueError):
@@ -27,62 +55,52 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class Config:
+class Config(Objective):
+    """Every config key with its default (the loss settings are the inherited `Objective` fields).
+    `None` defaults are filled from DATASETS or mean "not set"."""
     # --- data ---
-    dataset_type: str = "ImageNet"
-    data_path: str = "./data"
-    data_channels: int = 4
+    dataset_type: str = "Imagenet"
+    dataset_path: str = "./imagenet_latent"  # folder of imagenet_latent.hdf5 (or the file), or the CIFAR-10 root
     data_size: int = 32
-    num_classes: int = 1000
-    download: bool = False              # CIFAR10: let torchvision download it (only when asked)
-    load_into_memory: bool = False      # ImageNet latents: read the whole HDF5 file into memory once
-    augment_p: float = 0.12             # CIFAR10: EDM augmentation probability (0 disables)
-    latent_scale: float = 0.18215       # ImageNet: SD-VAE latent scale
-    vae: str = "stabilityai/sd-vae-ft-mse"  # ImageNet: decoder for sample grids and FID dumps
-    num_workers: int = 4
+    data_channels: Optional[int] = None     # DATASETS
+    num_classes: Optional[int] = None       # DATASETS; 0 = unconditional
+    num_workers: int = 4                    # DataLoader workers per rank
+    prefetch_factor: Optional[int] = None   # DataLoader batches prefetched per worker (None: PyTorch's default)
+    download: bool = False                  # CIFAR10: let torchvision download it (only when asked)
+    load_into_memory: bool = False          # Imagenet latents: read the whole HDF5 file into memory once
+    augment_p: float = 0.12                 # CIFAR10: EDM augmentation probability (0 disables)
+    latent_scale: float = 0.18215           # Imagenet: SD-VAE latent scale
+    vae: str = "stabilityai/sd-vae-ft-mse"  # Imagenet: decoder for sample grids and FID dumps (Hub id or folder)
     # --- model ---
-    model_type: str = "DiT-B-4"
+    model_type: Optional[str] = None        # DATASETS
     noising_type: str = "Linear"
     coefficient_type: str = "Euler"
-    dropout: float = 0.30               # UNet only
-    model_channels: Optional[int] = None  # UNet size overrides for small experiments (EDM names)
+    cfg_drop_rate: float = 0.0
+    dropout: float = 0.30                   # UNet only
+    model_channels: Optional[int] = None    # UNet size overrides for small experiments (EDM names)
     channel_mult: Optional[List[int]] = None
     num_blocks: Optional[int] = None
     attn_resolutions: Optional[List[int]] = None
-    hidden_size: Optional[int] = None   # DiT size overrides for small experiments
+    hidden_size: Optional[int] = None       # DiT size overrides for small experiments
     depth: Optional[int] = None
     num_heads: Optional[int] = None
     patch_size: Optional[int] = None
-    # --- objective (SPEC section 3); defaults are those of models.Objective, the loss's own settings ---
-    velocity_loss_ratio: float = Objective.velocity_loss_ratio
-    p: float = Objective.p
-    eps: float = Objective.eps
-    time_mean: List[float] = field(default_factory=lambda: list(_OBJECTIVE_DEFAULTS.time_mean))
-    time_std: List[float] = field(default_factory=lambda: list(_OBJECTIVE_DEFAULTS.time_std))
-    cfg_scale: float = Objective.cfg_scale
-    mix_ratio: float = Objective.mix_ratio
-    cfg_drop_rate: float = 0.0
-    cfg_decay_time: float = Objective.cfg_decay_time
-    l_schedule: str = Objective.l_schedule
-    l_init_ratio: float = Objective.l_init_ratio
-    l_end_ratio: float = Objective.l_end_ratio
     # --- optimisation ---
-    total_steps: int = Objective.total_steps
-    batch_size: int = 256               # global, over all ranks
+    batch_size: int = 256                   # global, over all ranks
     learning_rate: float = 1e-4
     betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
     weight_decay: float = 0.0
-    optimizer: Optional[str] = None     # default: AdamW for ImageNet/Digits, RAdam for CIFAR10
+    optimizer: Optional[str] = None         # DATASETS
     ema_decay_rate: float = 0.9999
-    ema_steps: Optional[int] = None     # EMA every k steps with decay**k; default 1, CIFAR10 16
+    ema_steps: Optional[int] = None         # DATASETS: EMA after steps 1, 1 + k, 1 + 2k, ... with decay**k
     seed: int = 42
-    # --- speed (used where CUDA exists; CPU runs stay fp32 eager unless asked) ---
-    precision: str = "auto"             # auto = bf16 autocast on CUDA, fp32 on CPU
-    tf32: bool = True
-    compile: bool = False
-    channels_last: bool = True          # UNet on CUDA
-    fused_optimizer: bool = True        # fused AdamW kernel (RAdam: foreach)
-    attention: str = "auto"             # auto: PyTorch picks flash / memory-efficient SDPA; math: reference kernel
+    # --- speed (defaults: the release's numerics) ---
+    precision: str = "fp32"
+    tf32: bool = True                       # TF32 matmuls and convolutions on CUDA (the release's setting)
+    attention: str = "auto"                 # auto: memory-efficient SDPA on CUDA (the release's), PyTorch's on CPU
+    compile: bool = False                   # torch.compile of the network, in place (state-dict keys unchanged)
+    channels_last: bool = False             # channels_last U-Net on CUDA
+    fused_optimizer: bool = False           # fused AdamW / foreach RAdam kernels
     # --- bookkeeping ---
     working_dir: str = "./results/run"
     logging_steps: int = 100
@@ -94,191 +112,178 @@ class Config:
     eval_NFE: int = 1
     num_eval_samples: int = 50_000
 
-    # ------------------------------------------------------------------------------------------
+    def __post_init__(self):
+        for key, value in DATASETS.get(self.dataset_type, {}).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        super().__post_init__()  # the loss settings' own checks
+        _check(self)
+
     @property
     def conditional(self):
-        return self.num_classes > 0
+        return self.model_type != "UNet" and self.num_classes > 0
 
     def objective(self):
         """The loss settings, under the same names as in the config."""
-        return Objective(**{f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(Objective)})
+        return Objective(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Objective)})
 
     def network_kwargs(self):
-        if self.model_type == "UNet":
-            names, kwargs = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions"), {"dropout": self.dropout}
-        else:
-            names, kwargs = ("hidden_size", "depth", "num_heads", "patch_size"), {}
+        names, kwargs = (_UNET_SIZES, {"dropout": self.dropout}) if self.model_type == "UNet" else (_DIT_SIZES, {})
         kwargs.update({k: getattr(self, k) for k in names if getattr(self, k) is not None})
         return kwargs
 
     def build_model(self):
-        return Soflow(self.data_channels, self.data_size, self.num_classes, self.cfg_drop_rate, self.noising_type,
-                      self.coefficient_type, self.model_type, network_kwargs=self.network_kwargs())
+        return Soflow(self.data_channels, self.data_size, self.num_classes or None, self.cfg_drop_rate,
+                      self.noising_type, self.coefficient_type, self.model_type, network_kwargs=self.network_kwargs())
 
     def to_dict(self):
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """All keys, the release's first and in its order."""
+        names = [f.name for f in dataclasses.fields(self)]
+        return {k: getattr(self, k) for k in sorted(names, key=lambda k: (k not in RELEASE_KEYS,
+                                                                        RELEASE_KEYS.index(k) if k in RELEASE_KEYS else 0))}
 
 
-_FIELDS = {f.name: f for f in fields(Config)}
-_CHOICES = dict(dataset_type=DATASET_TYPES, model_type=MODEL_TYPES, noising_type=NOISING_TYPES,
-                coefficient_type=COEFFICIENT_TYPES, l_schedule=L_SCHEDULES, optimizer=OPTIMIZERS,
-                precision=PRECISIONS, attention=ATTENTIONS)
-_LISTS = dict(time_mean=(float, 3), time_std=(float, 3), betas=(float, 2), eval_demo_shape=(int, 2))
+_TYPES = typing.get_type_hints(Config)
 
 
-_OPTIONAL = dict(hidden_size=int, depth=int, num_heads=int, patch_size=int, ema_steps=int, optimizer=str,
-                 model_channels=int, num_blocks=int, channel_mult=list, attn_resolutions=list)
-
-
-def _coerce(name, value, source):
-    """Checks the YAML value of one key against the type of its default."""
-    if value is None:
-        if name in _OPTIONAL:
-            return None
-        raise ConfigError(f"{source}: '{name}' must not be empty")
-    if _OPTIONAL.get(name) is list:
-        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-                                                  for v in value) or not value:
-            raise ConfigError(f"{source}: '{name}' must be a non-empty list of positive integers, got {value!r}")
-        return value
-    if name in _LISTS:
-        kind, length = _LISTS[name]
-        if (not isinstance(value, (list, tuple)) or len(value) != length
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-                or (kind is int and not all(float(v).is_integer() for v in value))):
-            raise ConfigError(f"{source}: '{name}' must be a list of {length} {kind.__name__}s, got {value!r}")
-        return [kind(v) for v in value]
-    kind = _OPTIONAL.get(name) or type(_FIELDS[name].default)
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: '{name}' must be true or false, got {value!r}")
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise ConfigError(f"{source}: '{name}' must be an integer, got {value!r}")
-        return int(value)
-    if kind is float:
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: '{name}' must be a number, got {value!r}")
-        return float(value)
-    if not isinstance(value, str):
-        raise ConfigError(f"{source}: '{name}' must be a string, got {value!r}")
-    return value
-
-
-def _dataset_defaults(values):
-    """Defaults that depend on the dataset: the reference's CIFAR recipe, and its data geometry."""
-    kind = values.get("dataset_type", "ImageNet")
-    defaults = {}
-    if kind == "CIFAR10":
-        defaults = dict(data_channels=3, data_size=32, num_classes=0, model_type="UNet", optimizer="RAdam",
-                        ema_steps=16)
-    elif kind == "Digits":
-        defaults = dict(data_channels=1, data_size=8, num_classes=10)
-    return {**defaults, **values}
-
-
-def from_dict(values, source="config"):
-    if not isinstance(values, dict):
-        raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(values).__name__}")
-    unknown = [k for k in values if k not in _FIELDS]
-    if unknown:
-        hints = []
-        for k in unknown:
-            close = difflib.get_close_matches(str(k), list(_FIELDS), n=1)
-            hints.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(hints)}; remove them or fix the spelling")
-    values = _dataset_defaults(values)
-    cfg = Config(**{k: _coerce(k, v, source) for k, v in values.items()})
-    if cfg.optimizer is None:
-        cfg.optimizer = "AdamW"
-    if cfg.ema_steps is None:
-        cfg.ema_steps = 1
-    validate(cfg, source)
-    return cfg
-
-
-def validate(cfg, source="config", world_size=None):
-    """Checks values and combinations; raises ConfigError naming the key and the fix."""
+def _check(cfg):
+    """Checks values and combinations (the loss settings are checked by Objective); raises ConfigError
+    naming the key and the fix."""
     def fail(msg):
-        raise ConfigError(f"{source}: {msg}")
+        raise ConfigError(msg)
 
     for name, accepted in _CHOICES.items():
-        value = getattr(cfg, name)
-        if value is not None and value not in accepted:
-            fail(f"'{name}' is {value!r}; accepted: {', '.join(accepted)}")
-    for name in ("data_channels", "data_size", "total_steps", "batch_size", "logging_steps", "eval_demo_steps",
-                 "ckpt_saving_steps", "eval_steps", "eval_batch_size", "eval_NFE", "ema_steps"):
-        if getattr(cfg, name) < 1:
+        if getattr(cfg, name) not in accepted:
+            fail(f"'{name}' is {getattr(cfg, name)!r}; accepted: {', '.join(accepted)}")
+    for name, length in _LIST_LENGTHS.items():
+        if len(getattr(cfg, name)) != length:
+            fail(f"'{name}' must be a list of {length} numbers, got {getattr(cfg, name)!r}")
+    for name in ("data_channels", "data_size", "batch_size", "logging_steps", "eval_demo_steps", "ckpt_saving_steps",
+                 "eval_steps", "eval_batch_size", "eval_NFE", "ema_steps", "prefetch_factor", *_DIT_SIZES,
+                 "model_channels", "num_blocks"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             fail(f"'{name}' must be >= 1, got {getattr(cfg, name)}")
+    for name in ("channel_mult", "attn_resolutions", "eval_demo_shape"):
+        if getattr(cfg, name) is not None and (not getattr(cfg, name) or min(getattr(cfg, name)) < 1):
+            fail(f"'{name}' must be a non-empty list of positive integers, got {getattr(cfg, name)!r}")
     for name in ("num_classes", "num_workers", "num_eval_samples", "seed"):
         if getattr(cfg, name) < 0:
             fail(f"'{name}' must be >= 0, got {getattr(cfg, name)}")
-    for name in ("velocity_loss_ratio", "cfg_drop_rate", "mix_ratio", "augment_p", "ema_decay_rate", "dropout",
-                 "l_init_ratio", "l_end_ratio"):
+    for name in ("cfg_drop_rate", "augment_p", "ema_decay_rate", "dropout"):
         if not 0 <= getattr(cfg, name) <= 1:
             fail(f"'{name}' must lie in [0, 1], got {getattr(cfg, name)}")
-    if cfg.cfg_decay_time <= 0 or cfg.cfg_decay_time > 1:
-        fail(f"'cfg_decay_time' must lie in (0, 1], got {cfg.cfg_decay_time}")
-    if any(s <= 0 for s in cfg.time_std):
-        fail(f"'time_std' values must be > 0, got {cfg.time_std}")
-    if cfg.eps <= 0 or cfg.p < 0:
-        fail(f"'eps' must be > 0 and 'p' >= 0, got eps={cfg.eps}, p={cfg.p}")
-    if cfg.learning_rate <= 0 or not all(0 <= b < 1 for b in cfg.betas):
-        fail(f"'learning_rate' must be > 0 and 'betas' in [0, 1), got {cfg.learning_rate}, {cfg.betas}")
-    if cfg.l_schedule == "Exponent" and (cfg.l_init_ratio <= 0 or cfg.l_end_ratio <= 0):
-        fail("l_schedule 'Exponent' needs l_init_ratio > 0 and l_end_ratio > 0")
-    if cfg.cfg_scale < 1:
-        fail(f"'cfg_scale' must be >= 1 (1 disables guidance), got {cfg.cfg_scale}")
-    if cfg.cfg_scale > 1 and cfg.cfg_drop_rate <= 0:
-        fail(f"cfg_scale={cfg.cfg_scale} > 1 needs cfg_drop_rate > 0 (the model must learn the unconditional "
-             f"velocity); set cfg_drop_rate (reference: 0.1) or cfg_scale: 1.0")
-    if cfg.cfg_scale > 1 and not cfg.conditional:
-        fail(f"cfg_scale={cfg.cfg_scale} > 1 needs a class-conditional model (num_classes > 0)")
+    if cfg.learning_rate <= 0 or not all(0 <= b < 1 for b in cfg.betas) or cfg.weight_decay < 0:
+        fail(f"'learning_rate' must be > 0, 'betas' in [0, 1) and 'weight_decay' >= 0, got {cfg.learning_rate}, "
+             f"{cfg.betas}, {cfg.weight_decay}")
+    if cfg.prefetch_factor is not None and cfg.num_workers == 0:
+        fail(f"'prefetch_factor'={cfg.prefetch_factor} needs num_workers > 0 (the DataLoader prefetches in its "
+             f"workers); set num_workers or remove prefetch_factor")
     if cfg.model_type == "UNet":
-        if cfg.conditional:
+        if cfg.num_classes:
             fail(f"model_type 'UNet' is unconditional, but num_classes={cfg.num_classes}: use a DiT model_type "
                  f"for {cfg.dataset_type}, or num_classes: 0")
         levels = len(cfg.channel_mult or (2, 2, 2))
         if cfg.data_size % 2 ** (levels - 1):
             fail(f"the UNet halves data_size {levels - 1} times; data_size={cfg.data_size} must be divisible "
                  f"by {2 ** (levels - 1)}")
-        if cfg.dataset_type == "ImageNet":
-            fail("dataset_type 'ImageNet' (class-conditional latents) with model_type 'UNet' is not a supported "
-                 "recipe; use a DiT model_type (reference: DiT-B-4)")
+        if cfg.dataset_type == "Imagenet":
+            fail("dataset_type 'Imagenet' (class-conditional latents) with model_type 'UNet' is not a supported "
+                 "recipe; use a DiT model_type (release: DiT-B-4)")
     else:
-        patch = cfg.patch_size or DIT_SIZES[cfg.model_type][0]
-        hidden = cfg.hidden_size or DIT_SIZES[cfg.model_type][1]
-        heads = cfg.num_heads or DIT_SIZES[cfg.model_type][3]
+        default_patch, default_hidden, _, default_heads = DIT_SIZES[cfg.model_type]
+        patch, hidden = cfg.patch_size or default_patch, cfg.hidden_size or default_hidden
+        heads = cfg.num_heads or default_heads
         if cfg.data_size % patch:
             fail(f"data_size={cfg.data_size} is not divisible by the DiT patch size {patch}; change data_size "
                  f"or patch_size")
         if hidden % heads:
             fail(f"hidden_size {hidden} is not divisible by num_heads {heads}")
-    unet_keys = [k for k in ("model_channels", "channel_mult", "num_blocks", "attn_resolutions")
-                 if getattr(cfg, k) is not None]
-    dit_keys = [k for k in ("hidden_size", "depth", "num_heads", "patch_size") if getattr(cfg, k) is not None]
-    if cfg.model_type == "UNet" and dit_keys or cfg.model_type != "UNet" and unet_keys:
-        fail(f"size override(s) {dit_keys or unet_keys} do not apply to model_type {cfg.model_type!r}; "
-             f"hidden_size/depth/num_heads/patch_size are DiT keys, model_channels/channel_mult/num_blocks/"
-             f"attn_resolutions UNet keys")
-    if cfg.dataset_type == "ImageNet" and cfg.data_channels != 4:
-        fail(f"dataset_type 'ImageNet' trains on 4-channel SD-VAE latents; got data_channels={cfg.data_channels}")
+    if cfg.guided and cfg.cfg_drop_rate <= 0:
+        fail(f"cfg_scale={cfg.cfg_scale} > 1 needs cfg_drop_rate > 0 (the model must learn the unconditional "
+             f"velocity); set cfg_drop_rate (release: 0.1) or cfg_scale: 1.0")
+    if cfg.guided and not cfg.conditional:
+        fail(f"cfg_scale={cfg.cfg_scale} > 1 needs a class-conditional model (a DiT with num_classes > 0)")
+    foreign = [k for k in (_DIT_SIZES if cfg.model_type == "UNet" else _UNET_SIZES) if getattr(cfg, k) is not None]
+    if foreign:
+        fail(f"size override(s) {foreign} do not apply to model_type {cfg.model_type!r}; hidden_size/depth/"
+             f"num_heads/patch_size are DiT keys, model_channels/channel_mult/num_blocks/attn_resolutions UNet keys")
+    if cfg.dataset_type == "Imagenet" and cfg.data_channels != 4:
+        fail(f"dataset_type 'Imagenet' trains on 4-channel SD-VAE latents; got data_channels={cfg.data_channels}")
     if cfg.dataset_type == "CIFAR10" and (cfg.data_channels != 3 or cfg.data_size != 32 or cfg.conditional):
         fail("dataset_type 'CIFAR10' is unconditional 3 x 32 x 32 (data_channels: 3, data_size: 32, num_classes: 0)")
-    if cfg.dataset_type == "Digits":
-        if cfg.data_channels not in (1, 3) or cfg.num_classes not in (0, 10) or cfg.data_size < 8:
-            fail("dataset_type 'Digits' needs data_channels 1 or 3, num_classes 10 (or 0) and data_size >= 8")
-    if world_size is not None:
-        if cfg.batch_size % world_size:
-            fail(f"'batch_size'={cfg.batch_size} (global) is not divisible by the world size {world_size}; "
-                 f"choose a multiple of {world_size} or change --nproc-per-node")
-    return cfg
+    if cfg.dataset_type == "Digits" and (cfg.data_channels not in (1, 3) or cfg.num_classes not in (0, 10)
+                                         or cfg.data_size < 8):
+        fail("dataset_type 'Digits' needs data_channels 1 or 3, num_classes 10 (or 0) and data_size >= 8")
+
+
+def _coerce(name, value):
+    """The YAML value of one key, checked against (and converted to) the type of its field."""
+    kind = _TYPES[name]
+    optional = type(None) in typing.get_args(kind)
+    if optional:
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"'{name}' must not be empty")
+    if typing.get_origin(kind) is list:
+        item = typing.get_args(kind)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{name}' must be a list of {item.__name__}s, got {value!r}")
+        return [_scalar(name, v, item, f"a list of {item.__name__}s, got {value!r}") for v in value]
+    return _scalar(name, value, kind)
+
+
+def _scalar(name, value, kind, expected=None):
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{name}' must be true or false, got {value!r}")
+        return value
+    if kind in (int, float):
+        if isinstance(value, str) and kind is float:  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int and ok and isinstance(value, float) and not value.is_integer():
+            ok = False
+        if not ok:
+            raise ConfigError(f"'{name}' must be {expected or ('an integer' if kind is int else 'a number')}, "
+                              f"got {value!r}")
+        return kind(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"'{name}' must be a string, got {value!r}")
+    return value
+
+
+def from_dict(values, source="config"):
+    """A checked Config from a mapping of keys to values; raises ConfigError naming `source` and the key."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(values).__name__}")
+    problems = []
+    for k in values:
+        if k in RENAMED_KEYS:
+            problems.append(f"'{k}' is now '{RENAMED_KEYS[k]}' (the release's name): rename the key")
+        elif k not in _TYPES:
+            close = difflib.get_close_matches(str(k), list(_TYPES), n=1)
+            problems.append(f"unknown key '{k}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+                            + "; remove it or fix the spelling")
+    for (k, old), new in RENAMED_VALUES.items():
+        if values.get(k) == old:
+            problems.append(f"{k}: {old} is spelled '{new}' (the release's spelling): write {k}: {new}")
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    try:
+        return Config(**{k: _coerce(k, v) for k, v in values.items()})
+    except ValueError as e:  # ConfigError and the loss settings' own checks
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def check_world_size(cfg, world_size, source="config"):
+    if cfg.batch_size % world_size:
+        raise ConfigError(f"{source}: 'batch_size'={cfg.batch_size} (global) is not divisible by the world size "
+                          f"{world_size}; choose a multiple of {world_size} or change --nproc-per-node")
 
 
 def load_config(path):
@@ -293,7 +298,7 @@ def load_config(path):
 
 
 def write_variant(config_path, out_path, **changes):
-    """Copies the YAML config at `config_path` to `out_path` with some keys changed (not validated here:
+    """Copies the YAML config at `config_path` to `out_path` with some keys changed (not checked here:
     load_config reads the result)."""
     with open(config_path) as f:
         values = yaml.safe_load(f) or {}

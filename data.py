@@ -47,7 +47,7 @@ def load_cifar10(root, download=False):
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         raise FileNotFoundError(
-            f"CIFAR-10 not found: {missing[0]} is missing. Point data_path at the folder that contains "
+            f"CIFAR-10 not found: {missing[0]} is missing. Point dataset_path at the folder that contains "
             f"'{CIFAR_FOLDER}', or set 'download: true' in the config to fetch it with torchvision.")
     images, labels = [], []
     for path in files:
@@ -81,7 +81,7 @@ class LatentBatches:
             path = os.path.join(path, "imagenet_latent.hdf5")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"ImageNet latents not found at {path}; run latent_dataset.py first and point "
-                                    f"data_path at its --save-path")
+                                    f"dataset_path at its --save-path")
         self.dataset = LatentDataset(path, load_into_memory=load_into_memory)
         self.latent_scale = latent_scale
 
@@ -97,14 +97,14 @@ class LatentBatches:
 
 
 def build_dataset(cfg):
-    if cfg.dataset_type == "ImageNet":
-        dataset = LatentBatches(cfg.data_path, cfg.latent_scale, cfg.load_into_memory)
+    if cfg.dataset_type == "Imagenet":
+        dataset = LatentBatches(cfg.dataset_path, cfg.latent_scale, cfg.load_into_memory)
         if dataset.dataset.latent_size != cfg.data_size:
-            raise ValueError(f"{cfg.data_path}: latents are {dataset.dataset.latent_size} x "
+            raise ValueError(f"{cfg.dataset_path}: latents are {dataset.dataset.latent_size} x "
                              f"{dataset.dataset.latent_size} but data_size is {cfg.data_size}")
         return dataset
     if cfg.dataset_type == "CIFAR10":
-        images, labels = load_cifar10(cfg.data_path, cfg.download)
+        images, labels = load_cifar10(cfg.dataset_path, cfg.download)
         augment = AugmentPipe(p=cfg.augment_p) if cfg.augment_p > 0 else None
         return TensorDataset(images, labels, augment)
     images, labels = load_digits(cfg.data_size, cfg.data_channels)
@@ -142,11 +142,15 @@ class StepBatches(torch.utils.data.Dataset):
         return self.dataset.get_batch(self.indices(step))
 
 
-def batch_loader(dataset, global_batch, rank, world_size, seed, first_step, last_step, num_workers, pin_memory):
-    """Iterator over this rank's batches for steps first_step .. last_step - 1."""
+def batch_loader(dataset, global_batch, rank, world_size, seed, first_step, last_step, num_workers, pin_memory,
+                 prefetch_factor=None):
+    """Iterator over this rank's batches for steps first_step .. last_step - 1 (`num_workers` and
+    `prefetch_factor` are the DataLoader's, as in the release's configs)."""
     batches = StepBatches(dataset, global_batch, rank, world_size, seed)
     loader = torch.utils.data.DataLoader(batches, sampler=range(first_step, last_step), batch_size=None,
                                          num_workers=num_workers, pin_memory=pin_memory,
+                                         prefetch_factor=prefetch_factor if num_workers > 0 else None,
+                                         persistent_workers=False,
                                          # its own generator: iterator start-up must not draw from the
                                          # global random state, which checkpoints restore
                                          generator=torch.Generator().manual_seed(seed))

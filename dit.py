@@ -140,9 +140,9 @@ class DiT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        for embedder in (self.t_embedder, self.s_embedder):
-            nn.init.normal_(embedder.mlp[0].weight, std=0.02)
-            nn.init.normal_(embedder.mlp[2].weight, std=0.02)
+        # As the release: only the t embedder's MLP is re-drawn; the (t - s) embedder keeps its xavier draw.
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every block starts as the identity, the output layer at zero.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)

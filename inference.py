@@ -2,12 +2,12 @@
 
     torchrun --nproc-per-node=N inference.py --config CFG --ckpt-steps K --eval-NFE 1 --eval-batch-size 125 --seed 0
 
-Sample i takes its label and all of its noise from a generator seeded by (seed, i), so a dump is
-identical whatever the world size and batch size. The same functions write the FID dumps and the
-sample grids of train.py.
+Sample i takes its label and all of its noise from a generator seeded by (seed, i), so labels and noise
+are the same whatever the world size and batch size. Images are bit-identical run to run for a fixed world
+size and batch size; with another batch layout the network's rounding may differ, and a few pixels by one
+level (README, "Sampling"). The same functions write the FID dumps and the sample grids of train.py.
 """
 import argparse
-import contextlib
 import math
 import os
 import zipfile
@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from distributed import (attention_context, cleanup_distributed, configure_backends, precision_context,
+                         setup_distributed)
 from models import to_uint8
 
 # ----------------------------------------------------------------------------------------------------
@@ -59,19 +61,13 @@ def rank_slice(num_samples, rank, world_size):
     return range(bounds[rank], bounds[rank + 1])
 
 
-def autocast_context(device, precision):
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def generate(model, indices, nfe, seed, device, decode=None, class_balanced=False, precision="fp32"):
     """uint8 NHWC images (and labels) of the given global sample indices, through `model.sample`."""
     shape = (model.data_channels, model.data_size, model.data_size)
     labels, noise = sample_inputs(indices, model.num_classes, class_balanced, shape, nfe, seed)
     noise = noise.to(device)
-    with autocast_context(device, precision):
+    with precision_context(device, precision):
         x = model.sample(noise[0], labels.to(device) if labels is not None else None, nfe=nfe,
                          renoise=noise[1:] if nfe > 1 else None)
         if decode is not None:
@@ -79,10 +75,26 @@ def generate(model, indices, nfe, seed, device, decode=None, class_balanced=Fals
     return to_uint8(x.float()), labels
 
 
+class DecoderError(RuntimeError):
+    pass
+
+
 def build_decoder(vae, latent_scale, device, chunk_size=32):
-    """Latents -> [-1, 1] images with the SD-VAE decoder, `chunk_size` latents at a time to bound memory."""
+    """Latents -> [-1, 1] images with the SD-VAE decoder (float32, as the release), `chunk_size` latents at a
+    time to bound memory. `vae` is a Hub id or a local `save_pretrained` folder."""
     from diffusers import AutoencoderKL
-    model = AutoencoderKL.from_pretrained(vae).to(device).eval()
+    try:
+        model = AutoencoderKL.from_pretrained(vae).to(device).eval()
+    except Exception as e:  # offline, no such repository, a folder without weights, ...
+        offline = any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE")
+                      for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        raise DecoderError(
+            f"could not load the SD-VAE {vae!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"Hugging Face offline mode is {'on' if offline else 'off'} (HF_HUB_OFFLINE). It decodes the latents "
+            f"of sample grids and FID dumps. Fix: on a machine with network, run `python -c \"from diffusers import "
+            f"AutoencoderKL; AutoencoderKL.from_pretrained('stabilityai/sd-vae-ft-mse').save_pretrained("
+            f"'sd-vae-ft-mse')\"`, copy the folder here and set `vae: ./sd-vae-ft-mse` in the config "
+            f"(or --vae for inference.py)") from None
 
     def decode(latents):
         return torch.cat([model.decode(chunk.float() / latent_scale).sample
@@ -191,7 +203,7 @@ def sample_grid(model, shape, nfe, seed, device, path, decode=None, precision="f
     g = torch.Generator().manual_seed(seed)
     size = (model.data_channels, model.data_size, model.data_size)
     noise = torch.randn((nfe, rows * cols, *size), generator=g).to(device)
-    with autocast_context(device, precision):
+    with precision_context(device, precision):
         x = model.sample(noise[0], labels.to(device) if labels is not None else None, nfe=nfe,
                          renoise=noise[1:] if nfe > 1 else None)
         if decode is not None:
@@ -216,16 +228,18 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (default: working_dir/evals)")
     p.add_argument("--class-balanced", action="store_true",
                    help="exactly num_samples / num_classes images per class (default: uniform random labels)")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
-                   help="default: the config's (auto = bf16 on CUDA)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="default: the config's (fp32, the release's: float32 with TF32 on CUDA)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
-    from config import load_config
-    from train import cleanup_distributed, setup_distributed
+    from config import ConfigError, load_config
     args = parse_args(argv)
-    cfg = load_config(args.config)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}")
     if (args.ckpt is None) == (args.ckpt_steps is None):
         raise SystemExit("give exactly one of --ckpt-steps K or --ckpt PATH")
     if args.eval_NFE < 1 or args.num_samples < 1 or args.eval_batch_size < 1:
@@ -238,10 +252,11 @@ def main(argv=None):
     if args.class_balanced and cfg.num_classes and args.num_samples % cfg.num_classes:
         raise SystemExit(f"--class-balanced needs --num-samples divisible by {cfg.num_classes}")
     rank, world_size, device = setup_distributed()
+    configure_backends(device, cfg.tf32)
     try:
         model = load_sampling_model(cfg, ckpt, device)
         decode = None
-        if cfg.dataset_type == "ImageNet":
+        if cfg.dataset_type == "Imagenet":
             decode = build_decoder(args.vae or cfg.vae, cfg.latent_scale, device)
         name = os.path.splitext(os.path.basename(ckpt))[0]
         out_dir = args.out or os.path.join(cfg.working_dir, "evals")
@@ -249,8 +264,9 @@ def main(argv=None):
         if rank == 0:
             print(f"sampling {args.num_samples} images at {args.eval_NFE} NFE from the EMA weights of {ckpt} "
                   f"on {world_size} rank(s) -> {out}")
-        dump_samples(model, out, args.num_samples, args.eval_NFE, args.seed, args.eval_batch_size, device, rank,
-                     world_size, decode, args.class_balanced, args.precision or cfg.precision)
+        with attention_context(cfg.attention, device):
+            dump_samples(model, out, args.num_samples, args.eval_NFE, args.seed, args.eval_batch_size, device, rank,
+                         world_size, decode, args.class_balanced, args.precision or cfg.precision)
         if rank == 0:
             print(f"wrote {out}")
     finally:

@@ -4,15 +4,16 @@ Time runs from data (t = 0) to noise (t = 1): x_t = alpha(t) x0 + beta(t) x1. Th
 parameterises the solution operator f(x_t, t, s) = a(t, s) x_t + b(t, s) F_theta(x_t, t, s), which maps
 the point x_t of a probability-flow trajectory to its point at time s; f(x, t, t) = x by construction.
 """
+import contextlib
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
 
 from dit import DIT_SIZES, build_dit
+from distributed import shared_random_state
 from unet import SongUNet
 
 NOISING_TYPES = ("Linear", "Trig")
@@ -84,7 +85,13 @@ class Scheduler:
 
 @dataclass
 class Objective:
-    """The training-objective settings of SPEC section 3 (reference config key names)."""
+    """The training-objective settings of the paper (config keys of the release, its ImageNet values as defaults).
+
+    The first int(velocity_loss_ratio * B) rows of a batch feed the Flow Matching loss, the rest the
+    consistency loss; times are logit-normal with (time_mean[i], time_std[i]), i = 0 for Flow Matching, 1 and
+    2 for the consistency pair; p and eps shape the adaptive weights; cfg_scale, mix_ratio and cfg_decay_time
+    the guided target; l_schedule, l_init_ratio, l_end_ratio and total_steps the middle time l.
+    """
     velocity_loss_ratio: float = 0.75
     p: float = 1.0
     eps: float = 0.01
@@ -99,69 +106,132 @@ class Objective:
     total_steps: int = 400_000
 
     def __post_init__(self):
+        """The one place these settings are checked (the config loader relies on it)."""
         _check_choice("l_schedule", self.l_schedule, L_SCHEDULES)
         for key in ("time_mean", "time_std"):
             if len(getattr(self, key)) != 3:
-                raise ValueError(f"{key} needs 3 values (FM, consistency tau1, consistency tau2), "
+                raise ValueError(f"'{key}' needs 3 values (Flow Matching, consistency tau1, consistency tau2), "
                                  f"got {getattr(self, key)}")
-        if not 0 <= self.velocity_loss_ratio <= 1:
-            raise ValueError(f"velocity_loss_ratio={self.velocity_loss_ratio} must lie in [0, 1]")
+        if any(s <= 0 for s in self.time_std):
+            raise ValueError(f"'time_std' values must be > 0, got {self.time_std}")
+        for key in ("velocity_loss_ratio", "mix_ratio", "l_init_ratio", "l_end_ratio"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ValueError(f"'{key}' must lie in [0, 1], got {getattr(self, key)}")
+        if self.eps <= 0 or self.p < 0:
+            raise ValueError(f"'eps' must be > 0 and 'p' >= 0, got eps={self.eps}, p={self.p}")
+        if self.cfg_scale < 1:
+            raise ValueError(f"'cfg_scale' must be >= 1 (1 disables guidance), got {self.cfg_scale}")
+        if not 0 < self.cfg_decay_time <= 1:
+            raise ValueError(f"'cfg_decay_time' must lie in (0, 1], got {self.cfg_decay_time}")
+        if self.l_schedule == "Exponent" and (self.l_init_ratio <= 0 or self.l_end_ratio <= 0):
+            raise ValueError("l_schedule 'Exponent' needs l_init_ratio > 0 and l_end_ratio > 0")
+        if self.total_steps < 1:
+            raise ValueError(f"'total_steps' must be >= 1, got {self.total_steps}")
+
+    @property
+    def guided(self):
+        return self.cfg_scale > 1
+
+    def l_ratio(self, finished_steps):
+        """r(k, K): where the middle time l sits between t (r = 0) and s (r = 1) after k finished steps."""
+        progress = min(max(finished_steps / self.total_steps, 0.0), 1.0)
+        init, end = self.l_init_ratio, self.l_end_ratio
+        if self.l_schedule == "Const":
+            return end
+        if self.l_schedule == "Linear":
+            return init + (end - init) * progress
+        if self.l_schedule == "Cosine":
+            return end + (init - end) * (1 + math.cos(math.pi * progress)) / 2
+        return init * (end / init) ** progress
 
 
-@contextmanager
-def shared_random_state(device):
-    """Yields a function that rewinds the random state of `device` (and the CPU) to where it stood on entry.
+def logit_normal(n, mean, std, device, generator=None):
+    return torch.sigmoid(torch.randn(n, device=device, generator=generator) * std + mean)
 
-    Used so that the second consistency-loss network call draws the same dropout masks as the first.
-    """
-    device = torch.device(device)
-    cpu_state = torch.get_rng_state()
-    accel = torch.get_device_module(device.type) if device.type != "cpu" else None
-    accel_state = accel.get_rng_state(device) if accel is not None else None
 
-    def rewind():
-        torch.set_rng_state(cpu_state)
-        if accel is not None:
-            accel.set_rng_state(accel_state, device)
-    yield rewind
+def middle_time(t, s, r):
+    """l = t + (s - t) r, kept at least MIN_TIME_GAP below t."""
+    return torch.minimum(t + (s - t) * r, t - MIN_TIME_GAP)
+
+
+@dataclass
+class TrainingDraws:
+    """The per-step random choices of the loss: which rows are Flow Matching, the times, the CFG mask."""
+    n_fm: int
+    t: torch.Tensor
+    s: torch.Tensor
+    l: torch.Tensor
+    cfg_mask: Optional[torch.Tensor]
+
+
+def draw_training_times(objective, batch_size, finished_steps, device, cfg_drop_rate=0.0, conditional=False):
+    """Rows [:n_fm]: t ~ logit-normal(0) (s = l = t, unused). Rows [n_fm:]: tau1 ~ logit-normal(1),
+    tau2 ~ logit-normal(2), t = max(tau2, 1e-4), s = min(tau1, t - 1e-4), l between them by r(k, K).
+    The CFG mask (rand < cfg_drop_rate) marks the rows trained with the null label."""
+    o = objective
+    n_fm = int(o.velocity_loss_ratio * batch_size)
+    t_fm = logit_normal(n_fm, o.time_mean[0], o.time_std[0], device)
+    tau1 = logit_normal(batch_size - n_fm, o.time_mean[1], o.time_std[1], device)
+    tau2 = logit_normal(batch_size - n_fm, o.time_mean[2], o.time_std[2], device)
+    t_c = tau2.clamp(min=MIN_TIME_GAP)
+    s_c = torch.minimum(tau1, t_c - MIN_TIME_GAP)
+    l_c = middle_time(t_c, s_c, o.l_ratio(finished_steps))
+    cfg_mask = None
+    if conditional and cfg_drop_rate > 0:
+        cfg_mask = torch.rand(batch_size, device=device) < cfg_drop_rate
+    return TrainingDraws(n_fm, torch.cat([t_fm, t_c]), torch.cat([t_fm, s_c]), torch.cat([t_fm, l_c]), cfg_mask)
 
 
 class Soflow(nn.Module):
+    """The release's model class: `Soflow(data_channels, data_size, num_classes, cfg_drop_rate, noising_type,
+    coefficient_type, model_type)`, positional or by keyword.
+
+    `num_classes=None` (or 0) builds an unconditional model. The U-Net is always unconditional: the release
+    builds its CIFAR-10 model with num_classes=10 and passes labels=None, and so does this class
+    (`self.num_classes` is then 0: the number of classes the network is conditioned on). Times may be
+    scalars or shaped [B] or [B, 1, 1, 1] (how the release's training loop passes them). `network_kwargs`
+    reach the backbone: SongUNet arguments (dropout, model_channels, channel_mult, num_blocks,
+    attn_resolutions) or DiT size overrides (hidden_size, depth, num_heads, patch_size).
+    """
+
     def __init__(self, data_channels, data_size, num_classes, cfg_drop_rate, noising_type="Linear",
                  coefficient_type="Euler", model_type="DiT-B-4", network_kwargs=None):
-        """`network_kwargs` reach the backbone: SongUNet arguments (dropout, model_channels, channel_mult,
-        num_blocks, attn_resolutions) or DiT size overrides (hidden_size, depth, num_heads, patch_size)."""
         super().__init__()
         _check_choice("model_type", model_type, MODEL_TYPES)
+        if num_classes is not None and num_classes < 0:
+            raise ValueError(f"num_classes={num_classes} must be >= 0 or None (None or 0: unconditional)")
         self.scheduler = Scheduler(noising_type, coefficient_type)
         self.data_channels = data_channels
         self.data_size = data_size
-        self.num_classes = num_classes
         self.cfg_drop_rate = cfg_drop_rate
         self.model_type = model_type
-        if num_classes < 0:
-            raise ValueError(f"num_classes={num_classes} must be >= 0 (0 means unconditional)")
         if model_type == "UNet":
-            if num_classes != 0:
-                raise ValueError(f"model_type 'UNet' is the unconditional EDM U-Net; num_classes must be 0, "
-                                 f"got {num_classes} (use a DiT model_type for class-conditional data)")
+            self.num_classes = 0
             self.network = SongUNet(img_resolution=data_size, in_channels=data_channels,
                                     out_channels=data_channels, **(network_kwargs or {}))
         else:
+            self.num_classes = num_classes or 0
             # The null class row exists when labels are dropped for CFG, and is the only row when unconditional.
-            self.network = build_dit(model_type, data_size, data_channels, num_classes,
-                                     has_null_class=cfg_drop_rate > 0 or num_classes == 0, **(network_kwargs or {}))
+            self.network = build_dit(model_type, data_size, data_channels, self.num_classes,
+                                     has_null_class=cfg_drop_rate > 0 or self.num_classes == 0,
+                                     **(network_kwargs or {}))
+
+    @property
+    def conditional(self):
+        return self.num_classes > 0
 
     # ----------------------------------------------------------------------------------------------
     # Inputs
     def _times(self, t, x):
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # times stay >= fp32 under bf16
+        """Times as a [B] tensor (float64 for float64 samples, otherwise float32, also under autocast)."""
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         t = torch.as_tensor(t, dtype=dtype, device=x.device)
         if t.dim() == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"times must be scalars or shaped [batch]={x.shape[0]}, got {tuple(t.shape)}")
-        return t
+            return t.expand(x.shape[0])
+        if t.shape[0] != x.shape[0] or t.numel() != x.shape[0]:
+            raise ValueError(f"times must be scalars or shaped [B] or [B, 1, 1, 1] with B={x.shape[0]}, "
+                             f"got {tuple(t.shape)}")
+        return t.reshape(-1)
 
     def _check_inputs(self, x, labels=None, augment_labels=None):
         expected = (self.data_channels, self.data_size, self.data_size)
@@ -169,32 +239,45 @@ class Soflow(nn.Module):
             raise ValueError(f"expected samples shaped [B, {expected[0]}, {expected[1]}, {expected[2]}], "
                              f"got {tuple(x.shape)}")
         if labels is not None:
-            if self.num_classes == 0:
-                raise ValueError("this model is unconditional (num_classes=0) but labels were given; pass labels=None")
+            if not self.conditional:
+                raise ValueError(f"this {self.model_type} model is unconditional but labels were given; "
+                                 f"pass labels=None")
             if labels.shape != (x.shape[0],):
                 raise ValueError(f"labels must be shaped [{x.shape[0]}], got {tuple(labels.shape)}")
         if augment_labels is not None and augment_labels.shape[0] != x.shape[0]:
             raise ValueError(f"augment_labels batch {augment_labels.shape[0]} != samples batch {x.shape[0]}")
 
+    def _mask(self, cfg_mask, x):
+        """The CFG mask as a [B] bool tensor (the release may pass it shaped [B, 1, 1, 1])."""
+        if cfg_mask is None:
+            return None
+        if cfg_mask.shape[0] != x.shape[0] or cfg_mask.numel() != x.shape[0]:
+            raise ValueError(f"cfg_mask must be shaped [{x.shape[0]}] or [{x.shape[0]}, 1, 1, 1], "
+                             f"got {tuple(cfg_mask.shape)}")
+        return cfg_mask.reshape(-1).bool()
+
     def null_labels(self, batch_size, device):
         return torch.full((batch_size,), self.num_classes, dtype=torch.long, device=device)
 
-    def _network_labels(self, labels):
-        # Unconditional models never pass labels to the backbone; the DiT then uses its null row.
-        return labels if self.num_classes > 0 else None
+    def _masked_labels(self, labels, cfg_mask):
+        if labels is None or cfg_mask is None:
+            return labels
+        return torch.where(cfg_mask, self.null_labels(labels.shape[0], labels.device), labels)
 
     # ----------------------------------------------------------------------------------------------
     # Solution operator and velocity
     def _F(self, x, t, s, labels, augment_labels):
-        return self.network(x, t, s, self._network_labels(labels), augment_labels)
+        return self.network(x, t, s, labels if self.conditional else None, augment_labels)
+
+    def _f(self, x, t, s, F):
+        sch = self.scheduler
+        return _bcast(sch.a(t, s), x) * x + _bcast(sch.b(t, s), x) * F
 
     def solution_operator(self, x_t, t, s, labels=None, augment_labels=None):
         """f_theta(x_t, t, s) = a(t, s) x_t + b(t, s) F_theta(x_t, t, s)."""
         self._check_inputs(x_t, labels, augment_labels)
         t, s = self._times(t, x_t), self._times(s, x_t)
-        sch = self.scheduler
-        F = self._F(x_t, t, s, labels, augment_labels)
-        return _bcast(sch.a(t, s), x_t) * x_t + _bcast(sch.b(t, s), x_t) * F
+        return self._f(x_t, t, s, self._F(x_t, t, s, labels, augment_labels))
 
     def _velocity(self, x_t, t, F):
         sch = self.scheduler
@@ -207,7 +290,7 @@ class Soflow(nn.Module):
         return self._velocity(x_t, t, self._F(x_t, t, t, labels, augment_labels))
 
     # ----------------------------------------------------------------------------------------------
-    # Schedules
+    # Schedules (kept under the release's names)
     @staticmethod
     def get_cfg_decay_scale(t, cfg_decay_time):
         """w_cfg(t): 1 up to cfg_decay_time, then decays towards 0 at t = 1."""
@@ -218,161 +301,152 @@ class Soflow(nn.Module):
         return torch.where(t <= cfg_decay_time, torch.ones_like(t), decayed)
 
     @staticmethod
-    def l_ratio(finished_steps, total_steps, l_schedule, l_init_ratio, l_end_ratio):
-        _check_choice("l_schedule", l_schedule, L_SCHEDULES)
-        progress = min(max(finished_steps / max(total_steps, 1), 0.0), 1.0)
-        if l_schedule == "Const":
-            return l_end_ratio
-        if l_schedule == "Linear":
-            return l_init_ratio + (l_end_ratio - l_init_ratio) * progress
-        if l_schedule == "Cosine":
-            return l_end_ratio + (l_init_ratio - l_end_ratio) * (1 + math.cos(math.pi * progress)) / 2
-        return l_init_ratio * (l_end_ratio / l_init_ratio) ** progress
-
-    @classmethod
-    def get_middle_time(cls, t, s, finished_steps, total_steps, l_schedule, l_init_ratio, l_end_ratio):
-        """l = t + (s - t) r(k, K), kept at least MIN_TIME_GAP below t."""
-        r = cls.l_ratio(finished_steps, total_steps, l_schedule, l_init_ratio, l_end_ratio)
-        return torch.minimum(t + (s - t) * r, t - MIN_TIME_GAP)
+    def get_middle_time(t, s, finished_steps, total_steps, l_schedule, l_init_ratio, l_end_ratio):
+        objective = Objective(l_schedule=l_schedule, l_init_ratio=l_init_ratio, l_end_ratio=l_end_ratio,
+                              total_steps=total_steps)
+        return middle_time(t, s, objective.l_ratio(finished_steps))
 
     # ----------------------------------------------------------------------------------------------
     # Losses
-    def _masked_labels(self, labels, cfg_mask):
-        if labels is None or cfg_mask is None:
-            return labels
-        return torch.where(cfg_mask, self.null_labels(labels.shape[0], labels.device), labels)
-
     def _stochastic(self):
         return self.training and getattr(self.network, "dropout", 0) > 0
 
-    def _losses(self, samples, t, s, l, n_fm, labels, cfg_mask, cfg_scale, cfg_decay_time, p, eps, mix_ratio,
-                augment_labels, noise):
-        """Flow Matching loss on rows [:n_fm], consistency loss on rows [n_fm:], in three network calls.
+    def fused_loss(self, samples, *, t, s, l, n_fm, objective, labels=None, cfg_mask=None, augment_labels=None,
+                   noise=None, guidance_dtype=None):
+        """Flow Matching loss on rows [:n_fm], consistency loss on rows [n_fm:], in three network calls:
 
-        1. one no-grad call for every guidance velocity (unconditional for all rows, conditional for the
-           consistency rows), concatenated along the batch;
-        2. one call with gradient: F(x_t, t, t) for FM rows, F(x_t, t, s) for consistency rows;
-        3. one no-grad call at (x_l, l, s) for the consistency rows, under the random state of call 2.
-        s and l of FM rows are ignored. Returns {'fm': (loss, mse, weight), 'cons': (...)} for non-empty parts.
+        1. no grad, only when guided: every guidance velocity (unconditional for all rows, conditional for
+           the consistency rows), as one batch (in `guidance_dtype` under autocast when given);
+        2. with grad: F(x_t, t, t) for the Flow Matching rows and F(x_t, t, s) for the consistency rows;
+        3. no grad: F(x_l, l, s) for the consistency rows, under the random state that call 2 started from.
+        s and l of the Flow Matching rows are not used. Returns {'fm': (loss, mse, weight), 'cons': (...)}
+        for the parts that have rows.
         """
         self._check_inputs(samples, labels, augment_labels)
-        if cfg_mask is not None and cfg_mask.shape != (samples.shape[0],):
-            raise ValueError(f"cfg_mask must be shaped [{samples.shape[0]}], got {tuple(cfg_mask.shape)}")
+        cfg_mask = self._mask(cfg_mask, samples)
         if noise is not None and noise.shape != samples.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != samples shape {tuple(samples.shape)}")
-        guided = cfg_scale > 1
-        if guided and (self.num_classes == 0 or labels is None):
-            raise ValueError(f"cfg_scale={cfg_scale} > 1 needs a class-conditional model and labels")
-        sch = self.scheduler
+        if objective.guided and (not self.conditional or labels is None):
+            raise ValueError(f"cfg_scale={objective.cfg_scale} > 1 needs a class-conditional model and labels")
         B = samples.shape[0]
-        fm, cons = slice(0, n_fm), slice(n_fm, B)
         x1 = torch.randn_like(samples) if noise is None else noise
-        x_t, v_t = sch.add_noise(samples, x1, t)
+        x_t, v_t = self.scheduler.add_noise(samples, x1, t)
+        guidance = None
+        if objective.guided:
+            with _autocast(samples.device, guidance_dtype):
+                guidance = self.guidance(x_t, v_t, t, labels, n_fm, objective, augment_labels)
         masked = self._masked_labels(labels, cfg_mask)
-        aug = augment_labels
-
-        def rows(x, part):
-            return None if x is None else x[part]
-
-        def cat(a, b):
-            return None if a is None else torch.cat([a, b])
-
-        if guided:
-            with torch.no_grad():
-                v = self.predict_velocity(cat(x_t, x_t[cons]), torch.cat([t, t[cons]]),
-                                          torch.cat([self.null_labels(B, labels.device), labels[cons]]),
-                                          cat(aug, rows(aug, cons)))
-                v_uncond, v_cond = v[:B], v[B:]
-                w_cfg = _bcast(self.get_cfg_decay_scale(t, cfg_decay_time), x_t)
-                v_guided = v_t + w_cfg * (cfg_scale - 1) * (v_t - v_uncond)
-
+        fm, cons = slice(0, n_fm), slice(n_fm, B)
+        out = {}
         with shared_random_state(samples.device) as rewind:
             s_net = torch.cat([t[fm], s[cons]])
-            F = self._F(x_t, t, s_net, masked, aug)
-
-            pred = self._velocity(x_t[fm], t[fm], F[fm])
-            target = v_t
-            if guided:
-                # The mix term: FM rows use their own (detached) prediction with the masked labels,
-                # consistency rows the conditional velocity with the true labels.
-                mixed = mix_ratio * v_guided + (1 - mix_ratio) * torch.cat([pred.detach(), v_cond])
-                keep_plain = _bcast(cfg_mask, x_t) if cfg_mask is not None else torch.zeros_like(x_t, dtype=torch.bool)
-                target = torch.where(keep_plain, v_t, mixed)
-
-            out = {}
+            F = self._F(x_t, t, s_net, masked, augment_labels)
             if n_fm > 0:
-                delta = pred - target[fm]
-                mse = delta.square().flatten(1).mean(1)
-                weight = 1 / (sch.db_ds(t[fm], t[fm]).abs() * (mse.detach() + eps) ** p)
-                out["fm"] = ((weight * mse).mean(), mse.detach().mean(), weight.mean())
-
+                out["fm"] = self.flow_matching_part(x_t[fm], v_t[fm], t[fm], F[fm], _rows(guidance, fm),
+                                                    _rows(cfg_mask, fm), objective)
             if n_fm < B:
-                tc, sc, lc = t[cons], s[cons], l[cons]
-                x_tc = x_t[cons]
-                with torch.no_grad():
-                    x_l = x_tc + target[cons] * _bcast(lc - tc, x_tc)
+                def F_at_l(x_l, l_c):
+                    """Call 3. A stochastic network (dropout) sees call 2's batch layout, so that every row
+                    draws the same mask as in call 2."""
                     rewind()
                     if self._stochastic() and n_fm > 0:
-                        # Same batch layout as call 2 so that every row sees the same dropout mask.
-                        F_l = self._F(torch.cat([x_t[fm], x_l]), torch.cat([t[fm], lc]), s_net, masked, aug)[cons]
-                    else:
-                        F_l = self._F(x_l, lc, sc, rows(masked, cons), rows(aug, cons))
-                    f_l = _bcast(sch.a(lc, sc), x_l) * x_l + _bcast(sch.b(lc, sc), x_l) * F_l
-                F_t = F[cons]
-                f_t = _bcast(sch.a(tc, sc), x_tc) * x_tc + _bcast(sch.b(tc, sc), x_tc) * F_t
-                Delta = (f_t.detach() - f_l) / _bcast(tc - lc, x_tc)
-                mse = Delta.square().flatten(1).mean(1)
-                weight = 1 / (mse + eps) ** p
-                # Gradient = (t - l) / |b| times that of 0.5 * w * |Delta|^2, with no division through F.
-                sign_b = _bcast(torch.sign(sch.b(tc, sc)), x_tc)
-                surrogate = (sign_b * F_t * (Delta * _bcast(weight, Delta))).flatten(1).mean(1)
-                out["cons"] = (surrogate.mean(), mse.mean(), weight.mean())
+                        return self._F(torch.cat([x_t[fm], x_l]), torch.cat([t[fm], l_c]), s_net, masked,
+                                       augment_labels)[cons]
+                    return self._F(x_l, l_c, s[cons], _rows(masked, cons), _rows(augment_labels, cons))
+                out["cons"] = self.consistency_part(x_t[cons], v_t[cons], t[cons], s[cons], l[cons], F[cons],
+                                                    _rows(guidance, cons), _rows(cfg_mask, cons), objective, F_at_l)
         return out
+
+    @torch.no_grad()
+    def guidance(self, x_t, v_t, t, labels, n_fm, objective, augment_labels=None):
+        """Call 1 (no grad): the guided velocity
+            v_guided = v_t + w_cfg(t) (cfg_scale - 1) (v_t - v_theta(x_t, t, null))
+        for every row, and the conditional prediction v_theta(x_t, t, y) for the consistency rows [n_fm:]
+        (zeros for the Flow Matching rows, whose mix term is their own prediction: see `mixed_target`)."""
+        B = x_t.shape[0]
+        cons = slice(n_fm, B)
+        aug = augment_labels
+        v = self.predict_velocity(torch.cat([x_t, x_t[cons]]), torch.cat([t, t[cons]]),
+                                  torch.cat([self.null_labels(B, labels.device), labels[cons]]),
+                                  None if aug is None else torch.cat([aug, aug[cons]]))
+        v = v.to(v_t.dtype)
+        v_uncond, v_cond = v[:B], torch.cat([torch.zeros_like(v_t[:n_fm]), v[B:]])
+        w_cfg = _bcast(self.get_cfg_decay_scale(t, objective.cfg_decay_time), x_t)
+        return {"v_guided": v_t + w_cfg * (objective.cfg_scale - 1) * (v_t - v_uncond), "v_cond": v_cond}
+
+    @staticmethod
+    def mixed_target(v_t, guidance, v_mix, cfg_mask, mix_ratio):
+        """mix_ratio v_guided + (1 - mix_ratio) v_mix on unmasked rows; v_t on CFG-masked rows and when
+        unguided (guidance None)."""
+        if guidance is None:
+            return v_t
+        mixed = mix_ratio * guidance["v_guided"] + (1 - mix_ratio) * v_mix.detach()
+        return mixed if cfg_mask is None else torch.where(_bcast(cfg_mask, v_t), v_t, mixed)
+
+    def flow_matching_part(self, x_t, v_t, t, F, guidance, cfg_mask, objective):
+        """L_FM = mean over rows of w * mean(delta^2), delta = v_theta(x_t, t, y_masked) - target and
+        w = 1 / (|d_s b(t, t)| (mean(delta^2) + eps)^p), detached. The mix term is the row's own (detached)
+        prediction. Returns (loss, mean mse, mean weight)."""
+        pred = self._velocity(x_t, t, F)
+        target = self.mixed_target(v_t, guidance, pred, cfg_mask, objective.mix_ratio)
+        mse = (pred - target).square().flatten(1).mean(1)
+        weight = 1 / (self.scheduler.db_ds(t, t).abs() * (mse.detach() + objective.eps) ** objective.p)
+        return (weight * mse).mean(), mse.detach().mean(), weight.mean()
+
+    def consistency_part(self, x_t, v_t, t, s, l, F_t, guidance, cfg_mask, objective, F_at_l):
+        """The JVP-free consistency loss of rows with s < l < t, given F_t = F_theta(x_t, t, s) (with grad):
+            x_l = x_t + v* (l - t)  (v* the target velocity, mix term v_theta(x_t, t, y)),
+            Delta = (f(x_t, t, s) - f(x_l, l, s)) / (t - l),  f(x_l, l, s) without gradient,
+            w = 1 / (mean(Delta^2) + eps)^p,  loss = mean over rows of sign(b(t, s)) mean(F_t * Delta * w).
+        The loss's gradient is (t - l) / |b(t, s)| times that of 0.5 w |Delta|^2, with no division through
+        the network. `F_at_l(x_l, l)` runs call 3. Returns (loss, mean |Delta|^2, mean weight)."""
+        sch = self.scheduler
+        with torch.no_grad():
+            v_star = self.mixed_target(v_t, guidance, guidance["v_cond"] if guidance else v_t, cfg_mask,
+                                       objective.mix_ratio)
+            x_l = x_t + v_star * _bcast(l - t, x_t)
+            f_l = self._f(x_l, l, s, F_at_l(x_l, l))
+            Delta = (self._f(x_t, t, s, F_t.detach()) - f_l) / _bcast(t - l, x_t)
+            mse = Delta.square().flatten(1).mean(1)
+            weight = 1 / (mse + objective.eps) ** objective.p
+        sign_b = _bcast(torch.sign(sch.b(t, s)), x_t)
+        surrogate = (sign_b * F_t * (Delta * _bcast(weight, Delta))).flatten(1).mean(1)
+        return surrogate.mean(), mse.mean(), weight.mean()
+
+    def _release_objective(self, cfg_scale, cfg_decay_time, p, eps, mix_ratio):
+        return Objective(p=p, eps=eps, cfg_scale=cfg_scale, mix_ratio=mix_ratio, cfg_decay_time=cfg_decay_time)
 
     def get_velocity_loss(self, samples, t, labels=None, cfg_mask=None, cfg_scale=1.0, cfg_decay_time=1.0,
                           p=1.0, eps=0.01, mix_ratio=1.0, augment_labels=None, noise=None):
-        """Flow Matching loss with adaptive weight. Returns (loss, mean mse, mean weight)."""
+        """The release's Flow Matching loss call. Returns (loss, mean mse, mean weight)."""
         t = self._times(t, samples)
-        return self._losses(samples, t, t, t, samples.shape[0], labels, cfg_mask, cfg_scale, cfg_decay_time,
-                            p, eps, mix_ratio, augment_labels, noise)["fm"]
+        return self.fused_loss(samples, t=t, s=t, l=t, n_fm=samples.shape[0], labels=labels, cfg_mask=cfg_mask,
+                               objective=self._release_objective(cfg_scale, cfg_decay_time, p, eps, mix_ratio),
+                               augment_labels=augment_labels, noise=noise)["fm"]
 
     def get_consistency_loss(self, samples, t, l, s, labels=None, cfg_mask=None, cfg_scale=1.0,
                              cfg_decay_time=1.0, p=1.0, eps=0.01, mix_ratio=1.0, augment_labels=None, noise=None):
-        """JVP-free consistency loss between f(x_t, t, s) and the no-grad f(x_l, l, s), s < l < t.
-        Returns (surrogate loss, mean |Delta|^2, mean weight)."""
+        """The release's consistency loss call (s < l < t). Returns (surrogate loss, mean |Delta|^2, mean weight)."""
         t, l, s = self._times(t, samples), self._times(l, samples), self._times(s, samples)
-        return self._losses(samples, t, s, l, 0, labels, cfg_mask, cfg_scale, cfg_decay_time,
-                            p, eps, mix_ratio, augment_labels, noise)["cons"]
-
-    @staticmethod
-    def logit_normal(n, mean, std, device, generator=None):
-        return torch.sigmoid(torch.randn(n, device=device, generator=generator) * std + mean)
+        return self.fused_loss(samples, t=t, s=s, l=l, n_fm=0, labels=labels, cfg_mask=cfg_mask,
+                               objective=self._release_objective(cfg_scale, cfg_decay_time, p, eps, mix_ratio),
+                               augment_labels=augment_labels, noise=noise)["cons"]
 
     def forward(self, samples, labels=None, augment_labels=None, *, objective: Objective, finished_steps=0,
-                noise=None):
-        """One training loss: the first int(velocity_loss_ratio * B) rows Flow Matching, the rest consistency.
+                noise=None, guidance_dtype=None):
+        """One training loss: total = L_FM n_fm / B + L_cons (B - n_fm) / B over one batch.
 
         Returns (total loss, stats) with stats = detached Vel_MSE, Vel_Weight, Con_MSE, Con_Weight."""
-        B, device = samples.shape[0], samples.device
-        o = objective
-        n_fm = int(o.velocity_loss_ratio * B)
-        t_fm = self.logit_normal(n_fm, o.time_mean[0], o.time_std[0], device)
-        tau1 = self.logit_normal(B - n_fm, o.time_mean[1], o.time_std[1], device)
-        tau2 = self.logit_normal(B - n_fm, o.time_mean[2], o.time_std[2], device)
-        t_c = tau2.clamp(min=MIN_TIME_GAP)
-        s_c = torch.minimum(tau1, t_c - MIN_TIME_GAP)
-        l_c = self.get_middle_time(t_c, s_c, finished_steps, o.total_steps, o.l_schedule,
-                                   o.l_init_ratio, o.l_end_ratio)
-        t, s, l = torch.cat([t_fm, t_c]), torch.cat([t_fm, s_c]), torch.cat([t_fm, l_c])
-        cfg_mask = None
-        if labels is not None and self.cfg_drop_rate > 0:
-            cfg_mask = torch.rand(B, device=device) < self.cfg_drop_rate
-        parts = self._losses(samples, t, s, l, n_fm, labels, cfg_mask, o.cfg_scale, o.cfg_decay_time, o.p, o.eps,
-                             o.mix_ratio, augment_labels, noise)
+        B = samples.shape[0]
+        draws = draw_training_times(objective, B, finished_steps, samples.device, self.cfg_drop_rate,
+                                    conditional=labels is not None)
+        parts = self.fused_loss(samples, t=draws.t, s=draws.s, l=draws.l, n_fm=draws.n_fm, objective=objective,
+                                labels=labels, cfg_mask=draws.cfg_mask, augment_labels=augment_labels, noise=noise,
+                                guidance_dtype=guidance_dtype)
         zero = samples.new_zeros(())
         fm_loss, fm_mse, fm_w = parts.get("fm", (zero, zero, zero))
         con_loss, con_mse, con_w = parts.get("cons", (zero, zero, zero))
-        total = fm_loss * (n_fm / B) + con_loss * ((B - n_fm) / B)
+        total = fm_loss * (draws.n_fm / B) + con_loss * ((B - draws.n_fm) / B)
         stats = {"Vel_MSE": fm_mse.detach(), "Vel_Weight": fm_w.detach(),
                  "Con_MSE": con_mse.detach(), "Con_Weight": con_w.detach()}
         return total, stats
@@ -381,8 +455,9 @@ class Soflow(nn.Module):
     # Sampling
     @torch.no_grad()
     def sample(self, noise, labels=None, nfe=1, generator=None, renoise=None):
-        """n-NFE sampling (SPEC section 4). `renoise` [nfe - 1, *noise.shape] fixes the re-noising draws;
-        otherwise they come from `generator`."""
+        """n-NFE sampling: with t_i = 1 - i / nfe, x0 = f(x, t_i, 0) and, except at the last step, re-noise
+        x = alpha(t_{i+1}) x0 + beta(t_{i+1}) eps. `renoise` [nfe - 1, *noise.shape] fixes the re-noising
+        draws; otherwise they come from `generator`."""
         if nfe < 1:
             raise ValueError(f"nfe must be >= 1, got {nfe}")
         if renoise is not None and tuple(renoise.shape) != (nfe - 1, *noise.shape):
@@ -397,6 +472,19 @@ class Soflow(nn.Module):
                 noise.shape, device=noise.device, dtype=noise.dtype, generator=generator)
             t_next = torch.tensor(times[i + 1], device=noise.device)
             x = self.scheduler.alpha(t_next) * x0 + self.scheduler.beta(t_next) * eps
+
+
+def _rows(x, part):
+    """Rows `part` of a tensor, or of each tensor of a dict; None stays None."""
+    if x is None:
+        return None
+    if isinstance(x, dict):
+        return {k: v[part] for k, v in x.items()}
+    return x[part]
+
+
+def _autocast(device, dtype):
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def to_uint8(x):

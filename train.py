@@ -1,18 +1,18 @@
 """SoFlow training with DDP: `torchrun --nproc-per-node=N train.py --config configs/X.yaml`.
 
-Runs on CPU (gloo) and GPUs (NCCL). Writes to working_dir: config.yaml, log.txt, ckpts/{step}.pt,
-figs/{step}.png (EMA sample grids) and evals/{step}.npz (EMA sample dumps for FID). A run resumes
-from its newest readable checkpoint and then continues exactly as if it had never stopped.
+Runs on CPU (gloo) and GPUs (NCCL). Follows the release's recipe: float32 with TF32, optimizer over every
+network parameter, EMA of the whole model, `ckpts/0.pt` before the first step. Writes to working_dir:
+config.yaml, log.txt, ckpts/{step}.pt, figs/{step}.png (EMA sample grids) and evals/{step}.npz (EMA sample
+dumps for FID). A run resumes from its newest readable checkpoint and then continues exactly as if it had
+never stopped.
 """
 import argparse
 import copy
-import contextlib
 import os
 import resource
 import signal
 import sys
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -20,83 +20,47 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoints import latest_checkpoint, save_checkpoint
-from config import ConfigError, load_config, save_config, validate
+from config import ConfigError, check_world_size, load_config, save_config
 from data import batch_loader, build_dataset
-from inference import autocast_context, build_decoder, dump_samples, sample_grid
-
-
-# ----------------------------------------------------------------------------------------------------
-# Distributed set-up
-
-
-def setup_distributed():
-    """(rank, world_size, device). Uses NCCL + cuda:LOCAL_RANK where CUDA exists, gloo + CPU otherwise."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=60),
-                                device_id=device if device.type == "cuda" else None)
-    return rank, world_size, device
-
-
-def cleanup_distributed():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def all_gather_objects(obj, world_size):
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# Random state (saved in checkpoints so that a resumed run is bit-exact)
-
-
-def get_rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type != "cpu":
-        state[device.type] = torch.get_device_module(device.type).get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type != "cpu" and device.type in state:
-        torch.get_device_module(device.type).set_rng_state(state[device.type], device)
+from distributed import (all_gather_objects, attention_context, barrier, cleanup_distributed, configure_backends,
+                         get_rng_state, guidance_dtype, precision_context, set_rng_state, setup_distributed)
+from inference import build_decoder, dump_samples, sample_grid
 
 
 # ----------------------------------------------------------------------------------------------------
 # EMA
 
 
-@torch.no_grad()
-def ema_update(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model on floating-point parameters (one fused foreach op);
-    buffers are copied."""
-    ema_params = [p for p in ema.parameters() if p.is_floating_point()]
-    params = [p.detach() for p in model.parameters() if p.is_floating_point()]
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        b_ema.copy_(b)
+class EMA:
+    """EMA of the whole model (parameters blended, buffers copied), on the release's cadence: after the
+    optimizer steps 1, 1 + every, 1 + 2 every, ... with decay ema_decay_rate ** every. With every > 1 (the
+    release's CIFAR variant) the blend is done in float64; with every = 1 it is DiT's
+    ema = ema * decay + param * (1 - decay) in the parameters' dtype."""
 
+    def __init__(self, model, decay_rate, every=1):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.every = every
+        self.decay = float(torch.tensor(decay_rate, dtype=torch.float64) ** every)
 
-def ema_decay(cfg):
-    """Per-update decay: the reference's CIFAR variant updates every 16 steps with decay**16 in float64."""
-    return float(torch.tensor(cfg.ema_decay_rate, dtype=torch.float64) ** cfg.ema_steps)
+    @torch.no_grad()
+    def update(self, model, step):
+        """`step`: optimizer steps finished before the one just taken (0 after the first step)."""
+        if step % self.every:
+            return
+        ema_params = list(self.model.parameters())
+        params = [p.detach() for p in model.parameters()]
+        if self.every > 1:
+            for e, p in zip(ema_params, params):
+                e.copy_(e.double() * self.decay + p.double() * (1 - self.decay))
+        else:
+            torch._foreach_mul_(ema_params, self.decay)
+            torch._foreach_add_(ema_params, params, alpha=1 - self.decay)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Logging
+# Logging and faults
 
 
 class Logger:
@@ -135,43 +99,47 @@ def crash_hook(point, step, rank):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training
+# Set-up
 
 
-def build_optimizer(cfg, params, device):
+def build_optimizer(cfg, model):
+    """The release's optimizer over every parameter of the model, the DiT's frozen position table included
+    (it never gets a gradient, but optimizer state dicts then have one entry per parameter, as the release's)."""
     kw = dict(lr=cfg.learning_rate, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    # Fused AdamW runs on CUDA and CPU alike (on CPU it is ~20x faster than the foreach kernel at DiT-B-4).
-    fast = cfg.fused_optimizer or None
     if cfg.optimizer == "AdamW":
-        return torch.optim.AdamW(params, fused=fast, **kw)
-    return torch.optim.RAdam(params, foreach=fast, **kw)  # RAdam has no fused kernel
+        return torch.optim.AdamW(model.parameters(), fused=cfg.fused_optimizer or None, **kw)
+    return torch.optim.RAdam(model.parameters(), foreach=cfg.fused_optimizer or None, **kw)  # no fused RAdam
 
 
-def attention_context(cfg):
-    """`attention: math` pins SDPA to the reference's math kernel; `auto` lets PyTorch choose (flash /
-    memory-efficient on CUDA: the consistency loss has no JVP, so nothing rules them out)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel(SDPBackend.MATH) if cfg.attention == "math" else contextlib.nullcontext()
+def is_due(step, period, total_steps):
+    """Whether a periodic event (grid, dump) falls on `step`: every `period` steps, and at the last step
+    when the period fits in the run."""
+    return step % period == 0 or (step == total_steps and period <= total_steps)
 
 
-def configure_backends(cfg, device):
-    if device.type == "cuda" and cfg.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+def decoder_needed(cfg, start_step):
+    """An Imagenet run decodes latents only for grids and dumps; none falls in the run when both periods
+    exceed total_steps or nothing is left to do."""
+    return (cfg.dataset_type == "Imagenet" and start_step < cfg.total_steps
+            and min(cfg.eval_demo_steps, cfg.eval_steps) <= cfg.total_steps)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("--config", required=True, help="YAML config (see configs/; the release's files load as they are)")
     p.add_argument("--no-resume", action="store_true", help="refuse to start when working_dir has checkpoints")
     return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         cfg = load_config(args.config)
-        validate(cfg, args.config, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+        check_world_size(cfg, int(os.environ.get("WORLD_SIZE", 1)), args.config)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}")
     rank, world_size, device = setup_distributed()
@@ -182,63 +150,79 @@ def main(argv=None):
 
 
 def train(cfg, args, rank, world_size, device):
-    configure_backends(cfg, device)
+    configure_backends(device, cfg.tf32)
     work = cfg.working_dir
     ckpt_dir, eval_dir, fig_dir = (os.path.join(work, d) for d in ("ckpts", "evals", "figs"))
     if rank == 0:
         for d in (ckpt_dir, eval_dir, fig_dir):
             os.makedirs(d, exist_ok=True)
         save_config(cfg, os.path.join(work, "config.yaml"))
+    barrier()
     log = Logger(os.path.join(work, "log.txt"), rank)
 
     dataset = build_dataset(cfg)  # fails early, with a clear message, when data are missing
-    decode = build_decoder(cfg.vae, cfg.latent_scale, device) if cfg.dataset_type == "ImageNet" else None
-
-    torch.manual_seed(cfg.seed + rank)
-    model = cfg.build_model().to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = build_optimizer(cfg, [p for p in model.network.parameters() if p.requires_grad], device)
-    finished_steps = 0
-
     ckpt_path, state = latest_checkpoint(ckpt_dir, log=log)
+    if state is not None and args.no_resume:
+        raise SystemExit(f"{ckpt_dir} holds checkpoints and --no-resume was given")
+    finished_steps = int(state["finished_steps"]) if state is not None else 0
+    # The SD-VAE is loaded (before step 1) only when something will be decoded.
+    decode = build_decoder(cfg.vae, cfg.latent_scale, device) if decoder_needed(cfg, finished_steps) else None
+
+    torch.manual_seed(cfg.seed + rank)  # the release's seeding; DDP then broadcasts rank 0's weights
+    model = cfg.build_model().to(device)
+    if device.type == "cuda" and cfg.channels_last and cfg.model_type == "UNet":
+        model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.network.compile()  # in place: state-dict keys stay those of the release
+    # Gradients as views of DDP's buckets: no copy into and out of the buckets on every step.
+    ddp = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+           if world_size > 1 else model)
+    ema = EMA(model, cfg.ema_decay_rate, cfg.ema_steps)  # after DDP's broadcast: the same EMA on every rank
+    optimizer = build_optimizer(cfg, model)
+
     if state is not None:
-        if args.no_resume:
-            raise SystemExit(f"{ckpt_dir} holds checkpoints and --no-resume was given")
         model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema_model"])
+        ema.model.load_state_dict(state["ema_model"])
         optimizer.load_state_dict(state["optimizer"])
-        finished_steps = int(state["finished_steps"])
         rng = state.get("rng_states")
         if rng is not None and len(rng) == world_size:
             set_rng_state(rng[rank], device)
             exact = "bit-exact continuation"
         else:
             torch.manual_seed(cfg.seed + rank + 1_000_003 * finished_steps)
-            exact = "random states reseeded (world size changed or no saved states)"
+            exact = "random states reseeded (world size changed or a checkpoint without them, e.g. the release's)"
         log(f"resumed from {ckpt_path} at step {finished_steps} ({exact})")
     else:
         log(f"starting a new run in {work} on {world_size} rank(s), device {device.type}")
     log(f"model {cfg.model_type}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-        f"dataset {cfg.dataset_type}: {len(dataset)} samples; global batch {cfg.batch_size}")
+        f"dataset {cfg.dataset_type}: {len(dataset)} samples; global batch {cfg.batch_size}; precision "
+        f"{cfg.precision}" + (f" (TF32 {'on' if cfg.tf32 else 'off'})" if device.type == "cuda" else ""))
 
-    if device.type == "cuda" and cfg.channels_last and cfg.model_type == "UNet":
-        model.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        model.network.compile()  # in place: state-dict keys stay those of the reference
-    # Gradients as views of DDP's buckets: no copy into and out of the buckets on every step.
-    ddp = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-           if world_size > 1 else model)
-    objective = cfg.objective()
-    decay = ema_decay(cfg)
-    params = [p for p in model.network.parameters() if p.requires_grad]
-
-    num_workers = cfg.num_workers if cfg.dataset_type == "ImageNet" else 0
     loader, steps_per_epoch = batch_loader(dataset, cfg.batch_size, rank, world_size, cfg.seed, finished_steps,
-                                           cfg.total_steps, num_workers, pin_memory=device.type == "cuda")
+                                           cfg.total_steps, cfg.num_workers, pin_memory=device.type == "cuda",
+                                           prefetch_factor=cfg.prefetch_factor)
+    last_good = ckpt_path
+
+    def save(step):
+        nonlocal last_good
+        rng_states = all_gather_objects(get_rng_state(device))
+        path = os.path.join(ckpt_dir, f"{step}.pt")
+        if rank == 0:
+            save_checkpoint({"model": model.state_dict(), "ema_model": ema.model.state_dict(),
+                             "optimizer": optimizer.state_dict(), "finished_steps": step,
+                             "finished_epochs": step // steps_per_epoch, "rng_states": rng_states}, path,
+                            before_rename=lambda tmp: crash_hook("ckpt", step, rank))
+            log(f"saved checkpoint {path}")
+        last_good = path
+        barrier()
+
+    if state is None:
+        save(0)  # as the release: the initial weights, before the first step
+
+    objective = cfg.objective()
     keys = ("Vel_MSE", "Vel_Weight", "Con_MSE", "Con_Weight", "Grad_Norm")
     window = torch.zeros(len(keys), device=device)
     first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # checked without per-step syncs
-    last_good = ckpt_path
     window_start, window_steps = time.time(), 0
     bar = tqdm(total=cfg.total_steps, initial=finished_steps, desc="train", disable=rank != 0, dynamic_ncols=True)
 
@@ -259,23 +243,24 @@ def train(cfg, args, rank, world_size, device):
         samples, augment_labels = dataset.prepare(x)
         if device.type == "cuda" and cfg.channels_last and cfg.model_type == "UNet":
             samples = samples.contiguous(memory_format=torch.channels_last)
-        with autocast_context(device, cfg.precision), attention_context(cfg):
-            loss, stats = ddp(samples, labels, augment_labels, objective=objective, finished_steps=step)
+        with precision_context(device, cfg.precision), attention_context(cfg.attention, device):
+            loss, stats = ddp(samples, labels, augment_labels, objective=objective, finished_steps=step,
+                              guidance_dtype=guidance_dtype(cfg.precision))
         optimizer.zero_grad(set_to_none=True)
-        with attention_context(cfg):
+        with attention_context(cfg.attention, device):
             loss.backward()
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
         first_bad_step.copy_(torch.where((first_bad_step < 0) & ~finite, step, first_bad_step))
         optimizer.step()
+        ema.update(model, step)
         finished_steps = step + 1
-        if finished_steps % cfg.ema_steps == 0:
-            ema_update(ema, model, decay)
         window += torch.stack([stats[k] for k in keys[:-1]] + [grad_norm]).float()
         window_steps += 1
         bar.update(1)
+        last = finished_steps == cfg.total_steps
 
-        if finished_steps % cfg.logging_steps == 0 or finished_steps == cfg.total_steps:
+        if finished_steps % cfg.logging_steps == 0 or last:
             check_finite(finished_steps)
             if world_size > 1:
                 dist.all_reduce(window)
@@ -287,30 +272,22 @@ def train(cfg, args, rank, world_size, device):
             bar.set_postfix(loss=f"{values[0] + values[2]:.4f}")
             window.zero_()
             window_start, window_steps = time.time(), 0
-        if finished_steps % cfg.eval_demo_steps == 0 or finished_steps == cfg.total_steps:
+        if is_due(finished_steps, cfg.eval_demo_steps, cfg.total_steps):
             check_finite(finished_steps)
             if rank == 0:
                 path = os.path.join(fig_dir, f"{finished_steps}.png")
-                sample_grid(ema, cfg.eval_demo_shape, cfg.eval_NFE, cfg.seed, device, path, decode, cfg.precision)
-        if finished_steps % cfg.ckpt_saving_steps == 0 or finished_steps == cfg.total_steps:
+                with attention_context(cfg.attention, device):
+                    sample_grid(ema.model, cfg.eval_demo_shape, cfg.eval_NFE, cfg.seed, device, path, decode,
+                                cfg.precision)
+        if finished_steps % cfg.ckpt_saving_steps == 0 or last:
             check_finite(finished_steps)
-            rng_states = all_gather_objects(get_rng_state(device), world_size)
-            if rank == 0:
-                path = os.path.join(ckpt_dir, f"{finished_steps}.pt")
-                save_checkpoint({"model": model.state_dict(), "ema_model": ema.state_dict(),
-                                 "optimizer": optimizer.state_dict(), "finished_steps": finished_steps,
-                                 "finished_epochs": finished_steps // steps_per_epoch,
-                                 "rng_states": rng_states}, path,
-                                before_rename=lambda tmp: crash_hook("ckpt", finished_steps, rank))
-                log(f"saved checkpoint {path}")
-            last_good = os.path.join(ckpt_dir, f"{finished_steps}.pt")
-            if world_size > 1:
-                dist.barrier()
-        if finished_steps % cfg.eval_steps == 0 or finished_steps == cfg.total_steps:
+            save(finished_steps)
+        if is_due(finished_steps, cfg.eval_steps, cfg.total_steps):
             check_finite(finished_steps)
             out = os.path.join(eval_dir, f"{finished_steps}.npz")
-            dump_samples(ema, out, cfg.num_eval_samples, cfg.eval_NFE, cfg.seed, cfg.eval_batch_size, device, rank,
-                         world_size, decode, precision=cfg.precision, progress=True)
+            with attention_context(cfg.attention, device):
+                dump_samples(ema.model, out, cfg.num_eval_samples, cfg.eval_NFE, cfg.seed, cfg.eval_batch_size,
+                             device, rank, world_size, decode, precision=cfg.precision, progress=True)
             log(f"wrote {cfg.num_eval_samples} EMA samples ({cfg.eval_NFE} NFE) to {out}")
     bar.close()
     log(f"finished {finished_steps} steps")

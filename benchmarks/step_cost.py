@@ -50,16 +50,15 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from models import MIN_TIME_GAP, Objective, Soflow  # noqa: E402
+from config import load_config  # noqa: E402
+from models import Soflow, draw_training_times, logit_normal  # noqa: E402
+from train import build_optimizer  # noqa: E402
 
 VARIANTS = ("fm", "soflow", "reference", "meanflow")
 NUM_CLASSES = 1000
 CFG_DROP_RATE = 0.1
 DATA_CHANNELS = 4
-# SPEC section 7, ImageNet column.
-IMAGENET_OBJECTIVE = dict(velocity_loss_ratio=0.75, p=1.0, eps=0.01, time_mean=[-0.2, -1.0, 0.2],
-                          time_std=[1.0, 0.8, 0.8], cfg_scale=3.0, mix_ratio=0.25, cfg_decay_time=0.8,
-                          l_schedule="Exponent", l_init_ratio=0.1, l_end_ratio=0.002, total_steps=400_000)
+IMAGENET_CONFIG = os.path.join(ROOT, "configs", "imagenet_B4.yaml")  # the release's imagenet.yaml
 # MeanFlow defaults (Geng et al. 2025): 25% of the rows with r != t, logit-normal(-0.4, 1) times,
 # adaptive weight 1 / (mse + 1e-3)^p with p = 1.
 MEANFLOW_RATIO = 0.25
@@ -75,7 +74,7 @@ def _bcast(t, x):
 
 
 def imagenet_objective():
-    return Objective(**IMAGENET_OBJECTIVE)
+    return load_config(IMAGENET_CONFIG).objective()
 
 
 def build_model(model_type="DiT-B-4", data_size=32, dit_sizes=None):
@@ -97,7 +96,7 @@ def _with_null(model, labels, mask):
 def fm_loss(model, x, labels, step=0, objective=None):
     """Flow Matching only: one network call with gradient, no guidance passes (cfg_scale 1)."""
     o = objective or imagenet_objective()
-    t = Soflow.logit_normal(x.shape[0], o.time_mean[0], o.time_std[0], x.device)
+    t = logit_normal(x.shape[0], o.time_mean[0], o.time_std[0], x.device)
     mask = _cfg_mask(model, x.shape[0], x.device)
     return model.get_velocity_loss(x, t, labels, cfg_mask=mask, cfg_scale=1.0, p=o.p, eps=o.eps)[0]
 
@@ -110,14 +109,15 @@ def soflow_loss(model, x, labels, step=0, objective=None):
 
 # ------------------------------------------------------------------------------------------------------
 # 3. SoFlow as the reference release computes it: one network call per quantity
-def reference_losses(model, samples, t, s, l, n_fm, labels, cfg_mask, cfg_scale, cfg_decay_time, p, eps,
-                     mix_ratio, noise):
+def reference_losses(model, samples, *, t, s, l, n_fm, objective, labels, cfg_mask, noise):
     """The SoFlow losses of rows [:n_fm] (Flow Matching) and [n_fm:] (consistency), six network calls.
 
-    Same inputs and same return value as `Soflow._losses` (class-conditional DiT, no augment labels):
+    Same inputs and same return value as `Soflow.fused_loss` (class-conditional DiT, no augment labels):
     {'fm': (loss, mse, weight), 'cons': (surrogate loss, mse, weight)} for the non-empty parts.
     """
     sch = model.scheduler
+    cfg_scale, cfg_decay_time, mix_ratio = objective.cfg_scale, objective.cfg_decay_time, objective.mix_ratio
+    p, eps = objective.p, objective.eps
     B = samples.shape[0]
     guided = cfg_scale > 1
     out = {}
@@ -170,34 +170,25 @@ def reference_losses(model, samples, t, s, l, n_fm, labels, cfg_mask, cfg_scale,
 
 
 def sample_soflow_inputs(model, samples, objective, finished_steps):
-    """Times, CFG mask and noise drawn in the order `Soflow.forward` draws them: (t, s, l, n_fm, mask, noise)."""
-    o, B, device = objective, samples.shape[0], samples.device
-    n_fm = int(o.velocity_loss_ratio * B)
-    t_fm = Soflow.logit_normal(n_fm, o.time_mean[0], o.time_std[0], device)
-    tau1 = Soflow.logit_normal(B - n_fm, o.time_mean[1], o.time_std[1], device)
-    tau2 = Soflow.logit_normal(B - n_fm, o.time_mean[2], o.time_std[2], device)
-    t_c = tau2.clamp(min=MIN_TIME_GAP)
-    s_c = torch.minimum(tau1, t_c - MIN_TIME_GAP)
-    l_c = Soflow.get_middle_time(t_c, s_c, finished_steps, o.total_steps, o.l_schedule, o.l_init_ratio,
-                                 o.l_end_ratio)
-    t, s, l = torch.cat([t_fm, t_c]), torch.cat([t_fm, s_c]), torch.cat([t_fm, l_c])
-    mask = _cfg_mask(model, B, device)
+    """Times and CFG mask exactly as `Soflow.forward` draws them, then the noise: (draws, noise)."""
+    draws = draw_training_times(objective, samples.shape[0], finished_steps, samples.device, model.cfg_drop_rate,
+                                conditional=True)
     noise = torch.randn_like(samples)
     if samples.dtype == torch.float64:
-        t, s, l = t.double(), s.double(), l.double()
-    return t, s, l, n_fm, mask, noise
+        draws.t, draws.s, draws.l = draws.t.double(), draws.s.double(), draws.l.double()
+    return draws, noise
 
 
 def reference_loss(model, x, labels, step=0, objective=None):
     """Total reference-style SoFlow loss, fp32 (no autocast) and the math attention kernel."""
     o = objective or imagenet_objective()
-    t, s, l, n_fm, mask, noise = sample_soflow_inputs(model, x, o, step)
+    d, noise = sample_soflow_inputs(model, x, o, step)
     B = x.shape[0]
     with torch.autocast(x.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
-        parts = reference_losses(model, x, t, s, l, n_fm, labels, mask, o.cfg_scale, o.cfg_decay_time, o.p,
-                                 o.eps, o.mix_ratio, noise)
+        parts = reference_losses(model, x, t=d.t, s=d.s, l=d.l, n_fm=d.n_fm, objective=o, labels=labels,
+                                 cfg_mask=d.cfg_mask, noise=noise)
     zero = x.new_zeros(())
-    return parts.get("fm", (zero,))[0] * (n_fm / B) + parts.get("cons", (zero,))[0] * ((B - n_fm) / B)
+    return parts.get("fm", (zero,))[0] * (d.n_fm / B) + parts.get("cons", (zero,))[0] * ((B - d.n_fm) / B)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -216,8 +207,8 @@ def meanflow_jvp(network, z, r, t, v, labels):
 
 def sample_meanflow_times(batch_size, device, dtype=torch.float32):
     """t >= r, both logit-normal; the first MEANFLOW_RATIO of the rows keep r != t, the others r = t."""
-    a = Soflow.logit_normal(batch_size, MEANFLOW_TIME_MEAN, MEANFLOW_TIME_STD, device).to(dtype)
-    b = Soflow.logit_normal(batch_size, MEANFLOW_TIME_MEAN, MEANFLOW_TIME_STD, device).to(dtype)
+    a = logit_normal(batch_size, MEANFLOW_TIME_MEAN, MEANFLOW_TIME_STD, device).to(dtype)
+    b = logit_normal(batch_size, MEANFLOW_TIME_MEAN, MEANFLOW_TIME_STD, device).to(dtype)
     t, r = torch.maximum(a, b), torch.minimum(a, b)
     n_neq = int(MEANFLOW_RATIO * batch_size)
     r = torch.cat([r[:n_neq], t[n_neq:]])
@@ -250,13 +241,11 @@ LOSSES = {"fm": fm_loss, "soflow": soflow_loss, "reference": reference_loss, "me
 # ------------------------------------------------------------------------------------------------------
 # Step, pass counting
 def make_optimizer(model, impl="fused"):
-    """AdamW of the ImageNet reference (lr 1e-4, betas (0.9, 0.99), no weight decay) over the network."""
-    kw = dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)
-    if impl == "fused":
-        kw["fused"] = True
-    else:
-        kw["foreach"] = impl == "foreach"
-    return torch.optim.AdamW([p for p in model.network.parameters() if p.requires_grad], **kw)
+    """The release's ImageNet AdamW (lr 1e-4, betas (0.9, 0.99), no weight decay) over every parameter, built by
+    train.build_optimizer: `fused` one kernel (fused_optimizer: true), `default` what torch picks."""
+    cfg = load_config(IMAGENET_CONFIG)
+    cfg.fused_optimizer = impl == "fused"
+    return build_optimizer(cfg, model)
 
 
 def autocast_for(variant, device, dtype):
@@ -566,8 +555,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every variant "
                                                               "(default: the CPUs this process may use)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--adamw", choices=("fused", "foreach", "for-loop"), default="fused",
-                    help="AdamW implementation (fused: one kernel; foreach: what torch picks by default)")
+    ap.add_argument("--adamw", choices=("fused", "default"), default="fused",
+                    help="AdamW implementation (fused: one kernel; default: what torch picks, the release's)")
     ap.add_argument("--malloc", choices=("system", "retain"), default="system",
                     help="CPU allocator of the variant processes: glibc as configured, or glibc told to keep "
                          "freed memory (no page faults from trimming; what a caching allocator does)")

@@ -9,8 +9,44 @@ import torch
 from PIL import Image
 
 from config import write_variant
+from models import Soflow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# ----------------------------------------------------------------------------------------------------
+# Tiny models (the one set of factories of the tests)
+
+TINY_DIT = dict(hidden_size=32, depth=2, num_heads=2, patch_size=2)
+TINY_UNET = dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,))
+
+
+def randomise(model, std=0.05, seed=0):
+    """Every trainable weight drawn from N(0, std^2): adaLN-Zero's and the U-Net's zero initialisations would
+    leave most terms of a loss untested."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def tiny_dit(num_classes=10, cfg_drop_rate=0.1, noising_type="Linear", coefficient_type="Euler", data_size=8,
+             dtype=torch.float64, seed=0, randomised=True, **sizes):
+    """A class-conditional (or, with num_classes None / 0, unconditional) latent DiT with 4 channels."""
+    torch.manual_seed(seed)
+    model = Soflow(4, data_size, num_classes, cfg_drop_rate, noising_type, coefficient_type, "DiT-B-4",
+                   network_kwargs={**TINY_DIT, **sizes})
+    return (randomise(model, seed=seed) if randomised else model).to(dtype)
+
+
+def tiny_unet(dropout=0.0, data_size=8, dtype=torch.float32, seed=0, randomised=True, **sizes):
+    """An unconditional 3-channel U-Net, the CIFAR recipe's backbone in miniature."""
+    torch.manual_seed(seed)
+    model = Soflow(3, data_size, None, 0.0, "Linear", "Euler", "UNet",
+                   network_kwargs={**TINY_UNET, "dropout": dropout, **sizes})
+    return (randomise(model, std=0.1, seed=seed) if randomised else model).to(dtype)
+
 
 
 def make_cifar_folder(root, per_batch=8, seed=0):
@@ -24,6 +60,37 @@ def make_cifar_folder(root, per_batch=8, seed=0):
         with open(os.path.join(folder, f"data_batch_{i}"), "wb") as f:
             pickle.dump(batch, f)
     return root
+
+
+# The release's two config files, key for key, in its order (values of SPEC sections 7 and 10).
+RELEASE_CONFIGS = {
+    "imagenet": dict(
+        working_dir="./your_experiment_name", noising_type="Linear", coefficient_type="Euler", model_type="DiT-B-4",
+        dataset_type="Imagenet", data_size=32, dataset_path="./imagenet_latent", velocity_loss_ratio=0.75, p=1.0,
+        eps=0.01, time_mean=[-0.2, -1.0, 0.2], time_std=[1.0, 0.8, 0.8], cfg_scale=3.0, mix_ratio=0.25,
+        cfg_drop_rate=0.1, cfg_decay_time=0.8, l_schedule="Exponent", l_init_ratio=0.1, l_end_ratio=0.002,
+        total_steps=400000, ema_decay_rate=0.9999, learning_rate=1e-4, betas=[0.9, 0.99], weight_decay=0.0,
+        batch_size=256, num_workers=8, prefetch_factor=4, eval_steps=25000, eval_batch_size=125, eval_NFE=1,
+        eval_demo_steps=1000, eval_demo_shape=[4, 8], ckpt_saving_steps=25000, logging_steps=100, seed=42),
+    "cifar": dict(
+        working_dir="./your_experiment_name_cifar", noising_type="Linear", coefficient_type="Euler",
+        model_type="UNet", dataset_type="CIFAR10", data_size=32, dataset_path="./CIFAR10", velocity_loss_ratio=0.0,
+        p=0.75, eps=0.001, time_mean=[-0.9, -4.0, -0.9], time_std=[1.6, 1.6, 1.6], cfg_scale=1.0, mix_ratio=1.0,
+        cfg_drop_rate=0.0, cfg_decay_time=1.0, l_schedule="Exponent", l_init_ratio=1.0, l_end_ratio=0.0003125,
+        total_steps=800000, ema_decay_rate=0.9999, learning_rate=1e-4, betas=[0.9, 0.999], weight_decay=0.0,
+        batch_size=1024, num_workers=12, prefetch_factor=6, eval_steps=25000, eval_batch_size=125, eval_NFE=1,
+        eval_demo_steps=1000, eval_demo_shape=[4, 8], ckpt_saving_steps=25000, logging_steps=100, seed=42),
+}
+
+
+def write_release_config(kind, path, **changes):
+    """The release's `imagenet.yaml` or `cifar.yaml` as its authors wrote it (1e-4 as YAML reads it: a
+    string), with `changes` applied."""
+    values = {**RELEASE_CONFIGS[kind], **changes}
+    with open(path, "w") as f:
+        for key, value in values.items():
+            f.write(f"{key}: {'1e-4' if key == 'learning_rate' and value == 1e-4 else value}\n")
+    return str(path)
 
 
 def write_config(base_name, path, **changes):

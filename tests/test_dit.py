@@ -102,3 +102,18 @@ def test_reference_layout_checkpoint_file_loads(tmp_path):
     model = reference_model("UNet", device="cpu")
     model.load_state_dict(model_state(load_checkpoint(str(tmp_path / "released.pt"))), strict=True)
     assert torch.equal(model.network.map_layer0.weight, weights["network.map_layer0.weight"])
+
+
+def test_initialisation_of_the_two_time_embedders():
+    """As the release: the t embedder's two MLP weights are re-drawn from normal(0, 0.02); the (t - s)
+    embedder keeps DiT's xavier-uniform draw (bound sqrt(6 / (fan_in + fan_out))), biases zero."""
+    torch.manual_seed(0)
+    net = build_dit("DiT-B-4", 32, 4, 10, True)
+    for layer, fan_in in ((net.t_embedder.mlp[0], 256), (net.t_embedder.mlp[2], 768)):
+        assert abs(layer.weight.std().item() - 0.02) < 0.001
+    for layer, fan_in in ((net.s_embedder.mlp[0], 256), (net.s_embedder.mlp[2], 768)):
+        bound = (6 / (fan_in + 768)) ** 0.5
+        w = layer.weight
+        assert w.abs().max() <= bound and w.abs().max() > 0.99 * bound  # uniform on [-bound, bound]
+        assert abs(w.std().item() - bound / 3 ** 0.5) < 0.02 * bound
+        assert torch.all(layer.bias == 0)

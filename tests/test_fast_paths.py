@@ -8,20 +8,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import train
 from config import from_dict
-from inference import autocast_context
-from models import Soflow
+from distributed import precision_context
+from helpers import tiny_dit, tiny_unet
+from models import Objective
 
-TINY = dict(hidden_size=64, depth=2, num_heads=4, patch_size=2)
+TINY = dict(hidden_size=64, num_heads=4)
 
 
 def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    model = Soflow(4, 8, 10, 0.1, "Linear", "Euler", "DiT-B-4", network_kwargs=TINY)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.05)
-    return model
+    return tiny_dit(dtype=torch.float32, seed=seed, **TINY)
 
 
 def fixed_batch(B=8, seed=1):
@@ -36,7 +31,8 @@ def fixed_batch(B=8, seed=1):
 
 def reference_loss(model):
     x0, x1, t, s, l, labels, mask = fixed_batch()
-    parts = model._losses(x0, t, s, l, 6, labels, mask, 3.0, 0.8, 1.0, 0.01, 0.25, None, x1)
+    objective = Objective(cfg_scale=3.0, cfg_decay_time=0.8, p=1.0, eps=0.01, mix_ratio=0.25)
+    parts = model.fused_loss(x0, t=t, s=s, l=l, n_fm=6, objective=objective, labels=labels, cfg_mask=mask, noise=x1)
     return parts["fm"][0] * 6 / 8 + parts["cons"][0] * 2 / 8
 
 
@@ -47,7 +43,7 @@ def grads(model, loss):
 def test_bf16_autocast_close_to_fp32():
     model = tiny_model()
     fp32 = reference_loss(model)
-    with autocast_context(torch.device("cpu"), "bf16"):
+    with precision_context(torch.device("cpu"), "bf16"):
         bf16 = reference_loss(model)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
     assert torch.isclose(bf16.float(), fp32, rtol=5e-2), (bf16, fp32)
@@ -86,7 +82,7 @@ def test_compiled_network_matches_eager():
 
 
 def test_fused_adamw_matches_plain():
-    cfg = from_dict({"dataset_type": "Digits", "model_type": "DiT-B-4", **TINY})
+    cfg = from_dict({"dataset_type": "Digits", "model_type": "DiT-B-4", "fused_optimizer": True, **TINY})
     models = [tiny_model(), tiny_model()]
     opts = [torch.optim.AdamW([p for p in models[0].network.parameters() if p.requires_grad], lr=1e-3,
                               betas=(0.9, 0.99), weight_decay=0.0, foreach=False),
@@ -100,27 +96,25 @@ def test_fused_adamw_matches_plain():
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         assert torch.allclose(a, b, atol=1e-6)
     # what train.py builds
-    built = train.build_optimizer(cfg, list(models[0].parameters()), torch.device("cpu"))
+    built = train.build_optimizer(cfg, models[0])
     assert isinstance(built, torch.optim.AdamW) and built.defaults["fused"]
+    assert not train.build_optimizer(from_dict({"dataset_type": "Digits"}), models[0]).defaults["fused"]
 
 
 def test_foreach_ema_matches_python_loop():
-    ema, model = tiny_model(0), tiny_model(1)
-    expected = {k: v.clone() for k, v in ema.state_dict().items()}
-    for (name, p_ema), p in zip(ema.named_parameters(), model.parameters()):
-        expected[name] = 0.99 * p_ema.detach() + 0.01 * p.detach()
-    train.ema_update(ema, model, 0.99)
-    for name, value in ema.state_dict().items():
-        assert torch.allclose(value, expected[name], atol=1e-7), name
+    """The every-step EMA is DiT's ema.mul_(decay).add_(param, alpha=1 - decay), bit for bit."""
+    model, other = tiny_model(0), tiny_model(1)
+    ema = train.EMA(model, 0.99)
+    expected = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    for (name, p_ema), p in zip(ema.model.named_parameters(), other.parameters()):
+        expected[name] = p_ema.detach().clone().mul_(0.99).add_(p.detach(), alpha=1 - 0.99)
+    ema.update(other, step=0)
+    for name, value in ema.model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
 
 
 def test_channels_last_unet_matches():
-    torch.manual_seed(0)
-    model = Soflow(3, 16, 0, 0.0, "Linear", "Euler", "UNet", network_kwargs=dict(
-        model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.0)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1)
+    model = tiny_unet(data_size=16, attn_resolutions=(8,)).eval()
     x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
     ref = model.solution_operator(x, t, t * 0.5)
     model.to(memory_format=torch.channels_last)

@@ -4,37 +4,12 @@ import math
 import pytest
 import torch
 
+from helpers import tiny_dit, tiny_unet
 from models import MIN_TIME_GAP, Objective, Scheduler, Soflow, shared_random_state, to_uint8
-
-TINY_DIT = dict(hidden_size=32, depth=2, num_heads=2, patch_size=2)
-
-
-def randomise(model, std=0.05, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-
-def tiny_dit(coefficient_type="Euler", noising_type="Linear", num_classes=10, cfg_drop_rate=0.1, dtype=torch.float64):
-    torch.manual_seed(0)
-    model = Soflow(4, 8, num_classes, cfg_drop_rate, noising_type, coefficient_type, "DiT-B-4",
-                   network_kwargs=TINY_DIT)
-    return randomise(model).to(dtype)
-
-
-def tiny_unet(dropout=0.0, dtype=torch.float32):
-    torch.manual_seed(0)
-    model = Soflow(3, 8, 0, 0.0, "Linear", "Euler", "UNet", network_kwargs=dict(
-        model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), dropout=dropout))
-    return randomise(model, std=0.1).to(dtype)
-
 
 @pytest.mark.parametrize("coefficient_type", ["Euler", "Trig"])
 def test_solution_operator_identity_at_s_equals_t(coefficient_type):
-    model = tiny_dit(coefficient_type)
+    model = tiny_dit(coefficient_type=coefficient_type)
     x = torch.randn(3, 4, 8, 8, dtype=torch.float64)
     t = torch.rand(3, dtype=torch.float64)
     labels = torch.tensor([1, 2, 10])
@@ -45,7 +20,7 @@ def test_solution_operator_identity_at_s_equals_t(coefficient_type):
 
 @pytest.mark.parametrize("coefficient_type", ["Euler", "Trig"])
 def test_velocity_is_derivative_in_s(coefficient_type):
-    model = tiny_dit(coefficient_type)
+    model = tiny_dit(coefficient_type=coefficient_type)
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     t = torch.tensor([0.3, 0.8], dtype=torch.float64)
     labels = torch.tensor([3, 4])
@@ -90,7 +65,7 @@ def test_coefficient_partial_derivatives(coefficient_type):
 @pytest.mark.parametrize("coefficient_type", ["Euler", "Trig"])
 def test_consistency_gradient_is_scaled_weighted_mse_gradient(coefficient_type):
     """grad sign(b) mean(F_t * sg(Delta w)) == (t - l)/|b(t,s)| grad 0.5 w mean(Delta^2), per sample."""
-    model = tiny_dit(coefficient_type)
+    model = tiny_dit(coefficient_type=coefficient_type)
     params = [p for p in model.parameters() if p.requires_grad]
     for t, l, s, label, p, eps in ((0.9, 0.85, 0.2, 3, 1.0, 0.01), (0.5, 0.45, 0.05, 7, 0.75, 0.001)):
         x0 = torch.randn(1, 4, 8, 8, dtype=torch.float64)
@@ -175,7 +150,9 @@ def test_fused_training_losses_equal_separate_calls():
     s = t * 0.3
     l = t - 0.05
     kw = dict(cfg_scale=3.0, cfg_decay_time=0.8, p=1.0, eps=0.01, mix_ratio=0.25, augment_labels=None)
-    parts = model._losses(x0, t, s, l, n_fm, labels, mask, noise=x1, **kw)
+    objective = Objective(cfg_scale=3.0, cfg_decay_time=0.8, p=1.0, eps=0.01, mix_ratio=0.25)
+    parts = model.fused_loss(x0, t=t, s=s, l=l, n_fm=n_fm, objective=objective, labels=labels, cfg_mask=mask,
+                             noise=x1)
     fused = parts["fm"][0] * n_fm / B + parts["cons"][0] * (B - n_fm) / B
     g_fused = torch.autograd.grad(fused, params)
     fm = model.get_velocity_loss(x0[:n_fm], t[:n_fm], labels[:n_fm], mask[:n_fm], noise=x1[:n_fm], **kw)
@@ -193,12 +170,12 @@ def test_fused_training_losses_equal_separate_calls():
 def test_training_forward_objective_and_time_ordering(monkeypatch):
     model = tiny_dit(dtype=torch.float32)
     seen = {}
-    original = model._losses
+    original = model.fused_loss
 
-    def spy(samples, t, s, l, n_fm, *args, **kwargs):
-        seen.update(t=t, s=s, l=l, n_fm=n_fm)
-        return original(samples, t, s, l, n_fm, *args, **kwargs)
-    monkeypatch.setattr(model, "_losses", spy)
+    def spy(samples, **kwargs):
+        seen.update(kwargs)
+        return original(samples, **kwargs)
+    monkeypatch.setattr(model, "fused_loss", spy)
     objective = Objective(cfg_scale=3.0, mix_ratio=0.25, cfg_decay_time=0.8)
     torch.manual_seed(0)
     x = torch.randn(16, 4, 8, 8)
@@ -211,16 +188,20 @@ def test_training_forward_objective_and_time_ordering(monkeypatch):
     assert all(torch.isfinite(v) and v > 0 for v in stats.values())
 
 
+def l_ratio(k, total, name, init, end):
+    return Objective(l_schedule=name, l_init_ratio=init, l_end_ratio=end, total_steps=total).l_ratio(k)
+
+
 def test_l_schedules():
     for name, init, end in (("Const", 0.1, 0.002), ("Linear", 0.1, 0.002), ("Cosine", 0.1, 0.002),
                             ("Exponent", 0.1, 0.002)):
-        r0 = Soflow.l_ratio(0, 100, name, init, end)
-        r1 = Soflow.l_ratio(100, 100, name, init, end)
+        r0 = l_ratio(0, 100, name, init, end)
+        r1 = l_ratio(100, 100, name, init, end)
         assert math.isclose(r1, end)
         assert math.isclose(r0, end if name == "Const" else init)
-    assert math.isclose(Soflow.l_ratio(50, 100, "Exponent", 0.1, 0.001), 0.01)
-    assert math.isclose(Soflow.l_ratio(50, 100, "Linear", 0.1, 0.002), 0.051)
-    assert math.isclose(Soflow.l_ratio(50, 100, "Cosine", 0.1, 0.002), 0.051)
+    assert math.isclose(l_ratio(50, 100, "Exponent", 0.1, 0.001), 0.01)
+    assert math.isclose(l_ratio(50, 100, "Linear", 0.1, 0.002), 0.051)
+    assert math.isclose(l_ratio(50, 100, "Cosine", 0.1, 0.002), 0.051)
     t, s = torch.tensor([0.9, 0.5]), torch.tensor([0.1, 0.4999])
     l = Soflow.get_middle_time(t, s, 0, 100, "Const", 0.1, 0.5)
     assert torch.allclose(l, torch.stack([torch.tensor(0.5), torch.tensor(0.5 - MIN_TIME_GAP)]))
@@ -262,7 +243,7 @@ def test_consistency_calls_share_dropout_masks(n_fm):
     model.network = MaskRecorder()
     x = torch.randn(6, 3, 8, 8)
     t = torch.full((6,), 0.8)
-    model._losses(x, t, t * 0.2, t - 0.1, n_fm, None, None, 1.0, 1.0, 1.0, 0.01, 1.0, None, None)
+    model.fused_loss(x, t=t, s=t * 0.2, l=t - 0.1, n_fm=n_fm, objective=Objective(p=1.0, eps=0.01))
     grad_call, l_call = model.network.calls
     assert torch.equal(grad_call[n_fm:], l_call[-(6 - n_fm):])
     assert not torch.equal(grad_call[n_fm:], torch.ones_like(grad_call[n_fm:]) * 2)  # masks are random
@@ -303,8 +284,6 @@ def test_errors_name_bad_values():
         Soflow(4, 32, 10, 0.1, "Linear", "Heun", "DiT-B-4")
     with pytest.raises(ValueError, match="'Step'.*Const, Linear, Cosine, Exponent"):
         Objective(l_schedule="Step")
-    with pytest.raises(ValueError, match="num_classes must be 0"):
-        Soflow(3, 32, 10, 0.0, "Linear", "Euler", "UNet")
     unet = tiny_unet()
     x = torch.randn(2, 3, 8, 8)
     with pytest.raises(ValueError, match="unconditional"):
@@ -321,3 +300,69 @@ def test_errors_name_bad_values():
         dit.predict_velocity(xd, torch.rand(3), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="cfg_scale"):
         unet.get_velocity_loss(x, 0.5, cfg_scale=2.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The release's Python API (its constructor and call pattern)
+
+
+def test_release_constructor_positional_and_keyword():
+    kw = dict(network_kwargs={"hidden_size": 32, "depth": 1, "num_heads": 2, "patch_size": 2})
+    a = Soflow(4, 8, 10, 0.1, "Linear", "Euler", "DiT-B-4", **kw)
+    b = Soflow(data_channels=4, data_size=8, num_classes=10, cfg_drop_rate=0.1, noising_type="Linear",
+               coefficient_type="Euler", model_type="DiT-B-4", **kw)
+    assert a.state_dict().keys() == b.state_dict().keys() and a.conditional and a.num_classes == 10
+    uncond = Soflow(4, 8, None, 0.0, "Linear", "Euler", "DiT-B-4", **kw)  # the release's unconditional marker
+    assert not uncond.conditional and uncond.network.y_embedder.embedding_table.num_embeddings == 1
+    x = torch.randn(2, 4, 8, 8)
+    assert uncond.solution_operator(x, torch.rand(2), torch.zeros(2), None, None).shape == x.shape
+    with pytest.raises(ValueError, match="unconditional but labels were given"):
+        uncond.predict_velocity(x, torch.rand(2), torch.zeros(2, dtype=torch.long))
+
+
+def test_release_cifar_unet_with_ten_classes_and_no_labels():
+    """The release builds its CIFAR-10 U-Net with num_classes=10 and always passes labels=None."""
+    torch.manual_seed(0)
+    model = Soflow(3, 8, 10, 0.0, "Linear", "Euler", "UNet", network_kwargs=dict(
+        model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), dropout=0.0))
+    assert not model.conditional and model.num_classes == 0
+    x, aug = torch.randn(4, 3, 8, 8), torch.zeros(4, 6)
+    t = torch.rand(4, 1, 1, 1) * 0.8 + 0.2
+    l, s = t - 0.01, t * 0.2
+    loss, mse, weight = model.get_consistency_loss(x, t, l, s, None, None, 1.0, 1.0, 0.75, 0.001, 1.0, aug)
+    assert torch.isfinite(loss) and mse > 0 and weight > 0
+    assert model.predict_velocity(x, t.flatten(), None, aug).shape == x.shape
+
+
+@pytest.mark.parametrize("shape", ["[B]", "[B,1,1,1]"])
+def test_release_loss_calls_accept_both_time_shapes(shape):
+    """Positional release calls with times shaped [B, 1, 1, 1] (its training loop) equal the [B] calls."""
+    model = tiny_dit()
+    B = 6
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, 4, 8, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 10, (B,), generator=g)
+    mask = torch.tensor([1, 0, 0, 1, 0, 0], dtype=torch.bool)
+    t = torch.rand(B, generator=g, dtype=torch.float64) * 0.8 + 0.2
+    l, s = t - 0.002 * t, 0.3 * t
+    shaped = (lambda v: v.view(B, 1, 1, 1)) if shape == "[B,1,1,1]" else (lambda v: v)
+    settings = (3.0, 0.8, 1.0, 0.01, 0.25, None)  # cfg_scale, cfg_decay_time, p, eps, mix_ratio, augment_labels
+    results = []
+    for times, m in ((shaped, shaped), (lambda v: v, lambda v: v)):
+        torch.manual_seed(1)
+        fm = model.get_velocity_loss(x, times(t), labels, m(mask), *settings)
+        torch.manual_seed(2)
+        cons = model.get_consistency_loss(x, times(t), times(l), times(s), labels, m(mask), *settings)
+        results.append((fm, cons))
+    for got, want in zip(results[0], results[1]):
+        assert len(got) == 3  # (loss, mse, weight)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    torch.manual_seed(2)
+    by_keyword = model.get_consistency_loss(samples=x, t=shaped(t), l=shaped(l), s=shaped(s), labels=labels,
+                                            cfg_mask=mask, cfg_scale=3.0, cfg_decay_time=0.8, p=1.0, eps=0.01,
+                                            mix_ratio=0.25, augment_labels=None)
+    assert torch.equal(by_keyword[0], results[1][1][0])
+    assert torch.equal(model.solution_operator(x, shaped(t), shaped(s), labels, None),
+                       model.solution_operator(x, t, s, labels, None))
+    assert torch.equal(model.predict_velocity(x, shaped(t), labels, None), model.predict_velocity(x, t, labels))

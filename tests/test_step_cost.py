@@ -6,23 +6,17 @@ import os
 import pytest
 import torch
 
+from helpers import TINY_DIT, randomise
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("step_cost", os.path.join(ROOT, "benchmarks", "step_cost.py"))
 step_cost = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(step_cost)
 
-TINY = dict(hidden_size=32, depth=2, num_heads=2, patch_size=2)
-
-
 def tiny_model(dtype=torch.float64):
     torch.manual_seed(0)
-    model = step_cost.build_model("DiT-B-4", 8, dit_sizes=TINY)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # leave adaLN-Zero's zero init so that every term is exercised
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.to(dtype).train()
+    model = step_cost.build_model("DiT-B-4", 8, dit_sizes=TINY_DIT)
+    return randomise(model, seed=1).to(dtype).train()
 
 
 def batch(n=8, dtype=torch.float64, seed=2):
@@ -38,18 +32,19 @@ def test_reference_loss_equals_fused_loss_and_gradient(finished_steps):
     x, labels = batch()
     o = step_cost.imagenet_objective()
     torch.manual_seed(3)
-    t, s, l, n_fm, mask, noise = step_cost.sample_soflow_inputs(model, x, o, finished_steps)
+    draws, noise = step_cost.sample_soflow_inputs(model, x, o, finished_steps)
+    t, s, l, n_fm, mask = draws.t, draws.s, draws.l, draws.n_fm, draws.cfg_mask
     mask[0], mask[-1] = True, True  # a dropped label in both parts
     mask[1], mask[-2] = False, False
     c = slice(n_fm, None)
     assert 0 < n_fm < x.shape[0] and bool((s[c] <= l[c]).all() and (l[c] < t[c]).all())
-    args = (x, t, s, l, n_fm, labels, mask, o.cfg_scale, o.cfg_decay_time, o.p, o.eps, o.mix_ratio)
+    args = dict(t=t, s=s, l=l, n_fm=n_fm, objective=o, labels=labels, cfg_mask=mask, noise=noise)
 
-    fused = model._losses(*args[:7], *args[7:], None, noise)
+    fused = model.fused_loss(x, **args)
     fused_total = fused["fm"][0] * n_fm / 8 + fused["cons"][0] * (8 - n_fm) / 8
     fused_grads = torch.autograd.grad(fused_total, [p for p in model.parameters() if p.requires_grad])
 
-    ref = step_cost.reference_losses(model, *args, noise)
+    ref = step_cost.reference_losses(model, x, **args)
     ref_total = ref["fm"][0] * n_fm / 8 + ref["cons"][0] * (8 - n_fm) / 8
     ref_grads = torch.autograd.grad(ref_total, [p for p in model.parameters() if p.requires_grad])
 

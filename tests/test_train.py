@@ -20,7 +20,7 @@ def cifar_root(tmp_path_factory):
 def reference_run(cifar_root, tmp_path_factory):
     """An uninterrupted 6-step run of the tiny CIFAR config on 2 ranks."""
     work = tmp_path_factory.mktemp("ref")
-    cfg = write_config("tiny_cifar_cpu.yaml", work / "cfg.yaml", data_path=cifar_root, working_dir=str(work / "run"))
+    cfg = write_config("tiny_cifar_cpu.yaml", work / "cfg.yaml", dataset_path=cifar_root, working_dir=str(work / "run"))
     torchrun("train.py", ["--config", cfg])
     return work / "run"
 
@@ -36,7 +36,7 @@ def test_cifar_run_writes_everything(reference_run):
         assert set(fields) >= {"Vel_MSE", "Vel_Weight", "Con_MSE", "Con_Weight", "Grad_Norm", "Peak_Mem", "Time"}
         assert np.isfinite(float(fields["Con_MSE"])) and float(fields["Con_MSE"]) > 0
     assert sorted(os.listdir(run / "figs")) == ["3.png", "6.png"]
-    assert [s for s, _ in list_checkpoints(run / "ckpts")] == [2, 4, 6]
+    assert [s for s, _ in list_checkpoints(run / "ckpts")] == [0, 2, 4, 6]  # 0.pt: before the first step
     with np.load(run / "evals" / "6.npz") as f:
         assert f["arr_0"].shape == (16, 32, 32, 3) and f["arr_0"].dtype == np.uint8
         assert "arr_1" not in f.files  # unconditional
@@ -60,12 +60,12 @@ def assert_same_final_state(run_a, run_b, step=6):
 
 @pytest.mark.parametrize("crash", ["step:3@1", "ckpt:4@0"])
 def test_kill_and_resume_is_bit_exact(crash, reference_run, cifar_root, tmp_path):
-    cfg = write_config("tiny_cifar_cpu.yaml", tmp_path / "cfg.yaml", data_path=cifar_root,
+    cfg = write_config("tiny_cifar_cpu.yaml", tmp_path / "cfg.yaml", dataset_path=cifar_root,
                        working_dir=str(tmp_path / "run"))
     proc = torchrun("train.py", ["--config", cfg], env={"SOFLOW_TEST_CRASH": crash}, check=False)
     assert proc.returncode != 0
     steps = [s for s, _ in list_checkpoints(tmp_path / "run" / "ckpts")]
-    assert steps == [2], steps  # killed before step 4 was saved under its name
+    assert steps == [0, 2], steps  # killed before step 4 was saved under its name
     proc = torchrun("train.py", ["--config", cfg])
     assert "resumed from" in (tmp_path / "run" / "log.txt").read_text()
     assert "2.pt at step 2 (bit-exact continuation)" in (tmp_path / "run" / "log.txt").read_text()
@@ -75,10 +75,10 @@ def test_kill_and_resume_is_bit_exact(crash, reference_run, cifar_root, tmp_path
 def test_truncated_newest_checkpoint_is_skipped(reference_run, cifar_root, tmp_path):
     run = tmp_path / "run"
     os.makedirs(run / "ckpts")
-    for step in (2, 4):
+    for step in (2, 4):  # and no 0.pt: a resumed run does not write one
         data = (reference_run / "ckpts" / f"{step}.pt").read_bytes()
         (run / "ckpts" / f"{step}.pt").write_bytes(data if step == 2 else data[: len(data) // 2])
-    cfg = write_config("tiny_cifar_cpu.yaml", tmp_path / "cfg.yaml", data_path=cifar_root, working_dir=str(run))
+    cfg = write_config("tiny_cifar_cpu.yaml", tmp_path / "cfg.yaml", dataset_path=cifar_root, working_dir=str(run))
     torchrun("train.py", ["--config", cfg])
     log = (run / "log.txt").read_text()
     assert "skipping" in log and "4.pt" in log and "resumed from" in log and "2.pt at step 2" in log
@@ -86,7 +86,7 @@ def test_truncated_newest_checkpoint_is_skipped(reference_run, cifar_root, tmp_p
 
 
 def test_non_finite_loss_stops_without_writing(cifar_root, tmp_path, monkeypatch):
-    cfg = write_config("tiny_cifar_cpu.yaml", tmp_path / "cfg.yaml", data_path=cifar_root,
+    cfg = write_config("tiny_cifar_cpu.yaml", tmp_path / "cfg.yaml", dataset_path=cifar_root,
                        working_dir=str(tmp_path / "run"), ckpt_saving_steps=2, logging_steps=1, eval_demo_steps=100)
     from models import Soflow
     forward = Soflow.forward
@@ -99,11 +99,11 @@ def test_non_finite_loss_stops_without_writing(cifar_root, tmp_path, monkeypatch
     monkeypatch.setattr(Soflow, "forward", poisoned)
     with pytest.raises(train.NonFiniteLoss, match=r"at step 4; .*Last good checkpoint: .*2\.pt"):
         train.main(["--config", cfg])
-    assert [s for s, _ in list_checkpoints(tmp_path / "run" / "ckpts")] == [2]
+    assert [s for s, _ in list_checkpoints(tmp_path / "run" / "ckpts")] == [0, 2]
 
 
 def test_missing_cifar_is_a_clear_error(tmp_path):
-    cfg = write_config("tiny_cifar_cpu.yaml", tmp_path / "cfg.yaml", data_path=str(tmp_path / "nothing"),
+    cfg = write_config("tiny_cifar_cpu.yaml", tmp_path / "cfg.yaml", dataset_path=str(tmp_path / "nothing"),
                        working_dir=str(tmp_path / "run"))
     with pytest.raises(FileNotFoundError, match="download: true"):
         train.main(["--config", cfg])
@@ -120,14 +120,28 @@ def test_bad_config_exits_before_work(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_ema_update_variants():
-    a, b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
-    expected = [0.9 * pa + 0.1 * pb for pa, pb in zip(a.parameters(), b.parameters())]
-    train.ema_update(a, b, 0.9)
-    for p, e in zip(a.parameters(), expected):
-        assert torch.allclose(p, e)
-    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "cifar.yaml"))
-    assert train.ema_decay(cfg) == float(torch.tensor(0.9999, dtype=torch.float64) ** 16)
+def test_ema_cadence_and_float64_blend():
+    """The release's CIFAR EMA: after steps 1, 17, 33, ... (step counts 0, 16, 32 before the increment) with
+    0.9999 ** 16, blended in float64; every step with the plain decay otherwise."""
+    model = torch.nn.Linear(3, 3)
+    ema = train.EMA(model, 0.9999, every=16)
+    assert ema.decay == float(torch.tensor(0.9999, dtype=torch.float64) ** 16)
+    updated = []
+    for step in range(40):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        before = ema.model.weight.detach().clone()
+        expected = (before.double() * ema.decay + model.weight.detach().double() * (1 - ema.decay)).float()
+        ema.update(model, step)
+        if not torch.equal(ema.model.weight, before):
+            updated.append(step + 1)
+            assert torch.equal(ema.model.weight, expected)
+    assert updated == [1, 17, 33]
+    every_step = train.EMA(model, 0.9)
+    for step in range(3):
+        before = every_step.model.weight.detach().clone()
+        every_step.update(model, step)
+        assert torch.equal(every_step.model.weight, before.mul(0.9).add(model.weight.detach(), alpha=1 - 0.9))
 
 
 def test_atomic_checkpoint_write_leaves_no_partial_file(tmp_path):
@@ -159,7 +173,7 @@ def imagenet_latents(tmp_path_factory):
 def test_imagenet_latent_run_with_cfg(imagenet_latents, tmp_path):
     base = imagenet_latents
     run = tmp_path / "run"
-    cfg = write_config("tiny_imagenet_cpu.yaml", tmp_path / "cfg.yaml", data_path=str(base / "latents"),
+    cfg = write_config("tiny_imagenet_cpu.yaml", tmp_path / "cfg.yaml", dataset_path=str(base / "latents"),
                        vae=str(base / "vae"), working_dir=str(run))
     torchrun("train.py", ["--config", cfg])
     log = (run / "log.txt").read_text()
@@ -175,11 +189,11 @@ def test_imagenet_latent_run_with_cfg(imagenet_latents, tmp_path):
     with np.load(run / "evals" / "6.npz") as f:
         assert f["arr_0"].shape == (6, 16, 16, 3) and f["arr_0"].dtype == np.uint8
         assert f["arr_1"].shape == (6,) and f["arr_1"].max() < 3
-    assert [s for s, _ in list_checkpoints(run / "ckpts")] == [2, 4, 6]
+    assert [s for s, _ in list_checkpoints(run / "ckpts")] == [0, 2, 4, 6]
 
 
 def test_imagenet_latent_size_mismatch_is_clear(imagenet_latents, tmp_path):
-    cfg = write_config("tiny_imagenet_cpu.yaml", tmp_path / "cfg.yaml", data_path=str(imagenet_latents / "latents"),
+    cfg = write_config("tiny_imagenet_cpu.yaml", tmp_path / "cfg.yaml", dataset_path=str(imagenet_latents / "latents"),
                        vae=str(imagenet_latents / "vae"), working_dir=str(tmp_path / "run"), data_size=4)
     with pytest.raises(ValueError, match="latents are 8 x 8 but data_size is 4"):
         train.main(["--config", cfg])

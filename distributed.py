@@ -1,0 +1,112 @@
+"""Process start-up and run-time contexts shared by train.py, inference.py and latent_dataset.py.
+
+Distributed set-up (NCCL + cuda:LOCAL_RANK where CUDA exists, gloo + CPU otherwise), random-state capture
+and restore (checkpoints and the shared dropout masks of the consistency loss), and the numerics contexts:
+TF32, autocast precision and the SDPA attention kernel.
+"""
+import contextlib
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes
+
+
+def setup_distributed(timeout_minutes=60):
+    """(rank, world_size, device) from torchrun's environment (a single process without it)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=timeout_minutes),
+                                device_id=device if device.type == "cuda" else None)
+    return rank, world_size, device
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] (just [obj] in a single process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Random state
+
+
+def get_rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type != "cpu":
+        state[device.type] = torch.get_device_module(device.type).get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type != "cpu" and device.type in state:
+        torch.get_device_module(device.type).set_rng_state(state[device.type], device)
+
+
+@contextlib.contextmanager
+def shared_random_state(device):
+    """Yields a function that rewinds the random state of `device` (and the CPU) to where it stood on entry,
+    so that a second network call draws the same dropout masks as the first."""
+    device = torch.device(device)
+    state = get_rng_state(device)
+    yield lambda: set_rng_state(state, device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Numerics
+
+
+def configure_backends(device, tf32=True):
+    """The release's numerics on CUDA: TF32 matmuls and convolutions (float32 storage)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def precision_context(device, precision):
+    """bf16 autocast for `precision: bf16`; float32 (no autocast) otherwise, as the release."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def guidance_dtype(precision):
+    """The autocast dtype of the loss's no-grad guidance call (`precision: bf16-guidance`), else None."""
+    return torch.bfloat16 if precision == "bf16-guidance" else None
+
+
+def attention_context(attention, device):
+    """The SDPA kernel: `auto` is the release's memory-efficient kernel on CUDA and PyTorch's choice on the CPU
+    (which has no memory-efficient kernel); `efficient`, `flash` and `math` pin one kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    kernels = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+               "math": SDPBackend.MATH}
+    if attention == "auto":
+        attention = "efficient" if device.type == "cuda" else None
+    return sdpa_kernel(kernels[attention]) if attention else contextlib.nullcontext()
