@@ -65,7 +65,7 @@ class Config(Objective):
     data_channels: Optional[int] = None     # DATASETS
     num_classes: Optional[int] = None       # DATASETS; 0 = unconditional
     num_workers: int = 4                    # DataLoader workers per rank
-    prefetch_factor: Optional[int] = None   # DataLoader batches prefetched per worker (None: PyTorch's default)
+    prefetch_factor: Optional[int] = None   # DataLoader prefetch per worker (None: PyTorch's; unused with 0 workers)
     download: bool = False                  # CIFAR10: let torchvision download it (only when asked)
     load_into_memory: bool = False          # Imagenet latents: read the whole HDF5 file into memory once
     augment_p: float = 0.12                 # CIFAR10: EDM augmentation probability (0 disables)
@@ -175,9 +175,6 @@ def _check(cfg):
     if cfg.learning_rate <= 0 or not all(0 <= b < 1 for b in cfg.betas) or cfg.weight_decay < 0:
         fail(f"'learning_rate' must be > 0, 'betas' in [0, 1) and 'weight_decay' >= 0, got {cfg.learning_rate}, "
              f"{cfg.betas}, {cfg.weight_decay}")
-    if cfg.prefetch_factor is not None and cfg.num_workers == 0:
-        fail(f"'prefetch_factor'={cfg.prefetch_factor} needs num_workers > 0 (the DataLoader prefetches in its "
-             f"workers); set num_workers or remove prefetch_factor")
     if cfg.model_type == "UNet":
         if cfg.num_classes:
             fail(f"model_type 'UNet' is unconditional, but num_classes={cfg.num_classes}: use a DiT model_type "

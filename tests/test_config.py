@@ -99,7 +99,6 @@ def base():
     ({"betas": [0.9, 1.2]}, "betas"),
     ({"betas": [0.9]}, "'betas' must be a list of 2"),
     ({"precision": "auto"}, "'precision' is 'auto'; accepted: fp32, bf16, bf16-guidance"),
-    ({"num_workers": 0}, "'prefetch_factor'=4 needs num_workers > 0"),
     ({"eval_demo_shape": [4, "x"]}, "'eval_demo_shape' must be a list of ints"),
 ])
 def test_bad_configs(change, message):

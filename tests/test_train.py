@@ -197,3 +197,121 @@ def test_imagenet_latent_size_mismatch_is_clear(imagenet_latents, tmp_path):
                        vae=str(imagenet_latents / "vae"), working_dir=str(tmp_path / "run"), data_size=4)
     with pytest.raises(ValueError, match="latents are 8 x 8 but data_size is 4"):
         train.main(["--config", cfg])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The release's files and recipe
+
+
+@pytest.mark.parametrize("kind", ["cifar", "imagenet"])
+def test_release_config_trains_a_few_steps(kind, cifar_root, imagenet_latents, tmp_path):
+    """The release's own imagenet.yaml / cifar.yaml (full-size DiT-B-4 / U-Net, its workers and prefetch),
+    with only dataset_path, working_dir and the sizes pointed at test data. Nothing is decoded (eval periods
+    exceed total_steps), so the SD-VAE is never loaded."""
+    from helpers import write_release_config
+    run = tmp_path / "run"
+    data = cifar_root if kind == "cifar" else str(imagenet_latents / "latents")
+    sizes = dict(batch_size=4, total_steps=2, logging_steps=1)
+    if kind == "imagenet":
+        sizes["data_size"] = 8  # the test latents are 8 x 8
+    cfg = write_release_config(kind, tmp_path / f"{kind}.yaml", dataset_path=data, working_dir=str(run), **sizes)
+    torchrun("train.py", ["--config", cfg], env={"HF_HUB_OFFLINE": "1"})
+    log = (run / "log.txt").read_text()
+    assert "Step 2 |" in log and "precision fp32" in log
+    assert [s for s, _ in list_checkpoints(run / "ckpts")] == [0, 2]
+    assert os.listdir(run / "evals") == [] and os.listdir(run / "figs") == []
+    state = load_checkpoint(run / "ckpts" / "2.pt")
+    n_params = len(list(load_config(cfg).build_model().parameters()))
+    assert len(state["optimizer"]["param_groups"][0]["params"]) == n_params  # every parameter, as the release
+    written = (run / "config.yaml").read_text()
+    assert "dataset_path:" in written and "data_path" not in written
+
+
+def release_loop_step(model, optimizer, cfg, x, step):
+    """One training step written the way the release's loop calls the model (SPEC section 10): loss times
+    shaped [B, 1, 1, 1], labels=None for the CIFAR U-Net, positional loss settings."""
+    B = x.shape[0]
+    t = torch.rand(B, 1, 1, 1) * 0.9 + 0.1
+    s = t * torch.rand(B, 1, 1, 1)
+    l = t + (s - t) * cfg.objective().l_ratio(step)
+    loss, _, _ = model.get_consistency_loss(x, t, l, s, None, None, cfg.cfg_scale, cfg.cfg_decay_time, cfg.p,
+                                            cfg.eps, cfg.mix_ratio, torch.zeros(B, 6))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def release_optimizer(cfg, model):
+    """SPEC section 7: RAdam (CIFAR) over every parameter of the model, lr / betas / weight decay of the config."""
+    return torch.optim.RAdam(model.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.betas),
+                             weight_decay=cfg.weight_decay)
+
+
+def test_release_checkpoint_resumes_here_and_ours_resumes_in_the_release_loop(reference_run, cifar_root, tmp_path):
+    import copy
+    run = tmp_path / "run"
+    cfg_path = write_config("tiny_cifar_cpu.yaml", tmp_path / "cfg.yaml", dataset_path=cifar_root,
+                            working_dir=str(run), eval_demo_steps=4, eval_steps=10)
+    cfg = load_config(cfg_path)
+    # A checkpoint built the release's way: its loop, its optimizer, its five keys.
+    torch.manual_seed(0)
+    model = cfg.build_model()
+    ema = copy.deepcopy(model)
+    optimizer = release_optimizer(cfg, model)
+    for step in range(2):
+        release_loop_step(model, optimizer, cfg, torch.randn(4, 3, 32, 32), step)
+    os.makedirs(run / "ckpts")
+    torch.save({"model": model.state_dict(), "ema_model": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                "finished_steps": 2, "finished_epochs": 0}, run / "ckpts" / "2.pt")
+    torchrun("train.py", ["--config", cfg_path])
+    log = (run / "log.txt").read_text()
+    assert "resumed from" in log and "at step 2 (random states reseeded" in log
+    final = load_checkpoint(run / "ckpts" / "6.pt")
+    steps = {int(v["step"]) for v in final["optimizer"]["state"].values()}
+    assert steps == {6}  # the release's optimizer state went on counting
+    # End of run: the checkpoint always; a grid at 4 and at the last step (period 4 <= 6); no dump (10 > 6).
+    assert [s for s, _ in list_checkpoints(run / "ckpts")] == [2, 4, 6]
+    assert sorted(os.listdir(run / "figs")) == ["4.png", "6.png"] and os.listdir(run / "evals") == []
+
+    # The reverse: a checkpoint written here continues in a loop built the release's way.
+    state = load_checkpoint(reference_run / "ckpts" / "4.pt")
+    model, ema = cfg.build_model(), cfg.build_model()
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema_model"])
+    optimizer = release_optimizer(cfg, model)
+    optimizer.load_state_dict(state["optimizer"])
+    before = [p.detach().clone() for p in model.parameters()]
+    release_loop_step(model, optimizer, cfg, torch.randn(4, 3, 32, 32), state["finished_steps"])
+    assert {int(v["step"]) for v in optimizer.state.values()} == {5}
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_periodic_dump_equals_inference_on_the_saved_checkpoint(reference_run, tmp_path):
+    """Every rank samples its share of a periodic dump with the same EMA (rank 0's, saved in the checkpoint)."""
+    cfg = str(reference_run / "config.yaml")  # the config.yaml the run wrote, read back as the release would
+    torchrun("inference.py", ["--config", cfg, "--ckpt-steps", "6", "--eval-NFE", "1", "--eval-batch-size", "8",
+                              "--seed", "0", "--num-samples", "16", "--out", str(tmp_path)])
+    with np.load(reference_run / "evals" / "6.npz") as a, np.load(tmp_path / "6_1NFE_0.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+        assert len({bytes(img) for img in a["arr_0"]}) == 16
+
+
+def test_vae_loaded_only_when_needed_and_its_failure_is_clear(imagenet_latents, tmp_path, monkeypatch):
+    base = imagenet_latents
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    changes = dict(dataset_path=str(base / "latents"), vae=str(tmp_path / "no_such_vae"), total_steps=2)
+    # nothing to decode: the missing VAE is never touched
+    cfg = write_config("tiny_imagenet_cpu.yaml", tmp_path / "a.yaml", working_dir=str(tmp_path / "a"),
+                       eval_steps=10, eval_demo_steps=10, **changes)
+    train.main(["--config", cfg])
+    assert [s for s, _ in list_checkpoints(tmp_path / "a" / "ckpts")] == [0, 2]
+    assert os.listdir(tmp_path / "a" / "evals") == [] and os.listdir(tmp_path / "a" / "figs") == []
+    # a grid is due: the VAE is loaded before step 1, and its failure names the id, offline mode and the fix
+    cfg = write_config("tiny_imagenet_cpu.yaml", tmp_path / "b.yaml", working_dir=str(tmp_path / "b"),
+                       eval_steps=10, eval_demo_steps=2, **changes)
+    from inference import DecoderError
+    with pytest.raises(DecoderError, match=r"no_such_vae.*offline mode is on.*save_pretrained.*vae:"):
+        train.main(["--config", cfg])
+    assert list_checkpoints(tmp_path / "b" / "ckpts") == []
