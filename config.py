@@ -15,6 +15,7 @@ from typing import List, Optional
 
 import yaml
 
+from data import LATENT_SCALE
 from dit import DIT_SIZES
 from models import COEFFICIENT_TYPES, MODEL_TYPES, NOISING_TYPES, Objective, Soflow
 
@@ -69,7 +70,7 @@ class Config(Objective):
     download: bool = False                  # CIFAR10: let torchvision download it (only when asked)
     load_into_memory: bool = False          # Imagenet latents: read the whole HDF5 file into memory once
     augment_p: float = 0.12                 # CIFAR10: EDM augmentation probability (0 disables)
-    latent_scale: float = 0.18215           # Imagenet: SD-VAE latent scale
+    latent_scale: float = LATENT_SCALE      # Imagenet: SD-VAE latent scale
     vae: str = "stabilityai/sd-vae-ft-mse"  # Imagenet: decoder for sample grids and FID dumps (Hub id or folder)
     # --- model ---
     model_type: Optional[str] = None        # DATASETS

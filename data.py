@@ -8,6 +8,7 @@ run reads exactly the batches an uninterrupted one would.
 import os
 import pickle
 
+import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,9 @@ import torch.nn.functional as F
 from augmentation import AugmentPipe
 
 CIFAR_FOLDER = "cifar-10-batches-py"
+LATENT_FILE = "imagenet_latent.hdf5"
+LATENT_SCALE = 0.18215  # SD-VAE latent scale (the `latent_scale` key's default)
+REQUIRED_DATASETS = ('latents', 'labels', 'amount', 'latent_size')
 
 
 class TensorDataset:
@@ -72,13 +76,193 @@ def load_digits(data_size=8, channels=1):
     return images.repeat(1, channels, 1, 1).contiguous(), torch.tensor(digits.target, dtype=torch.long)
 
 
+# ----------------------------------------------------------------------------------------------------
+# ImageNet latents: the file latent_dataset.py writes
+
+def validate_latent_file(path):
+    """Check the layout of a latent file and return its metadata; raise ValueError naming the problem.
+
+    The labels are returned too (N int64 values are small even for ImageNet) so callers need not read
+    them again.
+    """
+    def fail(problem):
+        raise ValueError(f'{path}: {problem}')
+
+    if not os.path.isfile(path):
+        fail('no such file (run latent_dataset.py to create it)')
+    try:
+        f = h5py.File(path, 'r')
+    except OSError as exc:
+        fail(f'not a readable HDF5 file ({exc})')
+    with f:
+        missing = [name for name in REQUIRED_DATASETS if not isinstance(f.get(name), h5py.Dataset)]
+        if missing:
+            fail(f'missing dataset(s) {missing}; expected {list(REQUIRED_DATASETS)}')
+        latents, labels = f['latents'], f['labels']
+        if latents.ndim != 4:
+            fail(f'latents must be [N, C, L, L], got shape {latents.shape}')
+        if latents.dtype != np.float32:
+            fail(f'latents must be float32, got {latents.dtype}')
+        if labels.ndim != 1 or labels.dtype != np.int64:
+            fail(f'labels must be a 1-D int64 array, got shape {labels.shape} dtype {labels.dtype}')
+        for name in ('amount', 'latent_size'):
+            if f[name].shape != () or f[name].dtype.kind not in 'iu':
+                fail(f'{name} must be an integer scalar, got shape {f[name].shape} dtype {f[name].dtype}')
+        amount, latent_size = int(f['amount'][()]), int(f['latent_size'][()])
+        n, channels, height, width = latents.shape
+        if amount != n or labels.shape[0] != n:
+            fail(f'amount mismatch: amount={amount}, latents has {n} rows, labels has {labels.shape[0]}')
+        if n == 0:
+            fail('contains no samples')
+        if height != latent_size or width != latent_size:
+            fail(f'latents are {height}x{width} but latent_size is {latent_size}')
+        if channels == 0 or channels % 2:
+            fail(f'latents need an even number of channels (mean and std halves), got {channels}')
+        label_values = labels[()]
+        class_names = None
+        if 'class_names' in f:
+            class_names = [name.decode() if isinstance(name, bytes) else str(name) for name in f['class_names'][()]]
+        if label_values.min() < 0:
+            fail(f'negative label {label_values.min()}')
+        if class_names is not None and label_values.max() >= len(class_names):
+            fail(f'label {label_values.max()} out of range for {len(class_names)} class names')
+        return {
+            'amount': amount, 'latent_size': latent_size, 'channels': channels, 'labels': label_values,
+            'class_names': class_names, 'attrs': dict(f.attrs),
+        }
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Reader for `imagenet_latent.hdf5` returning (latent_params [C, L, L] float32, label int64).
+
+    latent_params holds the posterior mean and std halves; feed it through `sample_latents` to get a
+    training latent. Labels are always held in memory. Latents are read in one of three ways
+    (`read_mode`):
+      - 'memory': everything loaded once (`load_into_memory=True`), batches are tensor gathers;
+      - 'mmap':   the file written by this script stores `latents` contiguously and uncompressed, so its
+                  bytes are memory-mapped directly (no HDF5 call per read);
+      - 'h5py':   fallback for chunked/compressed files (or `mmap=False`): one HDF5 read per batch.
+    File handles are opened lazily in the process that reads (and reopened after a fork), so the
+    dataset can be handed to DataLoader workers safely.
+
+    `get_batch(indices)` is the fast path; `dataset[list_of_indices]` calls it too, so a DataLoader built
+    with `batch_size=None` and a BatchSampler reads whole batches at once.
+    `mmap=False` forces h5py reads (e.g. on a file system where memory maps misbehave).
+    """
+
+    def __init__(self, path, load_into_memory=False, mmap=True):
+        self.path = os.fspath(path)
+        meta = validate_latent_file(self.path)
+        self.amount = meta['amount']
+        self.latent_size = meta['latent_size']
+        self.channels = meta['channels']
+        self.data_channels = self.channels // 2
+        self.class_names = meta['class_names']
+        self.labels = torch.from_numpy(meta['labels'])
+        self.num_classes = len(self.class_names) if self.class_names is not None else int(self.labels.max()) + 1
+        self.attrs = meta['attrs']
+        self._pid = None
+        self._h5 = None          # h5py.File, only in 'h5py' mode
+        self._array = None       # np.memmap or h5py.Dataset, per process
+        self._memory = None      # np.ndarray in 'memory' mode
+        if load_into_memory:
+            with h5py.File(self.path, 'r') as f:
+                self._memory = np.empty(f['latents'].shape, dtype=np.float32)
+                f['latents'].read_direct(self._memory)
+            self.read_mode = 'memory'
+        else:
+            with h5py.File(self.path, 'r') as f:
+                self.read_mode = 'mmap' if mmap and self._mmap_offset(f['latents']) is not None else 'h5py'
+
+    @staticmethod
+    def _mmap_offset(dataset):
+        """Byte offset of a dataset's data if it can be memory-mapped (contiguous, unfiltered), else None."""
+        if dataset.chunks is not None or dataset.compression is not None or dataset.external:
+            return None
+        return dataset.id.get_offset()
+
+    def _reader(self):
+        """Open (once per process) the object latents are read from."""
+        if self._pid != os.getpid():
+            # A handle inherited through fork is not safe to use (HDF5 state is per process): reopen.
+            self._h5 = self._array = None
+            with h5py.File(self.path, 'r') as f:
+                dataset = f['latents']
+                offset = self._mmap_offset(dataset)
+                shape, dtype = dataset.shape, dataset.dtype
+            if self.read_mode == 'mmap' and offset is not None:
+                self._array = np.memmap(self.path, dtype=dtype, mode='r', offset=offset, shape=shape)
+            else:
+                self.read_mode = 'h5py'
+                self._h5 = h5py.File(self.path, 'r')
+                self._array = self._h5['latents']
+            self._pid = os.getpid()
+        return self._array
+
+    def __len__(self):
+        return self.amount
+
+    def __getitem__(self, index):
+        """One sample for an integer index; a batch (as `get_batch`) for a sequence of indices."""
+        if not (isinstance(index, (int, np.integer)) or (isinstance(index, torch.Tensor) and index.ndim == 0)):
+            return self.get_batch(index)
+        index = int(index)
+        if not 0 <= index < self.amount:
+            raise IndexError(f'index {index} out of range for {self.amount} samples in {self.path}')
+        source = self._memory if self._memory is not None else self._reader()
+        return torch.from_numpy(np.array(source[index])), self.labels[index]  # a copy, never a view
+
+    def get_batch(self, indices):
+        """Return (latent_params [B, C, L, L] float32, labels [B] int64) for `indices`, in that order.
+
+        Gathers are numpy fancy indexing (one single-threaded copy of the rows); in 'memory' and 'mmap'
+        modes rows are taken in any order directly into the result. h5py needs increasing, distinct
+        indices, so there each distinct row is read once in sorted order and then put in place.
+        """
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if indices.size and (indices.min() < 0 or indices.max() >= self.amount):
+            raise IndexError(f'indices out of range for {self.amount} samples in {self.path}')
+        labels = torch.from_numpy(self.labels.numpy()[indices])
+        if self._memory is not None:
+            return torch.from_numpy(self._memory[indices]), labels
+        array = self._reader()
+        if self.read_mode == 'mmap':
+            return torch.from_numpy(array[indices]), labels
+        unique, inverse = np.unique(indices, return_inverse=True)
+        rows = array[unique]
+        if not np.array_equal(unique, indices):
+            rows = rows[inverse]
+        return torch.from_numpy(rows), labels
+
+    def close(self):
+        if self._h5 is not None:
+            self._h5.close()
+        self._h5 = self._array = self._pid = None
+
+    def __getstate__(self):
+        # Handles never travel to other processes (spawned workers open their own).
+        state = self.__dict__.copy()
+        state.update(_h5=None, _array=None, _pid=None)
+        return state
+
+
+def sample_latents(params, latent_scale=LATENT_SCALE, generator=None):
+    """Draw training latents (mean + std * N(0, 1)) * latent_scale from stored params [B, 2C, L, L].
+
+    `generator`, if given, must live on params' device."""
+    if params.shape[1] % 2:
+        raise ValueError(f'expected mean and std halves along dim 1, got {params.shape[1]} channels')
+    mean, std = params.chunk(2, dim=1)
+    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+    return (mean + std * noise) * latent_scale
+
+
 class LatentBatches:
     """ImageNet SD-VAE posteriors (mean | std) from `imagenet_latent.hdf5`; `prepare` draws the latent."""
 
     def __init__(self, path, latent_scale, load_into_memory):
-        from latent_dataset import LatentDataset
         if os.path.isdir(path):
-            path = os.path.join(path, "imagenet_latent.hdf5")
+            path = os.path.join(path, LATENT_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"ImageNet latents not found at {path}; run latent_dataset.py first and point "
                                     f"dataset_path at its --save-path")
@@ -92,7 +276,6 @@ class LatentBatches:
         return self.dataset.get_batch(indices)
 
     def prepare(self, params, generator=None):
-        from latent_dataset import sample_latents
         return sample_latents(params, self.latent_scale, generator=generator), None
 
 

@@ -6,6 +6,8 @@ TF32, autocast precision and the SDPA attention kernel.
 """
 import contextlib
 import os
+import signal
+import sys
 from datetime import timedelta
 
 import torch
@@ -22,6 +24,9 @@ def setup_distributed(timeout_minutes=60):
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
+                               f"start at most that many processes per node")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
@@ -50,6 +55,20 @@ def all_gather_objects(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def crash_hook(point, count, rank):
+    """Test-only fault injection: SOFLOW_TEST_CRASH="POINT:N" or "POINT:N@RANK" (rank 0 by default) kills this
+    process with SIGKILL when it reaches `point` (train.py: "step" at the start of step N, "ckpt" in the middle
+    of writing checkpoint N; latent_dataset.py: "chunk" after flushing its N-th chunk)."""
+    spec = os.environ.get("SOFLOW_TEST_CRASH")
+    if not spec:
+        return
+    where, _, at_rank = spec.partition("@")
+    kind, _, n = where.partition(":")
+    if kind == point and int(n) == count and rank == int(at_rank or 0):
+        print(f"SOFLOW_TEST_CRASH={spec}: killing rank {rank} at {point} {count}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------------------------------

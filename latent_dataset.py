@@ -1,4 +1,4 @@
-"""ImageNet latents for SoFlow: a resumable multi-process pre-extractor and a fast dataset reader.
+"""ImageNet latents for SoFlow: a resumable multi-process pre-extractor.
 
 As a script it turns an ImageFolder tree into `imagenet_latent.hdf5`:
 
@@ -27,10 +27,10 @@ merges the parts into `imagenet_latent.hdf5.tmp`, verifies it and atomically ren
 
 --dtype float32 (default) also turns off TF32 convolutions on GPUs; float16 is faster on GPUs.
 
-Test-only hook: SOFLOW_TEST_CRASH_AFTER_CHUNKS="RANK:N" makes rank RANK exit abruptly (os._exit) right
-after flushing its N-th chunk, to simulate a killed worker.
+Test-only hook: SOFLOW_TEST_CRASH="chunk:N@RANK" kills rank RANK (SIGKILL) right after it flushed its N-th
+chunk (`distributed.crash_hook`, the fault injection train.py uses too).
 
-As a module it provides `LatentDataset` (what train.py reads) and `sample_latents`.
+The reader training uses (`LatentDataset`, `sample_latents`) lives in data.py with the other datasets.
 """
 import argparse
 import hashlib
@@ -39,22 +39,21 @@ import logging
 import os
 import sys
 import time
-from datetime import timedelta
 
 import h5py
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import BatchSampler, DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-OUTPUT_NAME = 'imagenet_latent.hdf5'
-LATENT_SCALE = 0.18215
+from data import LATENT_FILE, validate_latent_file
+from distributed import (all_gather_objects, barrier, cleanup_distributed, configure_backends, crash_hook,
+                         setup_distributed)
+
+OUTPUT_NAME = LATENT_FILE
 # Same extensions as torchvision.datasets.ImageFolder, matched case-insensitively.
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
-CRASH_ENV = 'SOFLOW_TEST_CRASH_AFTER_CHUNKS'
-REQUIRED_DATASETS = ('latents', 'labels', 'amount', 'latent_size')
 # Rows copied per read/write while merging parts (8 x 32 x 32 float32 rows: 32 MiB per block).
 MERGE_BLOCK_ROWS = 1024
 
@@ -63,199 +62,6 @@ log = logging.getLogger('latent_dataset')
 
 class ExtractionError(RuntimeError):
     """A problem the user has to fix (bad arguments, unreadable image, ...); printed without traceback."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reading the latent file (used by training)
-# ----------------------------------------------------------------------------------------------------
-
-def validate_latent_file(path):
-    """Check the layout of a latent file and return its metadata; raise ValueError naming the problem.
-
-    The labels are returned too (N int64 values are small even for ImageNet) so callers need not read
-    them again.
-    """
-    def fail(problem):
-        raise ValueError(f'{path}: {problem}')
-
-    if not os.path.isfile(path):
-        fail('no such file (run latent_dataset.py to create it)')
-    try:
-        f = h5py.File(path, 'r')
-    except OSError as exc:
-        fail(f'not a readable HDF5 file ({exc})')
-    with f:
-        missing = [name for name in REQUIRED_DATASETS if not isinstance(f.get(name), h5py.Dataset)]
-        if missing:
-            fail(f'missing dataset(s) {missing}; expected {list(REQUIRED_DATASETS)}')
-        latents, labels = f['latents'], f['labels']
-        if latents.ndim != 4:
-            fail(f'latents must be [N, C, L, L], got shape {latents.shape}')
-        if latents.dtype != np.float32:
-            fail(f'latents must be float32, got {latents.dtype}')
-        if labels.ndim != 1 or labels.dtype != np.int64:
-            fail(f'labels must be a 1-D int64 array, got shape {labels.shape} dtype {labels.dtype}')
-        for name in ('amount', 'latent_size'):
-            if f[name].shape != () or f[name].dtype.kind not in 'iu':
-                fail(f'{name} must be an integer scalar, got shape {f[name].shape} dtype {f[name].dtype}')
-        amount, latent_size = int(f['amount'][()]), int(f['latent_size'][()])
-        n, channels, height, width = latents.shape
-        if amount != n or labels.shape[0] != n:
-            fail(f'amount mismatch: amount={amount}, latents has {n} rows, labels has {labels.shape[0]}')
-        if n == 0:
-            fail('contains no samples')
-        if height != latent_size or width != latent_size:
-            fail(f'latents are {height}x{width} but latent_size is {latent_size}')
-        if channels == 0 or channels % 2:
-            fail(f'latents need an even number of channels (mean and std halves), got {channels}')
-        label_values = labels[()]
-        class_names = None
-        if 'class_names' in f:
-            class_names = [name.decode() if isinstance(name, bytes) else str(name) for name in f['class_names'][()]]
-        if label_values.min() < 0:
-            fail(f'negative label {label_values.min()}')
-        if class_names is not None and label_values.max() >= len(class_names):
-            fail(f'label {label_values.max()} out of range for {len(class_names)} class names')
-        return {
-            'amount': amount, 'latent_size': latent_size, 'channels': channels, 'labels': label_values,
-            'class_names': class_names, 'attrs': dict(f.attrs),
-        }
-
-
-class LatentDataset(Dataset):
-    """Reader for `imagenet_latent.hdf5` returning (latent_params [C, L, L] float32, label int64).
-
-    latent_params holds the posterior mean and std halves; feed it through `sample_latents` to get a
-    training latent. Labels are always held in memory. Latents are read in one of three ways
-    (`read_mode`):
-      - 'memory': everything loaded once (`load_into_memory=True`), batches are tensor gathers;
-      - 'mmap':   the file written by this script stores `latents` contiguously and uncompressed, so its
-                  bytes are memory-mapped directly (no HDF5 call per read);
-      - 'h5py':   fallback for chunked/compressed files (or `mmap=False`): one HDF5 read per batch.
-    File handles are opened lazily in the process that reads (and reopened after a fork), so the
-    dataset can be handed to DataLoader workers safely.
-
-    `get_batch(indices)` is the fast path; `dataset[list_of_indices]` calls it too, so a DataLoader built
-    with `batch_size=None` and a BatchSampler (see `make_batch_loader`) reads whole batches at once.
-    `mmap=False` forces h5py reads (e.g. on a file system where memory maps misbehave).
-    """
-
-    def __init__(self, path, load_into_memory=False, mmap=True):
-        self.path = os.fspath(path)
-        meta = validate_latent_file(self.path)
-        self.amount = meta['amount']
-        self.latent_size = meta['latent_size']
-        self.channels = meta['channels']
-        self.data_channels = self.channels // 2
-        self.class_names = meta['class_names']
-        self.labels = torch.from_numpy(meta['labels'])
-        self.num_classes = len(self.class_names) if self.class_names is not None else int(self.labels.max()) + 1
-        self.attrs = meta['attrs']
-        self._pid = None
-        self._h5 = None          # h5py.File, only in 'h5py' mode
-        self._array = None       # np.memmap or h5py.Dataset, per process
-        self._memory = None      # np.ndarray in 'memory' mode
-        if load_into_memory:
-            with h5py.File(self.path, 'r') as f:
-                self._memory = np.empty(f['latents'].shape, dtype=np.float32)
-                f['latents'].read_direct(self._memory)
-            self.read_mode = 'memory'
-        else:
-            with h5py.File(self.path, 'r') as f:
-                self.read_mode = 'mmap' if mmap and self._mmap_offset(f['latents']) is not None else 'h5py'
-
-    @staticmethod
-    def _mmap_offset(dataset):
-        """Byte offset of a dataset's data if it can be memory-mapped (contiguous, unfiltered), else None."""
-        if dataset.chunks is not None or dataset.compression is not None or dataset.external:
-            return None
-        return dataset.id.get_offset()
-
-    def _reader(self):
-        """Open (once per process) the object latents are read from."""
-        if self._pid != os.getpid():
-            # A handle inherited through fork is not safe to use (HDF5 state is per process): reopen.
-            self._h5 = self._array = None
-            with h5py.File(self.path, 'r') as f:
-                dataset = f['latents']
-                offset = self._mmap_offset(dataset)
-                shape, dtype = dataset.shape, dataset.dtype
-            if self.read_mode == 'mmap' and offset is not None:
-                self._array = np.memmap(self.path, dtype=dtype, mode='r', offset=offset, shape=shape)
-            else:
-                self.read_mode = 'h5py'
-                self._h5 = h5py.File(self.path, 'r')
-                self._array = self._h5['latents']
-            self._pid = os.getpid()
-        return self._array
-
-    def __len__(self):
-        return self.amount
-
-    def __getitem__(self, index):
-        """One sample for an integer index; a batch (as `get_batch`) for a sequence of indices."""
-        if not (isinstance(index, (int, np.integer)) or (isinstance(index, torch.Tensor) and index.ndim == 0)):
-            return self.get_batch(index)
-        index = int(index)
-        if not 0 <= index < self.amount:
-            raise IndexError(f'index {index} out of range for {self.amount} samples in {self.path}')
-        source = self._memory if self._memory is not None else self._reader()
-        return torch.from_numpy(np.array(source[index])), self.labels[index]  # a copy, never a view
-
-    def get_batch(self, indices):
-        """Return (latent_params [B, C, L, L] float32, labels [B] int64) for `indices`, in that order.
-
-        Gathers are numpy fancy indexing (one single-threaded copy of the rows); in 'memory' and 'mmap'
-        modes rows are taken in any order directly into the result. h5py needs increasing, distinct
-        indices, so there each distinct row is read once in sorted order and then put in place.
-        """
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if indices.size and (indices.min() < 0 or indices.max() >= self.amount):
-            raise IndexError(f'indices out of range for {self.amount} samples in {self.path}')
-        labels = torch.from_numpy(self.labels.numpy()[indices])
-        if self._memory is not None:
-            return torch.from_numpy(self._memory[indices]), labels
-        array = self._reader()
-        if self.read_mode == 'mmap':
-            return torch.from_numpy(array[indices]), labels
-        unique, inverse = np.unique(indices, return_inverse=True)
-        rows = array[unique]
-        if not np.array_equal(unique, indices):
-            rows = rows[inverse]
-        return torch.from_numpy(rows), labels
-
-    def close(self):
-        if self._h5 is not None:
-            self._h5.close()
-        self._h5 = self._array = self._pid = None
-
-    def __getstate__(self):
-        # Handles never travel to other processes (spawned workers open their own).
-        state = self.__dict__.copy()
-        state.update(_h5=None, _array=None, _pid=None)
-        return state
-
-
-def make_batch_loader(dataset, batch_size, sampler=None, num_workers=0, drop_last=True, **kwargs):
-    """DataLoader that reads whole batches through `dataset.get_batch`.
-
-    `sampler` yields sample indices (e.g. a DistributedSampler, or None for sequential order); they are
-    grouped into batches here and each batch is read in one go, instead of one read per sample.
-    """
-    sampler = sampler if sampler is not None else range(len(dataset))
-    batches = BatchSampler(sampler, batch_size, drop_last=drop_last)
-    return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=num_workers, **kwargs)
-
-
-def sample_latents(params, latent_scale=LATENT_SCALE, generator=None):
-    """Draw training latents (mean + std * N(0, 1)) * latent_scale from stored params [B, 2C, L, L].
-
-    `generator`, if given, must live on params' device."""
-    if params.shape[1] % 2:
-        raise ValueError(f'expected mean and std halves along dim 1, got {params.shape[1]} channels')
-    mean, std = params.chunk(2, dim=1)
-    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-    return (mean + std * noise) * latent_scale
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -492,15 +298,6 @@ def read_failures(f, below=None):
     return [tuple(r) for r in records if below is None or r[0] < below]
 
 
-def _crash_hook(rank):
-    """Chunk count after which this rank must die (test hook), or None."""
-    value = os.environ.get(CRASH_ENV)
-    if not value:
-        return None
-    crash_rank, chunks = value.split(':')
-    return int(chunks) if int(crash_rank) == rank else None
-
-
 def extract_part(args, samples, start, stop, path, fingerprint, device, rank, world):
     """Encode this rank's shard into its part file, continuing a partial part where possible."""
     state = inspect_part(path, fingerprint, start, stop)
@@ -554,7 +351,6 @@ def write_chunks(args, loader, vae, device, f, start, latent_shape, skipped, pro
     chunk at a time. `skipped` is the number of failure records already in the part; returns the
     number after this pass."""
     latents_ds, labels_ds, indices_ds, failures_ds = f['latents'], f['labels'], f['indices'], f['failures']
-    crash_after = _crash_hook(rank)
     chunks = 0
     for batch in loader:
         for _, bad_path, reason in batch['failures']:
@@ -585,10 +381,7 @@ def write_chunks(args, loader, vae, device, f, start, latent_shape, skipped, pro
         chunks += 1
         progress.update(n)
         progress.set_postfix(skipped=skipped, refresh=False)
-        if crash_after is not None and chunks >= crash_after:
-            log.warning('rank %d: %s=%s, exiting abruptly after %d chunk(s)', rank, CRASH_ENV,
-                        os.environ[CRASH_ENV], chunks)
-            os._exit(17)
+        crash_hook('chunk', chunks, rank)
     return skipped
 
 
@@ -723,9 +516,7 @@ def main(argv=None):
     """Extract latents as described in the module docstring. Returns 0; raises ExtractionError on a
     problem the user must fix."""
     args = parse_args(argv)
-    distributed = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
-    rank = int(os.environ.get('RANK', 0)) if distributed else 0
-    world = int(os.environ.get('WORLD_SIZE', 1)) if distributed else 1
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     setup_logging(rank, world)
 
     check_args(args)
@@ -739,29 +530,16 @@ def main(argv=None):
 
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
-    device = torch.device('cuda', local_rank) if cuda else torch.device('cpu')
-    if cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise ExtractionError(f'LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) are '
-                                  'visible; start at most that many processes per node')
-        torch.cuda.set_device(device)
-        if args.dtype == 'float32':
-            torch.backends.cudnn.allow_tf32 = False  # float32 means float32 math, not TF32 convolutions
-    elif args.dtype == 'float16' and rank == 0:
+    rank, world, device = setup_distributed(timeout_minutes=args.dist_timeout_min)
+    if device.type == 'cuda' and args.dtype == 'float32':
+        configure_backends(device, tf32=False)  # float32 means float32 math, not TF32 convolutions
+    elif device.type == 'cpu' and args.dtype == 'float16' and rank == 0:
         log.warning('--dtype float16 on CPU is slow; float32 is recommended there')
-    if distributed:
-        dist.init_process_group('nccl' if cuda else 'gloo', timeout=timedelta(minutes=args.dist_timeout_min),
-                                **({'device_id': device} if cuda else {}))
     try:
-        if distributed:
-            # Every rank must have listed the same files (e.g. a lagging network file system would not).
-            fingerprints = [None] * world
-            dist.all_gather_object(fingerprints, fingerprint)
-            if len(set(fingerprints)) != 1:
-                raise ExtractionError('ranks see different image lists under --data-path; make sure every '
-                                      'process sees the same, complete folder')
+        # Every rank must have listed the same files (e.g. a lagging network file system would not).
+        if len(set(all_gather_objects(fingerprint))) != 1:
+            raise ExtractionError('ranks see different image lists under --data-path; make sure every '
+                                  'process sees the same, complete folder')
         start, stop = shard_bounds(len(samples), rank, world)
         path = part_path(args.save_path, rank, world)
         log.info('rank %d: images [%d, %d) of %d -> %s', rank, start, stop, len(samples), path)
@@ -770,10 +548,10 @@ def main(argv=None):
                      world, world)
         began = time.time()
         extract_part(args, samples, start, stop, path, fingerprint, device, rank, world)
-        if distributed:
+        if world > 1:
             if rank == 0:
                 log.info('rank 0 shard done in %.1f s; waiting for the other ranks', time.time() - began)
-            dist.barrier()
+            barrier()
         if rank == 0:
             merge_parts(args, samples, classes, world, fingerprint)
             elapsed = time.time() - began
@@ -781,8 +559,7 @@ def main(argv=None):
                      elapsed, len(samples) / elapsed, world)
     finally:
         # Other ranks leave right after the barrier; rank 0 merges alone (no collective is pending).
-        if distributed:
-            dist.destroy_process_group()
+        cleanup_distributed()
     return 0
 
 

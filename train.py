@@ -10,7 +10,6 @@ import argparse
 import copy
 import os
 import resource
-import signal
 import sys
 import time
 
@@ -23,7 +22,8 @@ from checkpoints import latest_checkpoint, save_checkpoint
 from config import ConfigError, check_world_size, load_config, save_config
 from data import batch_loader, build_dataset
 from distributed import (all_gather_objects, attention_context, barrier, cleanup_distributed, configure_backends,
-                         get_rng_state, guidance_dtype, precision_context, set_rng_state, setup_distributed)
+                         crash_hook, get_rng_state, guidance_dtype, precision_context, set_rng_state,
+                         setup_distributed)
 from inference import build_decoder, dump_samples, sample_grid
 
 
@@ -60,7 +60,7 @@ class EMA:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Logging and faults
+# Logging
 
 
 class Logger:
@@ -84,18 +84,6 @@ def peak_memory_gib(device):
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-def crash_hook(point, step, rank):
-    """Test-only fault injection: SOFLOW_TEST_CRASH="step:N" or "ckpt:N" (optionally "@RANK") kills this
-    process with SIGKILL at the start of step N, or in the middle of writing checkpoint N."""
-    spec = os.environ.get("SOFLOW_TEST_CRASH")
-    if not spec:
-        return
-    where, _, at_rank = spec.partition("@")
-    kind, _, n = where.partition(":")
-    if kind == point and int(n) == step and rank == int(at_rank or 0):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-from latent_dataset import LatentDataset, make_batch_loader  # noqa: E402
+from data import LatentDataset  # noqa: E402
 
 
 def write_synthetic(path, num_samples, channels, latent_size, num_classes, seed):
@@ -140,8 +140,10 @@ def run(path, args):
     batched('LatentDataset.get_batch, h5py read (mmap=False)', LatentDataset(path, mmap=False))
     batched(f'LatentDataset.get_batch ({dataset.read_mode})', dataset)
     sampler = np.concatenate(batches).tolist()
-    report(f'make_batch_loader, 2 workers ({dataset.read_mode})', count,
-           lambda: consume(make_batch_loader(dataset, args.batch_size, sampler=sampler, num_workers=2)))
+    report(f'DataLoader of whole batches, 2 workers ({dataset.read_mode})', count,
+           lambda: consume(torch.utils.data.DataLoader(
+               dataset, sampler=torch.utils.data.BatchSampler(sampler, args.batch_size, drop_last=True),
+               batch_size=None, num_workers=2)))
 
     # 5. Everything in memory.
     start = time.perf_counter()

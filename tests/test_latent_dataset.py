@@ -1,5 +1,5 @@
 """Tests of latent_dataset.py: extraction (2 ranks on CPU through torchrun, resume, bad images, argument
-checks) and the LatentDataset reader. A tiny randomly initialised AutoencoderKL saved to a temporary
+checks) and the reader training uses (data.LatentDataset). A tiny randomly initialised AutoencoderKL saved to a temporary
 folder stands in for the SD-VAE, so nothing is downloaded."""
 import logging
 import os
@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data as datasets
 import latent_dataset as ld
 from helpers import ROOT, make_image_folder, make_tiny_vae, torchrun
 
@@ -138,9 +139,9 @@ def test_killed_rank_resumes_and_complete_part_is_reused(workspace, extracted, t
     mtime = os.stat(part0).st_mtime_ns
 
     args = cli_args(workspace / 'images', out, workspace / 'vae', '--keep-parts')
-    crashed = extract(args, env={ld.CRASH_ENV: '1:1'}, check=False)  # rank 1 dies after its first chunk
+    crashed = extract(args, env={'SOFLOW_TEST_CRASH': 'chunk:1@1'}, check=False)  # rank 1 killed after 1 chunk
     assert crashed.returncode != 0
-    assert 'exiting abruptly after 1 chunk(s)' in crashed.stderr
+    assert 'killing rank 1 at chunk 1' in crashed.stderr
     assert not (out / ld.OUTPUT_NAME).exists()
     with h5py.File(part1, 'r') as f:
         assert f.attrs['num_done'] == 2 and not f.attrs['complete']
@@ -219,7 +220,7 @@ def test_dataset_reads(extracted):
     save, _ = extracted
     path = save / ld.OUTPUT_NAME
     data = read_all(path)
-    dataset = ld.LatentDataset(path)
+    dataset = datasets.LatentDataset(path)
     assert dataset.read_mode == 'mmap'
     assert len(dataset) == 9 and dataset.latent_size == 8 and dataset.data_channels == 4
     assert dataset.num_classes == 3 and dataset.class_names == ['cat', 'dog', 'emu']
@@ -240,11 +241,11 @@ def test_dataset_reads(extracted):
     with pytest.raises(IndexError):
         dataset[9]
 
-    in_memory = ld.LatentDataset(path, load_into_memory=True)
+    in_memory = datasets.LatentDataset(path, load_into_memory=True)
     assert in_memory.read_mode == 'memory'
     assert all(torch.equal(a, b) for a, b in zip(in_memory.get_batch(order), (latents, labels)))
 
-    forced = ld.LatentDataset(path, mmap=False)
+    forced = datasets.LatentDataset(path, mmap=False)
     assert forced.read_mode == 'h5py'
     assert all(torch.equal(a, b) for a, b in zip(forced.get_batch(order), (latents, labels)))
     assert torch.equal(forced[4][0], latent)
@@ -257,16 +258,17 @@ def test_dataset_reads(extracted):
                 f.create_dataset(name, data=value, chunks=(2, 8, 8, 8), compression='gzip')
             else:
                 f.create_dataset(name, data=value)
-    chunked = ld.LatentDataset(compressed)
+    chunked = datasets.LatentDataset(compressed)
     assert chunked.read_mode == 'h5py'
     assert all(torch.equal(a, b) for a, b in zip(chunked.get_batch(order), (latents, labels)))
 
 
 def test_dataset_in_dataloader_workers(extracted):
     save, _ = extracted
-    dataset = ld.LatentDataset(save / ld.OUTPUT_NAME)
+    dataset = datasets.LatentDataset(save / ld.OUTPUT_NAME)
     dataset.get_batch([0])  # opens the file in this process before the workers fork
-    loader = ld.make_batch_loader(dataset, batch_size=4, num_workers=2, drop_last=False)
+    batches = torch.utils.data.BatchSampler(range(len(dataset)), 4, drop_last=False)
+    loader = torch.utils.data.DataLoader(dataset, sampler=batches, batch_size=None, num_workers=2)
     batches = list(loader)
     assert [len(labels) for _, labels in batches] == [4, 4, 1]
     assert torch.equal(torch.cat([latents for latents, _ in batches]), dataset.get_batch(range(9))[0])
@@ -278,17 +280,17 @@ def test_dataset_in_dataloader_workers(extracted):
 def test_sample_latents():
     mean, std = 0.5, 2.0
     params = torch.cat([torch.full((64, 4, 16, 16), mean), torch.full((64, 4, 16, 16), std)], dim=1)
-    latents = ld.sample_latents(params, generator=torch.Generator().manual_seed(0))
+    latents = datasets.sample_latents(params, generator=torch.Generator().manual_seed(0))
     assert latents.shape == (64, 4, 16, 16) and latents.dtype == torch.float32
-    assert abs(latents.mean().item() - mean * ld.LATENT_SCALE) < 0.01
-    assert abs(latents.std().item() - std * ld.LATENT_SCALE) < 0.01
-    again = ld.sample_latents(params, generator=torch.Generator().manual_seed(0))
+    assert abs(latents.mean().item() - mean * datasets.LATENT_SCALE) < 0.01
+    assert abs(latents.std().item() - std * datasets.LATENT_SCALE) < 0.01
+    again = datasets.sample_latents(params, generator=torch.Generator().manual_seed(0))
     assert torch.equal(latents, again)
     # std = 0 gives back the scaled mean exactly; latent_scale is honoured.
     exact = torch.cat([torch.full((2, 4, 4, 4), mean), torch.zeros(2, 4, 4, 4)], dim=1)
-    assert torch.equal(ld.sample_latents(exact, latent_scale=1.0), torch.full((2, 4, 4, 4), mean))
+    assert torch.equal(datasets.sample_latents(exact, latent_scale=1.0), torch.full((2, 4, 4, 4), mean))
     with pytest.raises(ValueError):
-        ld.sample_latents(torch.zeros(1, 3, 4, 4))
+        datasets.sample_latents(torch.zeros(1, 3, 4, 4))
 
 
 def write_latent_file(path, n=4, channels=8, size=4, **overrides):
@@ -315,17 +317,17 @@ def test_dataset_validation_errors(tmp_path, overrides, message):
     path = tmp_path / 'bad.hdf5'
     write_latent_file(path, **overrides)
     with pytest.raises(ValueError, match=message) as error:
-        ld.LatentDataset(path)
+        datasets.LatentDataset(path)
     assert str(path) in str(error.value)
 
 
 def test_dataset_validation_file_errors(tmp_path):
     with pytest.raises(ValueError, match='no such file'):
-        ld.LatentDataset(tmp_path / 'absent.hdf5')
+        datasets.LatentDataset(tmp_path / 'absent.hdf5')
     garbage = tmp_path / 'garbage.hdf5'
     garbage.write_bytes(b'not hdf5 at all')
     with pytest.raises(ValueError, match='not a readable HDF5 file'):
-        ld.LatentDataset(garbage)
+        datasets.LatentDataset(garbage)
     good = tmp_path / 'good.hdf5'
     write_latent_file(good)
-    assert len(ld.LatentDataset(good)) == 4 and ld.LatentDataset(good).num_classes == 4
+    assert len(datasets.LatentDataset(good)) == 4 and datasets.LatentDataset(good).num_classes == 4
