@@ -1,10 +1,11 @@
-"""Process start-up and run-time contexts shared by train.py, inference.py and latent_dataset.py.
+"""Process start-up and run-time contexts shared by train.py, inference.py, sample.py and latent_dataset.py.
 
-Distributed set-up (NCCL + cuda:LOCAL_RANK where CUDA exists, gloo + CPU otherwise), random-state capture
-and restore (checkpoints and the shared dropout masks of the consistency loss), and the numerics contexts:
-TF32, autocast precision and the SDPA attention kernel.
+Distributed set-up (NCCL + cuda:LOCAL_RANK where CUDA exists, gloo + CPU otherwise), the scripts' logging,
+random-state capture and restore (checkpoints and the shared dropout masks of the consistency loss), and the
+numerics contexts: TF32, autocast precision and the SDPA attention kernel.
 """
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -12,6 +13,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -55,6 +57,36 @@ def all_gather_objects(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+class _TqdmHandler(logging.Handler):
+    """Console lines through tqdm.write, so that progress bars stay intact."""
+
+    def emit(self, record):
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 (logging must never raise)
+            self.handleError(record)
+
+
+def setup_logging(name, rank=0, path=None, prefix="", all_ranks=False):
+    """The logger of a script: console lines (INFO on rank 0, or on every rank with `all_ranks`; warnings from
+    every rank) prefixed by `prefix` (a logging format, e.g. "%(asctime)s "), and on rank 0 the plain messages
+    appended to `path`. Calling it again replaces the handlers (a test may run several scripts in one process)."""
+    logger = logging.getLogger(name)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    console = _TqdmHandler(logging.INFO if rank == 0 or all_ranks else logging.WARNING)
+    console.setFormatter(logging.Formatter(prefix + "%(message)s", datefmt="%H:%M:%S"))
+    logger.addHandler(console)
+    if path is not None and rank == 0:
+        file_handler = logging.FileHandler(path)
+        file_handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(file_handler)
+    return logger
 
 
 def crash_hook(point, count, rank):

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from distributed import (attention_context, cleanup_distributed, configure_backends, precision_context,
-                         setup_distributed)
+                         setup_distributed, setup_logging)
 from models import to_uint8
 
 # ----------------------------------------------------------------------------------------------------
@@ -252,6 +252,7 @@ def main(argv=None):
     if args.class_balanced and cfg.num_classes and args.num_samples % cfg.num_classes:
         raise SystemExit(f"--class-balanced needs --num-samples divisible by {cfg.num_classes}")
     rank, world_size, device = setup_distributed()
+    log = setup_logging("inference", rank)
     configure_backends(device, cfg.tf32)
     try:
         model = load_sampling_model(cfg, ckpt, device)
@@ -261,14 +262,12 @@ def main(argv=None):
         name = os.path.splitext(os.path.basename(ckpt))[0]
         out_dir = args.out or os.path.join(cfg.working_dir, "evals")
         out = os.path.join(out_dir, f"{name}_{args.eval_NFE}NFE_{args.seed}.npz")
-        if rank == 0:
-            print(f"sampling {args.num_samples} images at {args.eval_NFE} NFE from the EMA weights of {ckpt} "
-                  f"on {world_size} rank(s) -> {out}")
+        log.info(f"sampling {args.num_samples} images at {args.eval_NFE} NFE from the EMA weights of {ckpt} "
+                 f"on {world_size} rank(s) -> {out}")
         with attention_context(cfg.attention, device):
             dump_samples(model, out, args.num_samples, args.eval_NFE, args.seed, args.eval_batch_size, device, rank,
                          world_size, decode, args.class_balanced, args.precision or cfg.precision)
-        if rank == 0:
-            print(f"wrote {out}")
+        log.info(f"wrote {out}")
     finally:
         cleanup_distributed()
 

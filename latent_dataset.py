@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from data import LATENT_FILE, validate_latent_file
 from distributed import (all_gather_objects, barrier, cleanup_distributed, configure_backends, crash_hook,
-                         setup_distributed)
+                         setup_distributed, setup_logging)
 
 OUTPUT_NAME = LATENT_FILE
 # Same extensions as torchvision.datasets.ImageFolder, matched case-insensitively.
@@ -495,29 +495,13 @@ def existing_output_is_current(final, fingerprint):
     return True
 
 
-class _TqdmHandler(logging.Handler):
-    """Log lines that do not tear the progress bar."""
-
-    def emit(self, record):
-        tqdm.write(self.format(record), file=sys.stderr)
-
-
-def setup_logging(rank, world):
-    for handler in [h for h in log.handlers if isinstance(h, _TqdmHandler)]:
-        log.removeHandler(handler)
-    handler = _TqdmHandler()
-    prefix = f'[latent_dataset %(asctime)s rank {rank}/{world}]'
-    handler.setFormatter(logging.Formatter(prefix + ' %(levelname)s %(message)s', datefmt='%H:%M:%S'))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-
-
 def main(argv=None):
     """Extract latents as described in the module docstring. Returns 0; raises ExtractionError on a
     problem the user must fix."""
     args = parse_args(argv)
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-    setup_logging(rank, world)
+    setup_logging('latent_dataset', rank, prefix=f'[latent_dataset %(asctime)s rank {rank}/{world}] %(levelname)s ',
+                  all_ranks=True)
 
     check_args(args)
     samples, classes = scan_and_check(args.data_path, verbose=rank == 0)

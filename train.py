@@ -8,6 +8,7 @@ never stopped.
 """
 import argparse
 import copy
+import logging
 import os
 import resource
 import sys
@@ -23,7 +24,7 @@ from config import ConfigError, check_world_size, load_config, save_config
 from data import batch_loader, build_dataset
 from distributed import (all_gather_objects, attention_context, barrier, cleanup_distributed, configure_backends,
                          crash_hook, get_rng_state, guidance_dtype, precision_context, set_rng_state,
-                         setup_distributed)
+                         setup_distributed, setup_logging)
 from inference import build_decoder, dump_samples, sample_grid
 
 
@@ -61,19 +62,6 @@ class EMA:
 
 # ----------------------------------------------------------------------------------------------------
 # Logging
-
-
-class Logger:
-    def __init__(self, path, rank):
-        self.path = path
-        self.rank = rank
-
-    def __call__(self, msg):
-        if self.rank != 0:
-            return
-        tqdm.write(msg)
-        with open(self.path, "a") as f:
-            f.write(msg + "\n")
 
 
 def peak_memory_gib(device):
@@ -146,10 +134,10 @@ def train(cfg, args, rank, world_size, device):
             os.makedirs(d, exist_ok=True)
         save_config(cfg, os.path.join(work, "config.yaml"))
     barrier()
-    log = Logger(os.path.join(work, "log.txt"), rank)
+    log = setup_logging("train", rank, os.path.join(work, "log.txt")).info
 
     dataset = build_dataset(cfg)  # fails early, with a clear message, when data are missing
-    ckpt_path, state = latest_checkpoint(ckpt_dir, log=log)
+    ckpt_path, state = latest_checkpoint(ckpt_dir, log=logging.getLogger("train").warning)
     if state is not None and args.no_resume:
         raise SystemExit(f"{ckpt_dir} holds checkpoints and --no-resume was given")
     finished_steps = int(state["finished_steps"]) if state is not None else 0
