@@ -18,6 +18,7 @@ import yaml
 from data import LATENT_SCALE
 from dit import DIT_SIZES
 from models import COEFFICIENT_TYPES, MODEL_TYPES, NOISING_TYPES, Objective, Soflow
+from tracking import TRACKERS
 
 # The release's keys, in the order of its files.
 RELEASE_KEYS = (
@@ -45,7 +46,8 @@ OPTIMIZERS = ("AdamW", "RAdam")
 PRECISIONS = ("fp32", "bf16", "bf16-guidance")
 ATTENTIONS = ("auto", "efficient", "flash", "math")
 _CHOICES = dict(dataset_type=tuple(DATASETS), model_type=MODEL_TYPES, noising_type=NOISING_TYPES,
-                coefficient_type=COEFFICIENT_TYPES, optimizer=OPTIMIZERS, precision=PRECISIONS, attention=ATTENTIONS)
+                coefficient_type=COEFFICIENT_TYPES, optimizer=OPTIMIZERS, precision=PRECISIONS, attention=ATTENTIONS,
+                tracker=TRACKERS)
 _LIST_LENGTHS = dict(betas=2, eval_demo_shape=2)
 _UNET_SIZES = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions")
 _DIT_SIZES = ("hidden_size", "depth", "num_heads", "patch_size")
@@ -102,6 +104,8 @@ class Config(Objective):
     compile: bool = False                   # torch.compile of the network, in place (state-dict keys unchanged)
     channels_last: bool = False             # channels_last U-Net on CUDA
     fused_optimizer: bool = False           # fused AdamW / foreach RAdam kernels
+    grad_accum_steps: int = 1               # micro-batches per rank and step (same draws, one DDP sync per step)
+    grad_checkpointing: bool = False        # recompute each DiT / U-Net block in the backward pass (less memory)
     # --- bookkeeping ---
     working_dir: str = "./results/run"
     logging_steps: int = 100
@@ -112,6 +116,10 @@ class Config(Objective):
     eval_batch_size: int = 125
     eval_NFE: int = 1
     num_eval_samples: int = 50_000
+    ckpt_keep_last: Optional[int] = None    # keep only the newest k periodic checkpoints (None: keep all, as the release)
+    ckpt_keep_every: Optional[int] = None   # checkpoints of steps divisible by this are never deleted
+    tracker: str = "auto"                   # auto (TensorBoard when importable), tensorboard, wandb, none
+    wandb_project: str = "soflow"
 
     def __post_init__(self):
         for key, value in DATASETS.get(self.dataset_type, {}).items():
@@ -161,7 +169,7 @@ def _check(cfg):
             fail(f"'{name}' must be a list of {length} numbers, got {getattr(cfg, name)!r}")
     for name in ("data_channels", "data_size", "batch_size", "logging_steps", "eval_demo_steps", "ckpt_saving_steps",
                  "eval_steps", "eval_batch_size", "eval_NFE", "ema_steps", "prefetch_factor", *_DIT_SIZES,
-                 "model_channels", "num_blocks"):
+                 "model_channels", "num_blocks", "grad_accum_steps", "ckpt_keep_last", "ckpt_keep_every"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             fail(f"'{name}' must be >= 1, got {getattr(cfg, name)}")
     for name in ("channel_mult", "attn_resolutions", "eval_demo_shape"):
@@ -282,6 +290,9 @@ def check_world_size(cfg, world_size, source="config"):
     if cfg.batch_size % world_size:
         raise ConfigError(f"{source}: 'batch_size'={cfg.batch_size} (global) is not divisible by the world size "
                           f"{world_size}; choose a multiple of {world_size} or change --nproc-per-node")
+    if cfg.grad_accum_steps > cfg.batch_size // world_size:
+        raise ConfigError(f"{source}: 'grad_accum_steps'={cfg.grad_accum_steps} exceeds the per-rank batch "
+                          f"{cfg.batch_size // world_size}; lower it")
 
 
 def load_config(path):

@@ -5,6 +5,7 @@ random-state capture and restore (checkpoints and the shared dropout masks of th
 numerics contexts: TF32, autocast precision and the SDPA attention kernel.
 """
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -90,17 +91,25 @@ def setup_logging(name, rank=0, path=None, prefix="", all_ranks=False):
 
 
 def crash_hook(point, count, rank):
-    """Test-only fault injection: SOFLOW_TEST_CRASH="POINT:N" or "POINT:N@RANK" (rank 0 by default) kills this
-    process with SIGKILL when it reaches `point` (train.py: "step" at the start of step N, "ckpt" in the middle
-    of writing checkpoint N; latent_dataset.py: "chunk" after flushing its N-th chunk)."""
+    """Test-only fault injection: SOFLOW_TEST_CRASH="POINT:N[@RANK][=ACTION]" (rank 0 by default) acts when this
+    process reaches `point` N: train.py's "step" (the start of step N), "ckpt" (the middle of writing checkpoint
+    N), latent_dataset.py's "chunk" (after flushing its N-th chunk). ACTION: SIGKILL (default), SIGTERM or
+    SIGUSR1 (sent to this process), ENOSPC or EACCES (an OSError raised here, as a full or read-only disk would).
+    Only the first incarnation of a torchrun group acts, so that a restarted group can run through."""
     spec = os.environ.get("SOFLOW_TEST_CRASH")
-    if not spec:
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
-    where, _, at_rank = spec.partition("@")
+    where, _, action = spec.partition("=")
+    where, _, at_rank = where.partition("@")
     kind, _, n = where.partition(":")
-    if kind == point and int(n) == count and rank == int(at_rank or 0):
-        print(f"SOFLOW_TEST_CRASH={spec}: killing rank {rank} at {point} {count}", file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
+    if kind != point or int(n) != count or rank != int(at_rank or 0):
+        return
+    action = action or "SIGKILL"
+    print(f"SOFLOW_TEST_CRASH={spec}: {action} on rank {rank} at {point} {count}", file=sys.stderr, flush=True)
+    if action in ("ENOSPC", "EACCES"):
+        code = getattr(errno, action)
+        raise OSError(code, os.strerror(code))
+    os.kill(os.getpid(), getattr(signal, action))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -164,6 +164,12 @@ class TrainingDraws:
     cfg_mask: Optional[torch.Tensor]
 
 
+    def rows(self, start, stop):
+        """The draws of rows [start, stop) (a micro-batch): the Flow Matching rows stay first."""
+        return TrainingDraws(min(max(self.n_fm - start, 0), stop - start), self.t[start:stop], self.s[start:stop],
+                             self.l[start:stop], None if self.cfg_mask is None else self.cfg_mask[start:stop])
+
+
 def draw_training_times(objective, batch_size, finished_steps, device, cfg_drop_rate=0.0, conditional=False):
     """Rows [:n_fm]: t ~ logit-normal(0) (s = l = t, unused). Rows [n_fm:]: tau1 ~ logit-normal(1),
     tau2 ~ logit-normal(2), t = max(tau2, 1e-4), s = min(tau1, t - 1e-4), l between them by r(k, K).
@@ -433,20 +439,25 @@ class Soflow(nn.Module):
                                augment_labels=augment_labels, noise=noise)["cons"]
 
     def forward(self, samples, labels=None, augment_labels=None, *, objective: Objective, finished_steps=0,
-                noise=None, guidance_dtype=None):
+                noise=None, guidance_dtype=None, draws=None, batch_rows=None):
         """One training loss: total = L_FM n_fm / B + L_cons (B - n_fm) / B over one batch.
 
-        Returns (total loss, stats) with stats = detached Vel_MSE, Vel_Weight, Con_MSE, Con_Weight."""
+        `draws` (TrainingDraws) and `noise` are drawn here unless given. Gradient accumulation passes the draws
+        and noise of a micro-batch's rows, and `batch_rows` = B of the whole batch, so that the totals of the
+        micro-batches add up to the whole batch's. Returns (total loss, stats) with stats = detached Vel_MSE,
+        Vel_Weight, Con_MSE, Con_Weight (means over this call's rows of each part)."""
         B = samples.shape[0]
-        draws = draw_training_times(objective, B, finished_steps, samples.device, self.cfg_drop_rate,
-                                    conditional=labels is not None)
+        if draws is None:
+            draws = draw_training_times(objective, B, finished_steps, samples.device, self.cfg_drop_rate,
+                                        conditional=labels is not None)
         parts = self.fused_loss(samples, t=draws.t, s=draws.s, l=draws.l, n_fm=draws.n_fm, objective=objective,
                                 labels=labels, cfg_mask=draws.cfg_mask, augment_labels=augment_labels, noise=noise,
                                 guidance_dtype=guidance_dtype)
         zero = samples.new_zeros(())
         fm_loss, fm_mse, fm_w = parts.get("fm", (zero, zero, zero))
         con_loss, con_mse, con_w = parts.get("cons", (zero, zero, zero))
-        total = fm_loss * (draws.n_fm / B) + con_loss * ((B - draws.n_fm) / B)
+        total_rows = batch_rows or B
+        total = fm_loss * (draws.n_fm / total_rows) + con_loss * ((B - draws.n_fm) / total_rows)
         stats = {"Vel_MSE": fm_mse.detach(), "Vel_Weight": fm_w.detach(),
                  "Con_MSE": con_mse.detach(), "Con_Weight": con_w.detach()}
         return total, stats

@@ -2,30 +2,41 @@
 
 Runs on CPU (gloo) and GPUs (NCCL). Follows the release's recipe: float32 with TF32, optimizer over every
 network parameter, EMA of the whole model, `ckpts/0.pt` before the first step. Writes to working_dir:
-config.yaml, log.txt, ckpts/{step}.pt, figs/{step}.png (EMA sample grids) and evals/{step}.npz (EMA sample
-dumps for FID). A run resumes from its newest readable checkpoint and then continues exactly as if it had
-never stopped.
+config.yaml, log.txt, tb/ (TensorBoard), ckpts/{step}.pt, figs/{step}.png (EMA sample grids) and
+evals/{step}.npz (EMA sample dumps for FID). A run resumes from its newest readable checkpoint and then
+continues exactly as if it had never stopped. SIGTERM or SIGUSR1 to any rank (what SLURM sends before it
+kills a job) makes every rank finish its step, write a checkpoint and exit with status 75.
 """
 import argparse
+import contextlib
 import copy
 import logging
 import os
 import resource
+import shutil
+import signal
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoints import latest_checkpoint, save_checkpoint
+from checkpoints import latest_checkpoint, list_checkpoints, save_checkpoint
 from config import ConfigError, check_world_size, load_config, save_config
 from data import batch_loader, build_dataset
 from distributed import (all_gather_objects, attention_context, barrier, cleanup_distributed, configure_backends,
                          crash_hook, get_rng_state, guidance_dtype, precision_context, set_rng_state,
                          setup_distributed, setup_logging)
 from inference import build_decoder, dump_samples, sample_grid
+from models import draw_training_times
+from tracking import Tracker
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; re-run the command to resume
+LOG_KEYS = ("Vel_MSE", "Vel_Weight", "Con_MSE", "Con_Weight", "Grad_Norm")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -61,17 +72,59 @@ class EMA:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Logging
+# Faults: non-finite losses, failed writes, preemption
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class CheckpointWriteError(RuntimeError):
+    pass
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 set a flag; `requested()` (a collective, once per step on every rank) tells every
+    rank whether any rank got one. The flag travels on a CPU (gloo) group, so no device synchronisation."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, world_size):
+        self.signum = None
+        self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+        self._group = dist.new_group(backend="gloo") if world_size > 1 else None
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+
+    def requested(self):
+        flag = torch.tensor([self.signum or 0])
+        if self._group is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return int(flag.item())
+
+    def close(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def prune_checkpoints(directory, keep_last, keep_every, newest):
+    """Deletes periodic checkpoints beyond the newest `keep_last`, except those whose step is divisible by
+    `keep_every`, and never `newest` (the one just written, already durable). Returns the deleted paths."""
+    if not keep_last:
+        return []
+    found = [(step, path) for step, path in list_checkpoints(directory) if path != newest]
+    removable = [(step, path) for step, path in found if not (keep_every and step % keep_every == 0)]
+    doomed = removable[:max(len(removable) - (keep_last - 1), 0)]
+    for _, path in doomed:
+        os.remove(path)
+    return [path for _, path in doomed]
 
 
 def peak_memory_gib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -108,6 +161,48 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------
+# One optimizer step
+
+
+def train_step(ddp, model, optimizer, batch, objective, step, cfg, device):
+    """Loss and backward over `grad_accum_steps` micro-batches of this rank's batch, then the optimizer step.
+
+    The Flow Matching / consistency rows, times, CFG mask and noise are drawn for the whole batch (as without
+    accumulation); each micro-batch's loss is weighted by its share of the batch's rows, so the gradients
+    equal the whole batch's up to float rounding, and DDP all-reduces once, in the last micro-batch's
+    backward. Returns (loss, stats, grad_norm) as device tensors (no host synchronisation)."""
+    samples, labels, augment_labels = batch
+    B = samples.shape[0]
+    draws = draw_training_times(objective, B, step, device, model.cfg_drop_rate, conditional=labels is not None)
+    noise = torch.randn_like(samples)
+    bounds = [round(i * B / cfg.grad_accum_steps) for i in range(cfg.grad_accum_steps + 1)]
+    optimizer.zero_grad(set_to_none=True)
+    loss = samples.new_zeros(())
+    stats = dict.fromkeys(LOG_KEYS[:-1], samples.new_zeros(()))
+    n_cons = B - draws.n_fm
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        last = i == cfg.grad_accum_steps - 1
+        part = draws.rows(lo, hi)
+        sync = ddp.no_sync() if isinstance(ddp, DDP) and not last else contextlib.nullcontext()
+
+        def rows(x):
+            return None if x is None else x[lo:hi]
+        with sync:
+            with precision_context(device, cfg.precision), attention_context(cfg.attention, device):
+                part_loss, part_stats = ddp(samples[lo:hi], rows(labels), rows(augment_labels), objective=objective,
+                                            finished_steps=step, guidance_dtype=guidance_dtype(cfg.precision),
+                                            draws=part, noise=noise[lo:hi], batch_rows=B)
+            with attention_context(cfg.attention, device):
+                part_loss.backward()
+        loss = loss + part_loss.detach()
+        shares = {"Vel": part.n_fm / max(draws.n_fm, 1), "Con": (hi - lo - part.n_fm) / max(n_cons, 1)}
+        stats = {k: stats[k] + part_stats[k] * shares[k[:3]] for k in stats}
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    optimizer.step()
+    return loss, stats, grad_norm
+
+
+# ----------------------------------------------------------------------------------------------------
 # Training
 
 
@@ -119,159 +214,192 @@ def main(argv=None):
     except ConfigError as e:
         raise SystemExit(f"config error: {e}")
     rank, world_size, device = setup_distributed()
+    preemption = Preemption(world_size)
+    tracker = None
     try:
-        train(cfg, args, rank, world_size, device)
-    finally:
-        cleanup_distributed()
-
-
-def train(cfg, args, rank, world_size, device):
-    configure_backends(device, cfg.tf32)
-    work = cfg.working_dir
-    ckpt_dir, eval_dir, fig_dir = (os.path.join(work, d) for d in ("ckpts", "evals", "figs"))
-    if rank == 0:
-        for d in (ckpt_dir, eval_dir, fig_dir):
-            os.makedirs(d, exist_ok=True)
-        save_config(cfg, os.path.join(work, "config.yaml"))
-    barrier()
-    log = setup_logging("train", rank, os.path.join(work, "log.txt")).info
-
-    dataset = build_dataset(cfg)  # fails early, with a clear message, when data are missing
-    ckpt_path, state = latest_checkpoint(ckpt_dir, log=logging.getLogger("train").warning)
-    if state is not None and args.no_resume:
-        raise SystemExit(f"{ckpt_dir} holds checkpoints and --no-resume was given")
-    finished_steps = int(state["finished_steps"]) if state is not None else 0
-    # The SD-VAE is loaded (before step 1) only when something will be decoded.
-    decode = build_decoder(cfg.vae, cfg.latent_scale, device) if decoder_needed(cfg, finished_steps) else None
-
-    torch.manual_seed(cfg.seed + rank)  # the release's seeding; DDP then broadcasts rank 0's weights
-    model = cfg.build_model().to(device)
-    if device.type == "cuda" and cfg.channels_last and cfg.model_type == "UNet":
-        model.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        model.network.compile()  # in place: state-dict keys stay those of the release
-    # Gradients as views of DDP's buckets: no copy into and out of the buckets on every step.
-    ddp = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-           if world_size > 1 else model)
-    ema = EMA(model, cfg.ema_decay_rate, cfg.ema_steps)  # after DDP's broadcast: the same EMA on every rank
-    optimizer = build_optimizer(cfg, model)
-
-    if state is not None:
-        model.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema_model"])
-        optimizer.load_state_dict(state["optimizer"])
-        rng = state.get("rng_states")
-        if rng is not None and len(rng) == world_size:
-            set_rng_state(rng[rank], device)
-            exact = "bit-exact continuation"
-        else:
-            torch.manual_seed(cfg.seed + rank + 1_000_003 * finished_steps)
-            exact = "random states reseeded (world size changed or a checkpoint without them, e.g. the release's)"
-        log(f"resumed from {ckpt_path} at step {finished_steps} ({exact})")
-    else:
-        log(f"starting a new run in {work} on {world_size} rank(s), device {device.type}")
-    log(f"model {cfg.model_type}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-        f"dataset {cfg.dataset_type}: {len(dataset)} samples; global batch {cfg.batch_size}; precision "
-        f"{cfg.precision}" + (f" (TF32 {'on' if cfg.tf32 else 'off'})" if device.type == "cuda" else ""))
-
-    loader, steps_per_epoch = batch_loader(dataset, cfg.batch_size, rank, world_size, cfg.seed, finished_steps,
-                                           cfg.total_steps, cfg.num_workers, pin_memory=device.type == "cuda",
-                                           prefetch_factor=cfg.prefetch_factor)
-    last_good = ckpt_path
-
-    def save(step):
-        nonlocal last_good
-        rng_states = all_gather_objects(get_rng_state(device))
-        path = os.path.join(ckpt_dir, f"{step}.pt")
+        configure_backends(device, cfg.tf32)
+        work = cfg.working_dir
+        ckpt_dir, eval_dir, fig_dir = (os.path.join(work, d) for d in ("ckpts", "evals", "figs"))
         if rank == 0:
-            save_checkpoint({"model": model.state_dict(), "ema_model": ema.model.state_dict(),
-                             "optimizer": optimizer.state_dict(), "finished_steps": step,
-                             "finished_epochs": step // steps_per_epoch, "rng_states": rng_states}, path,
-                            before_rename=lambda tmp: crash_hook("ckpt", step, rank))
-            log(f"saved checkpoint {path}")
-        last_good = path
+            for d in (ckpt_dir, eval_dir, fig_dir):
+                os.makedirs(d, exist_ok=True)
+            save_config(cfg, os.path.join(work, "config.yaml"))
         barrier()
+        log = setup_logging("train", rank, os.path.join(work, "log.txt")).info
 
-    if state is None:
-        save(0)  # as the release: the initial weights, before the first step
+        dataset = build_dataset(cfg)  # fails early, with a clear message, when data are missing
+        ckpt_path, state = latest_checkpoint(ckpt_dir, log=logging.getLogger("train").warning)
+        if state is not None and args.no_resume:
+            raise SystemExit(f"{ckpt_dir} holds checkpoints and --no-resume was given")
+        finished_steps = int(state["finished_steps"]) if state is not None else 0
+        # The SD-VAE is loaded (before step 1) only when something will be decoded.
+        decode = build_decoder(cfg.vae, cfg.latent_scale, device) if decoder_needed(cfg, finished_steps) else None
 
-    objective = cfg.objective()
-    keys = ("Vel_MSE", "Vel_Weight", "Con_MSE", "Con_Weight", "Grad_Norm")
-    window = torch.zeros(len(keys), device=device)
-    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # checked without per-step syncs
-    window_start, window_steps = time.time(), 0
-    bar = tqdm(total=cfg.total_steps, initial=finished_steps, desc="train", disable=rank != 0, dynamic_ncols=True)
-
-    def check_finite(step):
-        flag = first_bad_step.clone()
-        if world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() >= 0:
-            raise NonFiniteLoss(f"non-finite loss or gradient at step {flag.item() + 1}; stopped at step {step} "
-                                f"without writing these weights. Last good checkpoint: {last_good or 'none'}")
-
-    model.train()
-    for x, labels in loader:
-        step = finished_steps
-        crash_hook("step", step, rank)
-        x = x.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True) if cfg.conditional else None
-        samples, augment_labels = dataset.prepare(x)
+        torch.manual_seed(cfg.seed + rank)  # the release's seeding; DDP then broadcasts rank 0's weights
+        model = cfg.build_model().to(device)
+        if cfg.grad_checkpointing:
+            model.network.set_grad_checkpointing(True)
         if device.type == "cuda" and cfg.channels_last and cfg.model_type == "UNet":
-            samples = samples.contiguous(memory_format=torch.channels_last)
-        with precision_context(device, cfg.precision), attention_context(cfg.attention, device):
-            loss, stats = ddp(samples, labels, augment_labels, objective=objective, finished_steps=step,
-                              guidance_dtype=guidance_dtype(cfg.precision))
-        optimizer.zero_grad(set_to_none=True)
-        with attention_context(cfg.attention, device):
-            loss.backward()
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-        first_bad_step.copy_(torch.where((first_bad_step < 0) & ~finite, step, first_bad_step))
-        optimizer.step()
-        ema.update(model, step)
-        finished_steps = step + 1
-        window += torch.stack([stats[k] for k in keys[:-1]] + [grad_norm]).float()
-        window_steps += 1
-        bar.update(1)
-        last = finished_steps == cfg.total_steps
+            model.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            model.network.compile()  # in place: state-dict keys stay those of the release
+        # Gradients as views of DDP's buckets: no copy into and out of the buckets on every step.
+        ddp = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                   gradient_as_bucket_view=True) if world_size > 1 else model)
+        ema = EMA(model, cfg.ema_decay_rate, cfg.ema_steps)  # after DDP's broadcast: the same EMA on every rank
+        optimizer = build_optimizer(cfg, model)
 
-        if finished_steps % cfg.logging_steps == 0 or last:
-            check_finite(finished_steps)
-            if world_size > 1:
-                dist.all_reduce(window)
-                window /= world_size
-            values = (window / window_steps).tolist()
-            elapsed = time.time() - window_start
-            log(f"Step {finished_steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in zip(keys, values))
-                + f" | Peak_Mem {peak_memory_gib(device):.2f}GiB | Time {elapsed:.1f}s")
-            bar.set_postfix(loss=f"{values[0] + values[2]:.4f}")
-            window.zero_()
-            window_start, window_steps = time.time(), 0
-        if is_due(finished_steps, cfg.eval_demo_steps, cfg.total_steps):
-            check_finite(finished_steps)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            ema.model.load_state_dict(state["ema_model"])
+            optimizer.load_state_dict(state["optimizer"])
+            rng = state.get("rng_states")
+            if rng is not None and len(rng) == world_size:
+                set_rng_state(rng[rank], device)
+                exact = "bit-exact continuation"
+            else:
+                torch.manual_seed(cfg.seed + rank + 1_000_003 * finished_steps)
+                exact = ("random states reseeded: a checkpoint without them, e.g. the release's" if rng is None else
+                         f"world size {len(rng)} -> {world_size}: the same global batches follow (the batch "
+                         f"order depends on seed and step only), random states reseeded")
+            log(f"resumed from {ckpt_path} at step {finished_steps} ({exact})")
+        else:
+            log(f"starting a new run in {work} on {world_size} rank(s), device {device.type}")
+        log(f"model {cfg.model_type}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+            f"dataset {cfg.dataset_type}: {len(dataset)} samples; global batch {cfg.batch_size}"
+            + (f" in {cfg.grad_accum_steps} micro-batches per rank" if cfg.grad_accum_steps > 1 else "")
+            + f"; precision {cfg.precision}" + (f" (TF32 {'on' if cfg.tf32 else 'off'})" if device.type == "cuda"
+                                                else ""))
+        tracker = Tracker(cfg.tracker, work, rank, config=cfg.to_dict(), project=cfg.wandb_project)
+        if tracker.path:
+            log(f"TensorBoard: tensorboard --logdir {tracker.path}")
+
+        loader, steps_per_epoch = batch_loader(dataset, cfg.batch_size, rank, world_size, cfg.seed, finished_steps,
+                                               cfg.total_steps, cfg.num_workers, pin_memory=device.type == "cuda",
+                                               prefetch_factor=cfg.prefetch_factor)
+        last_good = ckpt_path
+
+        def save(step):
+            """Writes ckpts/{step}.pt on rank 0; every rank learns whether it worked (a failed write stops all)."""
+            nonlocal last_good
+            rng_states = all_gather_objects(get_rng_state(device))
+            path = os.path.join(ckpt_dir, f"{step}.pt")
+            error = None
             if rank == 0:
-                path = os.path.join(fig_dir, f"{finished_steps}.png")
+                try:
+                    save_checkpoint({"model": model.state_dict(), "ema_model": ema.model.state_dict(),
+                                     "optimizer": optimizer.state_dict(), "finished_steps": step,
+                                     "finished_epochs": step // steps_per_epoch, "rng_states": rng_states}, path,
+                                    before_rename=lambda tmp: crash_hook("ckpt", step, rank))
+                except OSError as e:
+                    free = shutil.disk_usage(ckpt_dir).free / 2 ** 30
+                    error = (f"could not write checkpoint {path} ({e.strerror or e}); {free:.2f} GiB free on its "
+                             f"file system. Earlier checkpoints are intact (newest: {last_good or 'none'}); free "
+                             f"space or fix the permissions, then re-run the same command to resume")
+                else:
+                    log(f"saved checkpoint {path}")
+                    for old in prune_checkpoints(ckpt_dir, cfg.ckpt_keep_last, cfg.ckpt_keep_every, path):
+                        log(f"removed {old} (ckpt_keep_last={cfg.ckpt_keep_last})")
+            error = all_gather_objects(error)[0]
+            if error:
+                raise CheckpointWriteError(error)
+            last_good = path
+
+        if state is None:
+            save(0)  # as the release: the initial weights, before the first step
+
+        objective = cfg.objective()
+        window = torch.zeros(len(LOG_KEYS), device=device)
+        first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # checked without per-step syncs
+        window_start, window_steps = time.time(), 0
+        bar = tqdm(total=cfg.total_steps, initial=finished_steps, desc="train", disable=rank != 0,
+                   dynamic_ncols=True)
+
+        def check_finite(step):
+            flag = first_bad_step.clone()
+            if world_size > 1:
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() >= 0:
+                raise NonFiniteLoss(f"non-finite loss or gradient at step {flag.item() + 1}; stopped at step {step} "
+                                    f"without writing these weights. Last good checkpoint: {last_good or 'none'}")
+
+        model.train()
+        for x, labels in loader:
+            step = finished_steps
+            crash_hook("step", step, rank)
+            x = x.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True) if cfg.conditional else None
+            samples, augment_labels = dataset.prepare(x)
+            if device.type == "cuda" and cfg.channels_last and cfg.model_type == "UNet":
+                samples = samples.contiguous(memory_format=torch.channels_last)
+            loss, stats, grad_norm = train_step(ddp, model, optimizer, (samples, labels, augment_labels), objective,
+                                                step, cfg, device)
+            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+            first_bad_step.copy_(torch.where((first_bad_step < 0) & ~finite, step, first_bad_step))
+            ema.update(model, step)
+            finished_steps = step + 1
+            window += torch.stack([stats[k] for k in LOG_KEYS[:-1]] + [grad_norm]).float()
+            window_steps += 1
+            bar.update(1)
+            last = finished_steps == cfg.total_steps
+            signum = preemption.requested()
+
+            if finished_steps % cfg.logging_steps == 0 or last or signum:
+                check_finite(finished_steps)
+                if world_size > 1:
+                    dist.all_reduce(window)
+                    window /= world_size
+                values = dict(zip(LOG_KEYS, (window / window_steps).tolist()))
+                elapsed = time.time() - window_start
+                per_rank = window_steps * cfg.batch_size / world_size / elapsed
+                log(f"Step {finished_steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in values.items())
+                    + f" | Peak_Mem {peak_memory_gib(device):.2f}GiB | Img/s {per_rank * world_size:.1f} "
+                    f"({per_rank:.1f}/rank) | Time {elapsed:.1f}s")
+                tracker.scalars(finished_steps, {
+                    **{f"train/{k}": v for k, v in values.items()}, "train/Peak_Mem_GiB": peak_memory_gib(device),
+                    "train/l_ratio": objective.l_ratio(finished_steps),
+                    "train/learning_rate": optimizer.param_groups[0]["lr"],
+                    "speed/images_per_s": per_rank * world_size, "speed/images_per_s_per_rank": per_rank})
+                bar.set_postfix(loss=f"{values['Vel_MSE'] + values['Con_MSE']:.4f}")
+                window.zero_()
+                window_start, window_steps = time.time(), 0
+            if is_due(finished_steps, cfg.eval_demo_steps, cfg.total_steps):
+                check_finite(finished_steps)
+                if rank == 0:
+                    path = os.path.join(fig_dir, f"{finished_steps}.png")
+                    with attention_context(cfg.attention, device):
+                        sample_grid(ema.model, cfg.eval_demo_shape, cfg.eval_NFE, cfg.seed, device, path, decode,
+                                    cfg.precision)
+                    if tracker.kind != "none":
+                        tracker.image(finished_steps, "samples/ema_grid", np.asarray(Image.open(path).convert("RGB")))
+            if finished_steps % cfg.ckpt_saving_steps == 0 or last or signum:
+                check_finite(finished_steps)
+                save(finished_steps)
+            if signum and not last:
+                log(f"stopped by {signal.Signals(signum).name} after step {finished_steps}: checkpoint {last_good} "
+                    f"written; re-run the same command to resume (exit status {PREEMPTED_EXIT_CODE})")
+                bar.close()
+                return PREEMPTED_EXIT_CODE
+            if is_due(finished_steps, cfg.eval_steps, cfg.total_steps):
+                check_finite(finished_steps)
+                out = os.path.join(eval_dir, f"{finished_steps}.npz")
                 with attention_context(cfg.attention, device):
-                    sample_grid(ema.model, cfg.eval_demo_shape, cfg.eval_NFE, cfg.seed, device, path, decode,
-                                cfg.precision)
-        if finished_steps % cfg.ckpt_saving_steps == 0 or last:
-            check_finite(finished_steps)
-            save(finished_steps)
-        if is_due(finished_steps, cfg.eval_steps, cfg.total_steps):
-            check_finite(finished_steps)
-            out = os.path.join(eval_dir, f"{finished_steps}.npz")
-            with attention_context(cfg.attention, device):
-                dump_samples(ema.model, out, cfg.num_eval_samples, cfg.eval_NFE, cfg.seed, cfg.eval_batch_size,
-                             device, rank, world_size, decode, precision=cfg.precision, progress=True)
-            log(f"wrote {cfg.num_eval_samples} EMA samples ({cfg.eval_NFE} NFE) to {out}")
-    bar.close()
-    log(f"finished {finished_steps} steps")
+                    dump_samples(ema.model, out, cfg.num_eval_samples, cfg.eval_NFE, cfg.seed, cfg.eval_batch_size,
+                                 device, rank, world_size, decode, precision=cfg.precision, progress=True)
+                log(f"wrote {cfg.num_eval_samples} EMA samples ({cfg.eval_NFE} NFE) to {out}")
+        bar.close()
+        log(f"finished {finished_steps} steps")
+        return 0
+    finally:
+        if tracker is not None:
+            tracker.close()
+        preemption.close()
+        cleanup_distributed()
 
 
 if __name__ == "__main__":
     try:
-        main()
-    except NonFiniteLoss as e:
+        sys.exit(main())
+    except (NonFiniteLoss, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -141,7 +141,7 @@ def test_killed_rank_resumes_and_complete_part_is_reused(workspace, extracted, t
     args = cli_args(workspace / 'images', out, workspace / 'vae', '--keep-parts')
     crashed = extract(args, env={'SOFLOW_TEST_CRASH': 'chunk:1@1'}, check=False)  # rank 1 killed after 1 chunk
     assert crashed.returncode != 0
-    assert 'killing rank 1 at chunk 1' in crashed.stderr
+    assert 'SIGKILL on rank 1 at chunk 1' in crashed.stderr
     assert not (out / ld.OUTPUT_NAME).exists()
     with h5py.File(part1, 'r') as f:
         assert f.attrs['num_done'] == 2 and not f.attrs['complete']
