@@ -35,9 +35,15 @@ def setup_distributed(timeout_minutes=60):
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(minutes=timeout_minutes),
-                                device_id=device if device.type == "cuda" else None)
+        from torch.distributed.rendezvous import rendezvous
+        timeout = timedelta(minutes=timeout_minutes)
+        store, rank, world_size = next(rendezvous("env://", timeout=timeout))
+        # torchrun keeps one store across the restarts of a group (--max-restarts); without a prefix per attempt,
+        # a restarted rank can read a previous attempt's addresses and fail to connect (seen with gloo here).
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                                store=dist.PrefixStore(f"soflow/attempt_{attempt}", store), rank=rank,
+                                world_size=world_size, device_id=device if device.type == "cuda" else None)
     return rank, world_size, device
 
 

@@ -5,6 +5,8 @@ Only rank 0 writes. Scalars are the figures of the log line plus the l-ratio r(k
 the throughput; sample grids are logged as images.
 """
 import os
+import sys
+import types
 
 TRACKERS = ("auto", "tensorboard", "wandb", "none")
 
@@ -29,8 +31,10 @@ class Tracker:
         self.path = None
         self._writer = self._run = None
         if self.kind == "tensorboard":
-            # TensorBoard imports TensorFlow when it is installed (for its file system layer); keep it quiet.
-            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            # TensorBoard's writer would import TensorFlow when it is installed (for its file system layer): seconds
+            # of start-up and a TensorFlow runtime inside every training process. Its `notf` marker module makes
+            # it use its own stub instead (local paths only); the event files are the same.
+            sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
             from torch.utils.tensorboard import SummaryWriter
             self.path = os.path.join(working_dir, "tb")
             self._writer = SummaryWriter(self.path)

@@ -97,9 +97,9 @@ def write_config(base_name, path, **changes):
     return write_variant(os.path.join(ROOT, "configs", base_name), path, **changes)
 
 
-def torchrun(script, args, nproc=2, env=None, check=True, timeout=600):
+def torchrun(script, args, nproc=2, env=None, check=True, timeout=600, torchrun_args=()):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           os.path.join(ROOT, script), *args]
+           *torchrun_args, os.path.join(ROOT, script), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
