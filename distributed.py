@@ -21,8 +21,23 @@ from tqdm import tqdm
 # Processes
 
 
+def _ranks_from_slurm():
+    """Under `srun python train.py ...` (one task per GPU, no torchrun), SLURM's task ids are the ranks; the job
+    script exports MASTER_ADDR (and MASTER_PORT, default 29500)."""
+    env = os.environ
+    if "RANK" in env or int(env.get("SLURM_NTASKS", 1)) < 2 or "SLURM_PROCID" not in env:
+        return
+    env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env.setdefault("MASTER_PORT", "29500")
+    if "MASTER_ADDR" not in env:
+        raise RuntimeError("srun without torchrun: export MASTER_ADDR (the first node of the job) in the job script")
+
+
 def setup_distributed(timeout_minutes=60):
-    """(rank, world_size, device) from torchrun's environment (a single process without it)."""
+    """(rank, world_size, device) from torchrun's environment, or SLURM's under a plain srun (a single process
+    without either)."""
+    _ranks_from_slurm()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
