@@ -156,7 +156,7 @@ _TYPES = typing.get_type_hints(Config)
 
 
 def _check(cfg):
-    """Checks values and combinations (the loss settings are checked by Objective); raises ConfigError
+    """Checks values, then combinations (the loss settings are checked by Objective); raises ConfigError
     naming the key and the fix."""
     def fail(msg):
         raise ConfigError(msg)
@@ -184,6 +184,14 @@ def _check(cfg):
     if cfg.learning_rate <= 0 or not all(0 <= b < 1 for b in cfg.betas) or cfg.weight_decay < 0:
         fail(f"'learning_rate' must be > 0, 'betas' in [0, 1) and 'weight_decay' >= 0, got {cfg.learning_rate}, "
              f"{cfg.betas}, {cfg.weight_decay}")
+    _check_model_and_data(cfg)
+
+
+def _check_model_and_data(cfg):
+    """The combinations of model, guidance and data set."""
+    def fail(msg):
+        raise ConfigError(msg)
+
     if cfg.model_type == "UNet":
         if cfg.num_classes:
             fail(f"model_type 'UNet' is unconditional, but num_classes={cfg.num_classes}: use a DiT model_type "

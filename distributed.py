@@ -100,7 +100,6 @@ def setup_logging(name, rank=0, path=None, prefix="", all_ranks=False):
         logger.removeHandler(handler)
         handler.close()
     logger.setLevel(logging.INFO)
-    logger.propagate = False
     console = _TqdmHandler(logging.INFO if rank == 0 or all_ranks else logging.WARNING)
     console.setFormatter(logging.Formatter(prefix + "%(message)s", datefmt="%H:%M:%S"))
     logger.addHandler(console)

@@ -385,6 +385,49 @@ def write_chunks(args, loader, vae, device, f, start, latent_shape, skipped, pro
     return skipped
 
 
+def copy_valid_rows(paths, parts, valid, latents_out, labels_out, indices_out):
+    """Copies the rows of the parts whose image was read (`valid` masks), in blocks; returns their source
+    indices. Non-finite latents stop the merge."""
+    all_indices, pos = [np.zeros(0, dtype=np.int64)], 0
+    for p, f, mask in zip(paths, parts, valid):
+        for lo in range(0, len(mask), MERGE_BLOCK_ROWS):
+            keep = mask[lo:lo + MERGE_BLOCK_ROWS]
+            block = f['latents'][lo:lo + len(keep)][keep]
+            labels = f['labels'][lo:lo + len(keep)][keep]
+            indices = f['indices'][lo:lo + len(keep)][keep]
+            if not np.isfinite(block).all():
+                raise ExtractionError(f'non-finite latents in {p} around source index {indices[0]}; '
+                                      f'delete that part and re-run (try --dtype float32)')
+            latents_out[pos:pos + len(block)] = block
+            labels_out[pos:pos + len(block)] = labels
+            indices_out[pos:pos + len(block)] = indices
+            all_indices.append(indices)
+            pos += len(block)
+    return np.concatenate(all_indices)
+
+
+def verify_merged(tmp, paths, samples, classes, failures, indices, labels):
+    """Each source index exactly once, in ImageFolder order, with its folder's label; raises ExtractionError."""
+    expected_labels = np.array([label for _, label in samples], dtype=np.int64)
+    failed = np.array([r[0] for r in failures], dtype=np.int64)
+    counts = np.bincount(indices, minlength=len(samples))
+    problems = []
+    if len(indices) != len(samples) - len(failures):
+        problems.append(f'{len(indices)} samples written, expected {len(samples)} - {len(failures)} skipped')
+    if np.any(np.diff(indices) <= 0):
+        problems.append('source indices are not strictly increasing')
+    if len(counts) != len(samples) or np.any(counts[failed] != 0) or \
+            np.count_nonzero(counts == 1) != len(samples) - len(failed):
+        problems.append('not every non-skipped image appears exactly once')
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+        problems.append(f'labels outside [0, {len(classes)})')
+    if not problems and not np.array_equal(labels, expected_labels[indices]):
+        problems.append('labels do not match the class folders')
+    if problems:
+        raise ExtractionError(f'verification of {tmp} failed: ' + '; '.join(problems) +
+                              f'. Delete {os.path.dirname(paths[0])} and re-run.')
+
+
 def merge_parts(args, samples, classes, world, fingerprint):
     """Rank 0: join the parts into OUTPUT_NAME.tmp, verify it, rename it to OUTPUT_NAME."""
     final = os.path.join(args.save_path, OUTPUT_NAME)
@@ -407,48 +450,14 @@ def merge_parts(args, samples, classes, world, fingerprint):
         latent_shape = tuple(parts[0]['latents'].shape[1:])
         log.info('merging %d part(s) into %s: %d latents of shape %s', world, tmp, total, latent_shape)
 
-        expected_labels = np.array([label for _, label in samples], dtype=np.int64)
-        all_indices = [np.zeros(0, dtype=np.int64)]
         with h5py.File(tmp, 'w') as out:
             # Contiguous, uncompressed layout: LatentDataset memory-maps it for fast random access.
             latents_out = out.create_dataset('latents', (total, *latent_shape), dtype=np.float32)
             labels_out = out.create_dataset('labels', (total,), dtype=np.int64)
             indices_out = out.create_dataset('source_indices', (total,), dtype=np.int64)
-            pos = 0
-            for p, f, mask in zip(paths, parts, valid):
-                for lo in range(0, len(mask), MERGE_BLOCK_ROWS):
-                    keep = mask[lo:lo + MERGE_BLOCK_ROWS]
-                    block = f['latents'][lo:lo + len(keep)][keep]
-                    labels = f['labels'][lo:lo + len(keep)][keep]
-                    indices = f['indices'][lo:lo + len(keep)][keep]
-                    if not np.isfinite(block).all():
-                        raise ExtractionError(f'non-finite latents in {p} around source index {indices[0]}; '
-                                              f'delete that part and re-run (try --dtype float32)')
-                    latents_out[pos:pos + len(block)] = block
-                    labels_out[pos:pos + len(block)] = labels
-                    indices_out[pos:pos + len(block)] = indices
-                    all_indices.append(indices)
-                    pos += len(block)
-            indices = np.concatenate(all_indices)
-            labels = labels_out[()]
-            # Each source index exactly once, in ImageFolder order, with its folder's label.
-            failed = np.array([r[0] for r in failures], dtype=np.int64)
-            counts = np.bincount(indices, minlength=len(samples))
-            problems = []
-            if pos != len(samples) - len(failures):
-                problems.append(f'{pos} samples written, expected {len(samples)} - {len(failures)} skipped')
-            if np.any(np.diff(indices) <= 0):
-                problems.append('source indices are not strictly increasing')
-            if len(counts) != len(samples) or np.any(counts[failed] != 0) or \
-                    np.count_nonzero(counts == 1) != len(samples) - len(failed):
-                problems.append('not every non-skipped image appears exactly once')
-            if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-                problems.append(f'labels outside [0, {len(classes)})')
-            if not problems and not np.array_equal(labels, expected_labels[indices]):
-                problems.append('labels do not match the class folders')
-            if problems:
-                raise ExtractionError(f'verification of {tmp} failed: ' + '; '.join(problems) +
-                                      f'. Delete {os.path.dirname(paths[0])} and re-run.')
+            indices = copy_valid_rows(paths, parts, valid, latents_out, labels_out, indices_out)
+            pos = len(indices)
+            verify_merged(tmp, paths, samples, classes, failures, indices, labels_out[()])
             out.create_dataset('amount', data=np.int64(pos))
             out.create_dataset('latent_size', data=np.int64(latent_shape[-1]))
             out.create_dataset('class_names', data=classes, dtype=h5py.string_dtype())

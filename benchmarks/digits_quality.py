@@ -20,7 +20,7 @@ sampling seed to the next (the squared mean difference alone carries ~tr(cov) / 
 as large as the gaps being measured; at 10,000 the seed-to-seed spread is a few percent.
 
 Metrics. Every image, real or generated, goes through the uint8 conversion of the sample dumps
-(clamp(x * 127.5 + 128, 0, 255) truncated, SPEC section 4), is divided by 255 (pixels in [0, 1]), averaged
+(clamp(x * 127.5 + 128, 0, 255) truncated, as the ADM sample files), is divided by 255 (pixels in [0, 1]), averaged
 over channels, and area-averaged to 8 x 8 when data_size > 8. Real digits are those of data.load_digits
 at the config's data_size and channels, so a perfect generator shares the real data's pipeline.
 The real digits are split once (stratified, fixed seed) into halves A and B.

@@ -62,7 +62,7 @@ def make_cifar_folder(root, per_batch=8, seed=0):
     return root
 
 
-# The release's two config files, key for key, in its order (values of SPEC sections 7 and 10).
+# The release's two config files, key for key, in its order, with its published values.
 RELEASE_CONFIGS = {
     "imagenet": dict(
         working_dir="./your_experiment_name", noising_type="Linear", coefficient_type="Euler", model_type="DiT-B-4",

@@ -2,18 +2,15 @@
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import digits_quality
 from config import load_config
 from helpers import ROOT, write_config
-
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import digits_quality  # noqa: E402
 
 # The demo recipe with a tiny network and a few steps: proves the path, not the quality.
 TINY = dict(hidden_size=32, depth=2, num_heads=2, total_steps=4, batch_size=32, logging_steps=2,

@@ -228,7 +228,7 @@ def test_release_config_trains_a_few_steps(kind, cifar_root, imagenet_latents, t
 
 
 def release_loop_step(model, optimizer, cfg, x, step):
-    """One training step written the way the release's loop calls the model (SPEC section 10): loss times
+    """One training step written the way the release's training loop calls the model: loss times
     shaped [B, 1, 1, 1], labels=None for the CIFAR U-Net, positional loss settings."""
     B = x.shape[0]
     t = torch.rand(B, 1, 1, 1) * 0.9 + 0.1
@@ -242,7 +242,8 @@ def release_loop_step(model, optimizer, cfg, x, step):
 
 
 def release_optimizer(cfg, model):
-    """SPEC section 7: RAdam (CIFAR) over every parameter of the model, lr / betas / weight decay of the config."""
+    """The release's CIFAR optimizer: RAdam over every parameter of the model, with the config's lr, betas and
+    weight decay."""
     return torch.optim.RAdam(model.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.betas),
                              weight_decay=cfg.weight_decay)
 
