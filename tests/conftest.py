@@ -6,3 +6,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for path in (ROOT, os.path.join(ROOT, "benchmarks")):
     if path not in sys.path:
         sys.path.insert(0, path)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory):
+    """A generated CIFAR-10 folder (40 random images)."""
+    from helpers import make_cifar_folder
+    return make_cifar_folder(str(tmp_path_factory.mktemp("cifar")))
+
+
+@pytest.fixture(scope="session")
+def reference_run(cifar_root, tmp_path_factory):
+    """An uninterrupted 6-step 2-rank run of the tiny CIFAR config (checkpoints every 2 steps), read by the
+    resume, preemption and restart tests; never modified."""
+    from helpers import torchrun, write_config
+    work = tmp_path_factory.mktemp("ref")
+    cfg = write_config("tiny_cifar_cpu.yaml", work / "cfg.yaml", dataset_path=cifar_root, working_dir=str(work / "run"))
+    torchrun("train.py", ["--config", cfg])
+    return work / "run"

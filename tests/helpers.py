@@ -93,6 +93,19 @@ def write_release_config(kind, path, **changes):
     return str(path)
 
 
+def assert_same_final_state(run_a, run_b, step=6):
+    """The checkpoints of `step` of two runs hold bit-identical weights, EMA and optimizer state."""
+    from checkpoints import load_checkpoint
+    a, b = load_checkpoint(run_a / "ckpts" / f"{step}.pt"), load_checkpoint(run_b / "ckpts" / f"{step}.pt")
+    for key in ("model", "ema_model"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for name in sa:
+            assert torch.equal(torch.as_tensor(sa[name]), torch.as_tensor(sb[name]))
+
+
 def write_config(base_name, path, **changes):
     return write_variant(os.path.join(ROOT, "configs", base_name), path, **changes)
 

@@ -8,21 +8,7 @@ import torch
 import train
 from checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from config import load_config
-from helpers import make_cifar_folder, torchrun, write_config
-
-
-@pytest.fixture(scope="module")
-def cifar_root(tmp_path_factory):
-    return make_cifar_folder(str(tmp_path_factory.mktemp("cifar")))
-
-
-@pytest.fixture(scope="module")
-def reference_run(cifar_root, tmp_path_factory):
-    """An uninterrupted 6-step run of the tiny CIFAR config on 2 ranks."""
-    work = tmp_path_factory.mktemp("ref")
-    cfg = write_config("tiny_cifar_cpu.yaml", work / "cfg.yaml", dataset_path=cifar_root, working_dir=str(work / "run"))
-    torchrun("train.py", ["--config", cfg])
-    return work / "run"
+from helpers import assert_same_final_state, torchrun, write_config
 
 
 def test_cifar_run_writes_everything(reference_run):
@@ -45,17 +31,6 @@ def test_cifar_run_writes_everything(reference_run):
     assert state["finished_steps"] == 6 and state["finished_epochs"] == 1 and len(state["rng_states"]) == 2
     assert (run / "config.yaml").exists()
     assert all(torch.isfinite(v).all() for v in state["model"].values())
-
-
-def assert_same_final_state(run_a, run_b, step=6):
-    a, b = load_checkpoint(run_a / "ckpts" / f"{step}.pt"), load_checkpoint(run_b / "ckpts" / f"{step}.pt")
-    for key in ("model", "ema_model"):
-        assert a[key].keys() == b[key].keys()
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), (key, name)
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        for name in sa:
-            assert torch.equal(torch.as_tensor(sa[name]), torch.as_tensor(sb[name]))
 
 
 @pytest.mark.parametrize("crash", ["step:3@1", "ckpt:4@0"])

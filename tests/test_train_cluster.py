@@ -12,31 +12,7 @@ import train
 from checkpoints import list_checkpoints, load_checkpoint
 from config import from_dict
 from data import StepBatches, TensorDataset
-from helpers import TINY_DIT, make_cifar_folder, randomise, torchrun, write_config
-
-
-@pytest.fixture(scope="module")
-def cifar_root(tmp_path_factory):
-    return make_cifar_folder(str(tmp_path_factory.mktemp("cifar")))
-
-
-@pytest.fixture(scope="module")
-def reference_run(cifar_root, tmp_path_factory):
-    """An uninterrupted 6-step 2-rank run, checkpoints every 2 steps."""
-    work = tmp_path_factory.mktemp("ref")
-    cfg = write_config("tiny_cifar_cpu.yaml", work / "cfg.yaml", dataset_path=cifar_root, working_dir=str(work / "run"))
-    torchrun("train.py", ["--config", cfg])
-    return work / "run"
-
-
-def assert_same_weights(run_a, run_b, step=6):
-    a, b = load_checkpoint(run_a / "ckpts" / f"{step}.pt"), load_checkpoint(run_b / "ckpts" / f"{step}.pt")
-    for key in ("model", "ema_model"):
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), (key, name)
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        for name in sa:
-            assert torch.equal(torch.as_tensor(sa[name]), torch.as_tensor(sb[name]))
+from helpers import TINY_DIT, assert_same_final_state, randomise, torchrun, write_config
 
 
 def steps_of(run):
@@ -56,7 +32,7 @@ def test_preemption_signal_to_one_rank_checkpoints_the_next_step_and_resumes_exa
     assert steps_of(run) == [0, 2, 3]
     torchrun("train.py", ["--config", cfg])
     assert "resumed from" in (run / "log.txt").read_text() and "3.pt at step 3 (bit-exact" in (run / "log.txt").read_text()
-    assert_same_weights(reference_run, run)
+    assert_same_final_state(reference_run, run)
 
 
 def test_preemption_flag_in_process():
@@ -77,7 +53,7 @@ def test_torchrun_restart_after_kill_resumes_bit_identically(reference_run, cifa
     torchrun("train.py", ["--config", cfg], env={"SOFLOW_TEST_CRASH": "step:3@1"}, torchrun_args=["--max-restarts=1"])
     log = (run / "log.txt").read_text()
     assert "2.pt at step 2 (bit-exact continuation)" in log and "finished 6 steps" in log
-    assert_same_weights(reference_run, run)
+    assert_same_final_state(reference_run, run)
 
 
 def test_retention_keeps_newest_and_protected_steps(cifar_root, tmp_path):
