@@ -6,6 +6,7 @@ batch, using the TensorFlow Inception-v3 graph `classify_image_graph_def.pb`:
 
     python evaluator.py --ref_batch REF.npz --sample_batch_dir SAMPLES/ [--inception-graph PATH]
                         [--inception-sha256 HEX] [--batch-size 64] [--cache-dir DIR]
+                        [--backend auto|tf|torch] [--device cuda|cpu] [--no-tf-check] [--pr-float32]
 
 Results are appended, one line per sample file, to `SAMPLES/eval_results.txt`; files already listed there
 are skipped, so the command can be re-run while new sample files appear.
@@ -15,8 +16,20 @@ Features: images (float32 in [0, 255], NHWC, any size; the graph resizes interna
 `softmax/logits/MatMul` and soft-maxed, the class probabilities for IS. The first 7 channels of
 `mixed_6/conv:0`, flattened, give the spatial features for sFID.
 
-TensorFlow is imported lazily (inside functions) so `import evaluator` stays cheap, and the graph runs in
-TF1 graph mode through `tf.compat.v1` (on the GPU when there is one, otherwise on the CPU).
+Two backends execute the graph. `tf`: TensorFlow, in TF1 graph mode through `tf.compat.v1` (on the GPU
+when there is one, otherwise on the CPU). `torch`: inception_torch.py, which parses the same .pb file
+without TensorFlow and runs it with PyTorch ops of TensorFlow's semantics (fp32, CUDA when present).
+`auto` (the default) is `tf` when TensorFlow can be imported and `torch` otherwise. When the torch
+backend runs and TensorFlow is importable, the first batch of every run is also computed by TensorFlow
+and the run stops if the two disagree by more than 1e-4 relative (--no-tf-check skips this).
+
+Precision / recall use ADM's float16 pairwise distances by default (see manifold_radii); --pr-float32
+gives the exact float32 version.
+
+TensorFlow and PyTorch are imported lazily (inside functions) so `import evaluator` stays cheap.
+For use inside a training process: make_feature_extractor(...) -> an object with features_of(images)
+and compute(images, batch_size); load_reference(...) (memoised, and cached on disk per file signature,
+graph and backend); compute_metrics(...); format_result(...).
 """
 import argparse
 import contextlib
@@ -237,12 +250,43 @@ def _import_tensorflow():
     return tf
 
 
-class InceptionFeatures:
-    """The Inception graph and its TF1 session. The graph is parsed and the session created on first use,
-    so constructing this object is cheap.
+_TF_AVAILABLE = None
 
-    compute(images, batch_size) -> (pool [N, 2048], spatial [N, 17*17*7], probs [N, 1008]), float32.
+
+def tensorflow_available():
+    """Whether TensorFlow can be imported here (tried once; importing it is what decides)."""
+    global _TF_AVAILABLE
+    if _TF_AVAILABLE is None:
+        try:
+            _import_tensorflow()
+            _TF_AVAILABLE = True
+        except Exception as err:  # ImportError, or a broken installation failing in its own way
+            log.info("TensorFlow is not importable (%s: %s)", type(err).__name__, err)
+            _TF_AVAILABLE = False
+    return _TF_AVAILABLE
+
+
+BACKENDS = ("auto", "tf", "torch")
+
+
+def resolve_backend(backend="auto"):
+    """'tf' or 'torch': `auto` is tf when TensorFlow can be imported, torch otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "tf" if tensorflow_available() else "torch"
+    return backend
+
+
+class InceptionFeatures:
+    """The Inception graph and its TF1 session (the `tf` backend). The graph is parsed and the session
+    created on first use, so constructing this object is cheap.
+
+    compute(images, batch_size) -> (pool [N, 2048], spatial [N, 17*17*7], probs [N, 1008]), float32;
+    features_of(images) -> the same for one batch.
     """
+
+    backend = "tf"
 
     def __init__(self, graph_path, spatial_channels=SPATIAL_CHANNELS):
         self.graph_path = Path(graph_path)
@@ -284,6 +328,14 @@ class InceptionFeatures:
         self._images = images
         self._fetches = (pool_flat, spatial_flat, probs)
 
+    def features_of(self, images):
+        """(pool, spatial, probs), float32, of one batch of images [B, H, W, 3] in [0, 255]."""
+        if self._session is None:
+            self._build()
+        batch = np.asarray(images).astype(np.float32)
+        return tuple(value.astype(np.float32, copy=False)
+                     for value in self._session.run(self._fetches, {self._images: batch}))
+
     def compute(self, images, batch_size=64, desc="inception features"):
         """Features of uint8 images [N, H, W, 3], fed in batches of `batch_size`."""
         if images.ndim != 4 or images.shape[-1] != 3:
@@ -294,9 +346,8 @@ class InceptionFeatures:
             self._build()
         outputs = ([], [], [])
         for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch"):
-            batch = images[start:start + batch_size].astype(np.float32)
-            for out, value in zip(outputs, self._session.run(self._fetches, {self._images: batch})):
-                out.append(value.astype(np.float32, copy=False))
+            for out, value in zip(outputs, self.features_of(images[start:start + batch_size])):
+                out.append(value)
         return tuple(np.concatenate(out, axis=0) for out in outputs)
 
     def close(self):
@@ -309,6 +360,69 @@ class InceptionFeatures:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class BackendMismatchError(RuntimeError):
+    """The torch backend's features disagree with TensorFlow's on the same images."""
+
+
+TF_CHECK_TOLERANCE = 1e-4
+FEATURE_NAMES = ("pool", "spatial", "probs")
+
+
+def relative_difference(got, want):
+    """max |got - want| / max |want|: the difference relative to the scale of the features."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = np.max(np.abs(want)) if want.size else 0.0
+    diff = np.max(np.abs(got - want)) if want.size else 0.0
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
+class TensorFlowCheck:
+    """Computes one batch with the TensorFlow backend and compares it with the torch backend's outputs;
+    raises BackendMismatchError when a feature differs by more than `tolerance` (relative_difference)."""
+
+    def __init__(self, graph_path, spatial_channels=SPATIAL_CHANNELS, tolerance=TF_CHECK_TOLERANCE):
+        self.graph_path = Path(graph_path)
+        self.spatial_channels = spatial_channels
+        self.tolerance = tolerance
+        self.differences = None
+
+    def __call__(self, images, outputs):
+        with InceptionFeatures(self.graph_path, self.spatial_channels) as reference:
+            expected = reference.features_of(images)
+        self.differences = {name: relative_difference(got, want)
+                            for name, got, want in zip(FEATURE_NAMES, outputs, expected)}
+        shapes_differ = [name for name, got, want in zip(FEATURE_NAMES, outputs, expected)
+                         if np.shape(got) != np.shape(want)]
+        text = ", ".join(f"{name} {value:.2e}" for name, value in self.differences.items())
+        if shapes_differ or max(self.differences.values()) > self.tolerance:
+            raise BackendMismatchError(
+                f"the torch backend disagrees with TensorFlow on the first batch of {len(images)} images "
+                f"with {self.graph_path}: relative difference {text} (tolerance {self.tolerance:g})"
+                + (f"; shapes differ for {shapes_differ}" if shapes_differ else "")
+                + ". Use --backend tf, or --no-tf-check to run the torch backend anyway.")
+        log.info("torch backend matches TensorFlow on the first batch (relative difference %s)", text)
+
+
+def make_feature_extractor(backend="auto", graph_path=None, device=None, tf_check=True,
+                           spatial_channels=SPATIAL_CHANNELS):
+    """The Inception feature extractor of `backend` ('auto', 'tf' or 'torch') for the graph at
+    `graph_path` (see resolve_inception_graph). Both have compute(images, batch_size) and
+    features_of(images) returning float32 (pool, spatial, probs), and close().
+
+    torch: runs on `device` (default: CUDA when available). With tf_check and TensorFlow importable, its
+    first batch is checked against TensorFlow (TensorFlowCheck)."""
+    backend = resolve_backend(backend)
+    if backend == "tf":
+        return InceptionFeatures(graph_path, spatial_channels)
+    import inception_torch
+    check = TensorFlowCheck(graph_path, spatial_channels) if tf_check and tensorflow_available() else None
+    try:
+        return inception_torch.TorchInception(graph_path, device=device, spatial_channels=spatial_channels,
+                                              first_batch_check=check)
+    except inception_torch.GraphError as err:
+        raise BadInputError(str(err)) from err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,13 +486,116 @@ def _prepare(features, center, dtype):
     return x, np.einsum("ij,ij->i", x, x)
 
 
-def manifold_radii(features, k=NEAREST_K, block_size=1000, dtype=np.float32):
-    """Distance of every feature [N, D] to its k-th nearest neighbour in the same set (itself excluded,
-    i.e. the (k+1)-th smallest distance counting 0 to itself). Distances are evaluated in
-    block_size x block_size blocks, keeping only the k+1 smallest per row, so no N x N matrix exists."""
+# ---- ADM's float16 distances ---------------------------------------------------------------------
+#
+# The ADM evaluator (guided-diffusion, evaluations/evaluator.py: ManifoldEstimator, DistanceBlock,
+# _batch_pairwise_distances) computes every block of squared distances in a TensorFlow graph from the
+# float32 features cast to float16:
+#     norm_u = reduce_sum(square(U), 1), norm_v likewise        (float16)
+#     D = maximum(norm_u[:, None] - 2 * matmul(U, V^T) + norm_v[None, :], 0)   (float16, this order)
+# and, when that float16 block holds a non-finite value (an overflow past 65504), recomputes the whole
+# block with the same formula in float32 from the uncast features. Blocks are 10,000 rows x 10,000 columns
+# (row_batch_size = col_batch_size = 10000). The k-NN radius of a feature is the (k+1)-th smallest squared
+# distance in its row (itself included), and a point is inside a ball when distance <= radius.
+#
+# Here each float16 operation rounds once to float16 as in ADM's graph; the two reductions (the sums of
+# squares and the dot products) are accumulated exactly (float64) and rounded once to float16. ADM's
+# TensorFlow kernels accumulate them in an implementation-specific order (on the CPU Eigen sums the
+# squares in float16 packets, the matrix product accumulates in float32; on the GPU cub sums in float16),
+# so ADM's own figures differ between its CPU and GPU runs by one float16 unit in part of the norms; the
+# correctly rounded value used here is the one both approximate.
+
+ADM_BATCH_SIZE = 10000  # ADM's ManifoldEstimator row_batch_size = col_batch_size
+_ROW_CHUNK = 1024       # rows per float64 product, to bound the memory of one step
+
+
+def _fp16_norms(x16):
+    """||x||^2 per row of float16 features as ADM computes it: the squares rounded to float16, their sum
+    rounded once to float16."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.square(x16).astype(np.float64).sum(axis=1).astype(np.float16)
+
+
+def _fp16_block(u16, u_norm, v16, v_norm):
+    """Float16 squared distances of ADM's _batch_pairwise_distances for float16 rows u16, v16 and their
+    float16 norms: max((|u|^2 - 2 u.v) + |v|^2, 0), each operation rounded to float16."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        dot = (u16.astype(np.float64) @ v16.astype(np.float64).T).astype(np.float16)
+        d = u_norm[:, None] - np.float16(2) * dot
+        d += v_norm[None, :]
+        return np.maximum(d, np.float16(0), out=d)
+
+
+def _fp32_block(u, v):
+    """ADM's float32 fallback: the same formula on the uncast float32 features."""
+    u, v = np.asarray(u, np.float32), np.asarray(v, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        d = np.einsum("ij,ij->i", u, u)[:, None] - np.float32(2) * (u @ v.T)
+        d += np.einsum("ij,ij->i", v, v)[None, :]
+        return np.maximum(d, np.float32(0), out=d)
+
+
+class _ADMDistances:
+    """Squared distances between the rows of `u` and of `v` (float32 [N, D] features) as ADM's
+    DistanceBlock computes them, block by block (see above)."""
+
+    def __init__(self, u, v, batch_size=ADM_BATCH_SIZE):
+        self.u = np.asarray(u, dtype=np.float32)
+        self.v = self.u if v is u else np.asarray(v, dtype=np.float32)
+        with np.errstate(over="ignore"):
+            self.u16 = self.u.astype(np.float16)
+            self.v16 = self.u16 if v is u else self.v.astype(np.float16)
+        self.u_norm = _fp16_norms(self.u16)
+        self.v_norm = self.u_norm if v is u else _fp16_norms(self.v16)
+        self.batch_size = batch_size
+        self.fallback_blocks = []  # (row start, column start) of the blocks redone in float32
+
+    def blocks(self):
+        """Yields (row start, column start, float32 squared distances of the block) for ADM's blocks,
+        rows outer, columns inner."""
+        n, m, b = len(self.u), len(self.v), self.batch_size
+        for r0 in range(0, n, b):
+            r1 = min(r0 + b, n)
+            for c0 in range(0, m, b):
+                c1 = min(c0 + b, m)
+                block = np.empty((r1 - r0, c1 - c0), dtype=np.float16)
+                finite = True
+                for s0 in range(r0, r1, _ROW_CHUNK):
+                    s1 = min(s0 + _ROW_CHUNK, r1)
+                    part = _fp16_block(self.u16[s0:s1], self.u_norm[s0:s1], self.v16[c0:c1], self.v_norm[c0:c1])
+                    finite = finite and bool(np.isfinite(part).all())
+                    block[s0 - r0:s1 - r0] = part
+                if finite:
+                    yield r0, c0, block
+                else:
+                    self.fallback_blocks.append((r0, c0))
+                    log.info("non-finite float16 distances in block (%d, %d): recomputed in float32", r0, c0)
+                    yield r0, c0, _fp32_block(self.u[r0:r1], self.v[c0:c1])
+
+
+def adm_pairwise_sq_distances(u, v, batch_size=ADM_BATCH_SIZE):
+    """Full matrix [len(u), len(v)] (float32) of ADM's squared distances (float16 blocks, float32 where a
+    block overflows). For tests and small sets; the metrics below never hold the whole matrix."""
+    distances = _ADMDistances(u, v, batch_size)
+    out = np.empty((len(u), len(v)), dtype=np.float32)
+    for r0, c0, block in distances.blocks():
+        out[r0:r0 + block.shape[0], c0:c0 + block.shape[1]] = block
+    return out
+
+
+def _adm_radii(features, k, batch_size):
     n = len(features)
-    if n <= k:
-        raise ValueError(f"need more than k={k} features for k-NN radii, got {n}")
+    best = np.full((n, k + 1), np.inf, dtype=np.float32)  # the k+1 smallest squared distances per row
+    for r0, _, block in _ADMDistances(features, features, batch_size).blocks():
+        for s0 in range(0, len(block), _ROW_CHUNK):
+            rows = slice(r0 + s0, r0 + min(s0 + _ROW_CHUNK, len(block)))
+            merged = np.concatenate([best[rows], block[s0:s0 + _ROW_CHUNK].astype(np.float32)], axis=1)
+            best[rows] = np.partition(merged, k, axis=1)[:, :k + 1]
+    return np.sqrt(best[:, k].astype(np.float64))
+
+
+def _float32_radii(features, k, block_size, dtype):
+    n = len(features)
     x, x_sq = _prepare(features, np.mean(features, axis=0), dtype)
     radii = np.empty(n, dtype=np.float64)
     for r0 in range(0, n, block_size):
@@ -392,30 +609,62 @@ def manifold_radii(features, k=NEAREST_K, block_size=1000, dtype=np.float32):
     return radii
 
 
+def manifold_radii(features, k=NEAREST_K, block_size=1000, dtype=np.float32, float32=False,
+                   adm_batch_size=ADM_BATCH_SIZE):
+    """Distance of every feature [N, D] to its k-th nearest neighbour in the same set (itself excluded,
+    i.e. the (k+1)-th smallest distance counting 0 to itself), as float64.
+
+    Default: ADM's float16 squared distances (see above), in its 10,000 x 10,000 blocks (`adm_batch_size`).
+    float32=True: the exact version: centred features, distances in `dtype` (float32) in
+    block_size x block_size blocks. Either way only the k+1 smallest per row are kept, so no N x N matrix
+    exists."""
+    n = len(features)
+    if n <= k:
+        raise ValueError(f"need more than k={k} features for k-NN radii, got {n}")
+    if float32:
+        return _float32_radii(features, k, block_size, dtype)
+    return _adm_radii(features, k, adm_batch_size)
+
+
 def precision_recall(ref, sample, k=NEAREST_K, block_size=1000, dtype=np.float32, ref_radii=None,
-                     sample_radii=None):
+                     sample_radii=None, float32=False, adm_batch_size=ADM_BATCH_SIZE):
     """Improved precision and recall (Kynkaanniemi et al. 2019) of features [N, D].
 
     precision: fraction of samples within the k-NN ball of at least one reference feature;
-    recall: fraction of reference features within the k-NN ball of at least one sample.
-    Radii may be passed in when already known (the reference radii are reused across sample files)."""
+    recall: fraction of reference features within the k-NN ball of at least one sample
+    (distance <= radius). Default: ADM's float16 distances, reference rows x sample columns as ADM's
+    evaluate_pr orders them; float32=True: the exact float32 version (see manifold_radii). Radii (from
+    manifold_radii with the same settings) may be passed in when already known (the reference radii are
+    reused across sample files)."""
     if ref_radii is None:
-        ref_radii = manifold_radii(ref, k, block_size, dtype)
+        ref_radii = manifold_radii(ref, k, block_size, dtype, float32, adm_batch_size)
     if sample_radii is None:
-        sample_radii = manifold_radii(sample, k, block_size, dtype)
-    center = np.mean(ref, axis=0)
-    r, r_sq = _prepare(ref, center, dtype)
-    s, s_sq = _prepare(sample, center, dtype)
-    sample_in_ref = np.zeros(len(s), dtype=bool)
-    ref_in_sample = np.zeros(len(r), dtype=bool)
-    # One pass over the sample x reference distance blocks answers both questions.
-    for s0 in range(0, len(s), block_size):
-        srows = slice(s0, s0 + block_size)
-        for r0 in range(0, len(r), block_size):
-            rrows = slice(r0, r0 + block_size)
-            d = np.sqrt(_squared_distances(s[srows], s_sq[srows], r[rrows], r_sq[rrows]).astype(np.float64))
-            sample_in_ref[srows] |= (d <= ref_radii[None, rrows]).any(axis=1)
-            ref_in_sample[rrows] |= (d <= sample_radii[srows, None]).any(axis=0)
+        sample_radii = manifold_radii(sample, k, block_size, dtype, float32, adm_batch_size)
+    ref_radii, sample_radii = np.asarray(ref_radii, np.float64), np.asarray(sample_radii, np.float64)
+    sample_in_ref = np.zeros(len(sample), dtype=bool)
+    ref_in_sample = np.zeros(len(ref), dtype=bool)
+    if float32:
+        center = np.mean(ref, axis=0)
+        r, r_sq = _prepare(ref, center, dtype)
+        s, s_sq = _prepare(sample, center, dtype)
+        # One pass over the sample x reference distance blocks answers both questions.
+        for s0 in range(0, len(s), block_size):
+            srows = slice(s0, s0 + block_size)
+            for r0 in range(0, len(r), block_size):
+                rrows = slice(r0, r0 + block_size)
+                d = np.sqrt(_squared_distances(s[srows], s_sq[srows], r[rrows], r_sq[rrows]).astype(np.float64))
+                sample_in_ref[srows] |= (d <= ref_radii[None, rrows]).any(axis=1)
+                ref_in_sample[rrows] |= (d <= sample_radii[srows, None]).any(axis=0)
+        return float(sample_in_ref.mean()), float(ref_in_sample.mean())
+    # The square root (float64) of float32 squared distances is strictly increasing, so comparing
+    # distances with the radii decides exactly as ADM's comparison of the squared float32 values.
+    for r0, s0, block in _ADMDistances(ref, sample, adm_batch_size).blocks():
+        for c0 in range(0, len(block), _ROW_CHUNK):
+            rrows = slice(r0 + c0, r0 + min(c0 + _ROW_CHUNK, len(block)))
+            scols = slice(s0, s0 + block.shape[1])
+            d = np.sqrt(block[c0:c0 + _ROW_CHUNK].astype(np.float64))
+            ref_in_sample[rrows] |= (d <= sample_radii[None, scols]).any(axis=1)
+            sample_in_ref[scols] |= (d <= ref_radii[rrows, None]).any(axis=0)
     return float(sample_in_ref.mean()), float(ref_in_sample.mean())
 
 
@@ -435,12 +684,13 @@ class Reference:
     sigma_s: np.ndarray
     _radii: dict = dataclasses.field(default_factory=dict)
 
-    def radii(self, k=NEAREST_K):
+    def radii(self, k=NEAREST_K, float32=False):
         """k-NN radii of the reference pool features, computed once and reused for every sample file."""
-        if k not in self._radii:
-            log.info("computing reference manifold radii (k=%d)", k)
-            self._radii[k] = manifold_radii(self.pool, k)
-        return self._radii[k]
+        if (k, float32) not in self._radii:
+            log.info("computing reference manifold radii (k=%d, %s distances)", k,
+                     "float32" if float32 else "ADM float16")
+            self._radii[(k, float32)] = manifold_radii(self.pool, k, float32=float32)
+        return self._radii[(k, float32)]
 
 
 # In-process memo of the last reference (one entry: the activations of 50k images take ~800 MB).
@@ -452,12 +702,15 @@ def _file_signature(path):
     return f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
-def reference_cache_path(ref_batch, graph_path, cache_dir=None):
+def reference_cache_path(ref_batch, graph_path, cache_dir=None, backend="tf"):
     """Where the activations of `ref_batch` are cached: under <cache dir>/ref_activations/, keyed by the
-    path, size and mtime of both the reference batch and the Inception graph (features depend on both).
-    The cache never goes into the sample folder, where an .npz would be taken for a sample batch."""
-    key = hashlib.sha256(f"v{CACHE_VERSION}|{_file_signature(ref_batch)}|{_file_signature(graph_path)}"
-                         .encode()).hexdigest()
+    path, size and mtime of both the reference batch and the Inception graph (features depend on both)
+    and by the backend that computed them. The cache never goes into the sample folder, where an .npz
+    would be taken for a sample batch."""
+    signature = f"v{CACHE_VERSION}|{_file_signature(ref_batch)}|{_file_signature(graph_path)}"
+    if backend != "tf":  # the tf key is kept as it was, so existing caches stay valid
+        signature += f"|{backend}"
+    key = hashlib.sha256(signature.encode()).hexdigest()
     folder = Path(cache_dir or default_cache_dir()) / "ref_activations"
     return folder / f"{Path(ref_batch).stem}-{key[:20]}.npz", key
 
@@ -494,12 +747,14 @@ def _save_cached_activations(path, key, pool, spatial):
 def load_reference(ref_batch, features, batch_size=64, cache_dir=None):
     """Reference activations and statistics, from the in-process memo, the disk cache, or computed (and
     then cached). Precomputed mu/sigma (mu_s/sigma_s) in the batch replace the statistics of its images
-    for FID (sFID); precision/recall always use the activations of the images."""
+    for FID (sFID); precision/recall always use the activations of the images. `features` is a feature
+    extractor (make_feature_extractor); its graph and backend are part of the cache key."""
     ref_batch = Path(ref_batch)
     headers = check_batch(ref_batch, role="reference batch")
     n_images = headers["arr_0"][0][0]
     stats = load_reference_stats(ref_batch)
-    cache_path, key = reference_cache_path(ref_batch, features.graph_path, cache_dir)
+    cache_path, key = reference_cache_path(ref_batch, features.graph_path, cache_dir,
+                                           getattr(features, "backend", "tf"))
     if key in _REFERENCE_MEMO:
         return _REFERENCE_MEMO[key]
 
@@ -533,12 +788,14 @@ def load_reference(ref_batch, features, batch_size=64, cache_dir=None):
     return reference
 
 
-def compute_metrics(reference, pool, spatial, probs, k=NEAREST_K):
-    """IS, FID, sFID, precision and recall of one sample set's features against `reference`."""
+def compute_metrics(reference, pool, spatial, probs, k=NEAREST_K, pr_float32=False):
+    """IS, FID, sFID, precision and recall of one sample set's features against `reference`.
+    Precision/recall use ADM's float16 distances, or exact float32 ones with pr_float32."""
     mu, sigma = feature_statistics(pool)
     mu_s, sigma_s = feature_statistics(spatial)
     log.info("computing precision/recall (k=%d)", k)
-    precision, recall = precision_recall(reference.pool, pool, k, ref_radii=reference.radii(k))
+    precision, recall = precision_recall(reference.pool, pool, k, ref_radii=reference.radii(k, pr_float32),
+                                         float32=pr_float32)
     return {
         "IS": inception_score(probs),
         "FID": frechet_distance(reference.mu, reference.sigma, mu, sigma),
@@ -564,10 +821,12 @@ def evaluated_files(results_path):
 
 
 def evaluate_folder(ref_batch, sample_dir, graph_path=None, batch_size=64, cache_dir=None,
-                    inception_sha256=None, features=None):
+                    inception_sha256=None, features=None, backend="auto", device=None, tf_check=True,
+                    pr_float32=False):
     """Evaluate every .npz in `sample_dir` (sorted) not yet listed in its eval_results.txt, appending one
     line per file. Returns the result dicts (file, path, IS, FID, sFID, precision, recall) of the files
-    evaluated now. `features` (an InceptionFeatures) may be passed in to reuse a session.
+    evaluated now. `features` (from make_feature_extractor) may be passed in to reuse a session;
+    otherwise one of `backend` is made (see make_feature_extractor for device and tf_check).
 
     All inputs are checked before anything is computed, and sample files are only ever read."""
     ref_batch, sample_dir = Path(ref_batch), Path(sample_dir)
@@ -593,14 +852,16 @@ def evaluate_folder(ref_batch, sample_dir, graph_path=None, batch_size=64, cache
 
     own_features = features is None
     if own_features:
-        features = InceptionFeatures(resolve_inception_graph(graph_path, cache_dir, inception_sha256))
+        features = make_feature_extractor(backend, resolve_inception_graph(graph_path, cache_dir, inception_sha256),
+                                          device=device, tf_check=tf_check)
     results = []
     try:
         reference = load_reference(ref_batch, features, batch_size, cache_dir)
         for i, path in enumerate(pending, 1):
             log.info("evaluating %s (%d/%d)", path.name, i, len(pending))
             pool, spatial, probs = features.compute(load_images(path), batch_size, desc=path.name)
-            result = {"file": path.name, "path": str(path), **compute_metrics(reference, pool, spatial, probs)}
+            result = {"file": path.name, "path": str(path),
+                      **compute_metrics(reference, pool, spatial, probs, pr_float32=pr_float32)}
             line = format_result(result)
             with open(results_path, "a") as f:
                 f.write(line + "\n")
@@ -629,14 +890,31 @@ def main(argv=None):
     parser.add_argument("--cache-dir", default=None,
                         help="folder for the downloaded graph and cached reference activations "
                              "(default: $SOFLOW_CACHE_DIR or ~/.cache/soflow)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="tf: TensorFlow; torch: the PyTorch interpreter of the same graph (no "
+                             "TensorFlow needed); auto (default): tf when TensorFlow is importable, else torch")
+    parser.add_argument("--device", default=None,
+                        help="torch backend device (default: cuda when available, else cpu)")
+    parser.add_argument("--no-tf-check", dest="tf_check", action="store_false",
+                        help="torch backend: skip the comparison of the first batch with TensorFlow "
+                             "(done by default when TensorFlow is importable)")
+    parser.add_argument("--pr-float32", action="store_true",
+                        help="precision/recall from exact float32 distances instead of ADM's float16 ones")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be positive, got {args.batch_size}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         results = evaluate_folder(args.ref_batch, args.sample_batch_dir, args.inception_graph,
-                                  args.batch_size, args.cache_dir, args.inception_sha256)
-    except (BadInputError, DownloadError) as err:
+                                  args.batch_size, args.cache_dir, args.inception_sha256,
+                                  backend=args.backend, device=args.device, tf_check=args.tf_check,
+                                  pr_float32=args.pr_float32)
+    except (BadInputError, DownloadError, BackendMismatchError) as err:
+        raise SystemExit(f"evaluator: error: {err}") from None
+    except ValueError as err:
+        graph_error = getattr(sys.modules.get("inception_torch"), "GraphError", None)
+        if graph_error is None or not isinstance(err, graph_error):
+            raise
         raise SystemExit(f"evaluator: error: {err}") from None
     for result in results:
         print(format_result(result))

@@ -2,10 +2,13 @@
 
 The toy graph carries the tensor names the evaluator relies on (ExpandDims, mixed_6/conv, pool_3,
 softmax/logits/MatMul); its features are recomputed here with a plain session on the whole batch and the
-metrics re-derived with straightforward, non-batched NumPy/SciPy code.
+metrics re-derived with straightforward, non-batched NumPy/SciPy code. Precision/recall are checked
+against an independent element-by-element float16 computation of ADM's distances (the default) and
+against exact distances (--pr-float32).
 """
 import hashlib
 import io
+import math
 import re
 
 import numpy as np
@@ -38,7 +41,10 @@ def isolated(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def tf():
-    return ev._import_tensorflow()
+    try:
+        return ev._import_tensorflow()
+    except ImportError as err:
+        pytest.skip(f"TensorFlow is not importable ({err})")
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +137,42 @@ def np_precision_recall(ref, sample, k=K):
     return precision, recall
 
 
+def adm_sq_distances_scalar(u, v):
+    """ADM's float16 squared distances, element by element with NumPy float16 scalars: features cast to
+    float16; |u|^2 = the float16 squares summed exactly (math.fsum) and rounded once to float16, u.v the
+    same for the products; then (|u|^2 - 2 u.v) + |v|^2 and max(., 0), each step a float16 operation."""
+    uh, vh = np.asarray(u, np.float32).astype(np.float16), np.asarray(v, np.float32).astype(np.float16)
+    norm = lambda row: np.float16(math.fsum(float(x * x) for x in row))  # noqa: E731  (x * x is float16)
+    nu, nv = [norm(row) for row in uh], [norm(row) for row in vh]
+    out = np.empty((len(uh), len(vh)), np.float32)
+    for i, a in enumerate(uh):
+        for j, b in enumerate(vh):
+            dot = np.float16(math.fsum(float(x) * float(y) for x, y in zip(a, b)))
+            d = (nu[i] - np.float16(2) * dot) + nv[j]
+            out[i, j] = max(d, np.float16(0))
+    return out
+
+
+def adm_sq_distances(u, v):
+    """The same computation vectorised (float64 sums of the float16 squares / products)."""
+    uh, vh = np.asarray(u, np.float32).astype(np.float16), np.asarray(v, np.float32).astype(np.float16)
+    nu = (uh * uh).astype(np.float64).sum(1).astype(np.float16)
+    nv = (vh * vh).astype(np.float64).sum(1).astype(np.float16)
+    dot = np.einsum("id,jd->ij", uh.astype(np.float64), vh.astype(np.float64)).astype(np.float16)
+    return np.maximum((nu[:, None] - np.float16(2) * dot) + nv[None, :], np.float16(0)).astype(np.float32)
+
+
+def adm_precision_recall(ref, sample, k=K, distances=adm_sq_distances):
+    """ADM's rule on its float16 squared distances: radius = (k+1)-th smallest squared distance in the
+    row (itself included); inside when squared distance <= squared radius; rows = reference."""
+    r2 = np.partition(distances(ref, ref), k, axis=1)[:, k]
+    s2 = np.partition(distances(sample, sample), k, axis=1)[:, k]
+    d = distances(ref, sample)
+    precision = np.mean((d <= r2[:, None]).any(axis=0))
+    recall = np.mean((d <= s2[None, :]).any(axis=1))
+    return precision, recall
+
+
 def random_images(seed, n, size, low=0, high=256):
     return np.random.default_rng(seed).integers(low, high, size=(n, size, size, 3), dtype=np.uint8)
 
@@ -198,19 +240,125 @@ def test_inception_score_matches_numpy():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_precision_recall_matches_numpy(dtype):
+def test_precision_recall_float32_matches_numpy(dtype):
+    """The exact version (float32=True, --pr-float32)."""
     rng = np.random.default_rng(2)
     ref = rng.normal(size=(53, 6))
     sample = rng.normal(size=(41, 6)) * 1.3 + 0.4
     # block_size 7 forces several (and uneven) blocks along both axes.
-    radii = ev.manifold_radii(ref, K, block_size=7, dtype=dtype)
+    radii = ev.manifold_radii(ref, K, block_size=7, dtype=dtype, float32=True)
     np.testing.assert_allclose(radii, np_radii(ref), rtol=1e-5)
-    precision, recall = ev.precision_recall(ref, sample, K, block_size=7, dtype=dtype)
+    precision, recall = ev.precision_recall(ref, sample, K, block_size=7, dtype=dtype, float32=True)
     assert (precision, recall) == np_precision_recall(ref, sample)
     assert 0 < precision < 1 and 0 < recall < 1  # a non-trivial case
-    assert ev.precision_recall(ref, ref, K, block_size=7, dtype=dtype) == (1.0, 1.0)
+    assert ev.precision_recall(ref, ref, K, block_size=7, dtype=dtype, float32=True) == (1.0, 1.0)
     with pytest.raises(ValueError, match="more than k=3"):
-        ev.manifold_radii(ref[:3], K)
+        ev.manifold_radii(ref[:3], K, float32=True)
+
+
+def pool_like(rng, n, dim, shift=0.0):
+    """Non-negative features of pool_3's scale (ReLU then average pool)."""
+    return (np.abs(rng.normal(size=(n, dim))) * 0.6 + shift).astype(np.float32)
+
+
+def test_adm_float16_distances_match_independent_computation():
+    """The default reproduces the element-by-element float16 computation exactly: distances, radii and
+    precision/recall, also with ADM blocks smaller than the sets (batch size 7)."""
+    rng = np.random.default_rng(3)
+    ref, sample = pool_like(rng, 45, 64), pool_like(rng, 38, 64, shift=0.05)
+    want = adm_sq_distances_scalar(ref, sample)
+    np.testing.assert_array_equal(ev.adm_pairwise_sq_distances(ref, sample, batch_size=7), want)
+    np.testing.assert_array_equal(adm_sq_distances(ref, sample), want)  # the vectorised test helper agrees
+    exact = cdist(ref.astype(np.float64), sample.astype(np.float64)) ** 2
+    assert np.mean(want != exact.astype(np.float32)) > 0.9  # float16 rounding is really there
+
+    scalar_ref = adm_sq_distances_scalar(ref, ref)
+    want_radii = np.sqrt(np.partition(scalar_ref, K, axis=1)[:, K].astype(np.float64))
+    np.testing.assert_array_equal(ev.manifold_radii(ref, K, adm_batch_size=7), want_radii)
+    np.testing.assert_array_equal(ev.manifold_radii(ref, K), want_radii)
+    want_pr = adm_precision_recall(ref, sample, distances=adm_sq_distances_scalar)
+    assert ev.precision_recall(ref, sample, K, adm_batch_size=7) == want_pr
+    assert ev.precision_recall(ref, sample, K) == want_pr
+    assert 0 < want_pr[0] < 1 and 0 < want_pr[1] < 1
+
+
+def test_float16_and_float32_agree_on_well_separated_data():
+    """Groups of k+1 points, far apart; samples are near copies of 30 of the 40 reference groups plus 10
+    groups elsewhere. Every distance is far from every radius compared with float16's resolution, so both
+    versions give the same radii, to the float16 rounding of ADM's formula (a few units of the squared
+    norms' float16 spacing), and the same precision and recall."""
+    rng = np.random.default_rng(4)
+    dim = 24
+    centres = rng.normal(size=(50, dim))
+    centres *= 2 / np.linalg.norm(centres, axis=1, keepdims=True)
+    ref = np.repeat(centres[:40], K + 1, axis=0) + 0.2 * rng.normal(size=(40 * (K + 1), dim))
+    copies = ref[:30 * (K + 1)] + 0.01 * rng.normal(size=(30 * (K + 1), dim))
+    others = np.repeat(centres[40:], K + 1, axis=0) + 0.2 * rng.normal(size=(10 * (K + 1), dim))
+    ref, sample = ref.astype(np.float32), np.concatenate([copies, others]).astype(np.float32)
+    for features in (ref, sample):
+        r16, r32 = ev.manifold_radii(features, K), ev.manifold_radii(features, K, float32=True)
+        resolution = np.spacing(np.float16(np.max(np.sum(features.astype(np.float64) ** 2, axis=1))))
+        assert np.max(np.abs(r16 ** 2 - r32 ** 2)) <= 3 * float(resolution)
+        np.testing.assert_allclose(r16, r32, rtol=5e-3)
+    pr16, pr32 = ev.precision_recall(ref, sample, K), ev.precision_recall(ref, sample, K, float32=True)
+    assert pr16 == pr32 == np_precision_recall(ref.astype(np.float64), sample.astype(np.float64))
+    assert 0.7 < pr16[0] < 1 and 0.7 < pr16[1] < 1
+
+
+def test_float16_block_falls_back_to_float32_when_not_finite():
+    """A block whose float16 distances overflow (> 65504) is recomputed in float32, as a whole; the other
+    blocks stay float16."""
+    rng = np.random.default_rng(5)
+    u, v = pool_like(rng, 20, 16), pool_like(rng, 17, 16)
+    u[9, 3] = 300.0  # its square overflows float16
+    distances = ev._ADMDistances(u, v, batch_size=7)
+    got = np.empty((20, 17), np.float32)
+    for r0, c0, block in distances.blocks():
+        got[r0:r0 + block.shape[0], c0:c0 + block.shape[1]] = block
+    assert distances.fallback_blocks == [(7, 0), (7, 7), (7, 14)]  # the row block of row 9, every column block
+    want16 = adm_sq_distances_scalar(u, v)
+    rows = slice(7, 14)
+    np.testing.assert_array_equal(np.delete(got, range(7, 14), axis=0), np.delete(want16, range(7, 14), axis=0))
+    np.testing.assert_array_equal(got[rows], ev._fp32_block(u[rows], v))
+    np.testing.assert_allclose(got[rows], cdist(u[rows], v) ** 2, rtol=1e-5)
+    assert np.isinf(want16[rows]).any() or not np.isfinite(want16[9]).all()
+    np.testing.assert_array_equal(ev.adm_pairwise_sq_distances(u, v, batch_size=7), got)
+
+
+def test_adm_distances_against_tensorflow_graph(tf):
+    """ADM's own float16 DistanceBlock graph, rebuilt here in TensorFlow and run on the CPU: its matrix
+    product accumulates in float32 and Eigen sums the squares in float16 packets, so part of its norms
+    differ from the correctly rounded ones by one float16 unit. The distances agree to one unit of each
+    norm plus one of the result. On these features (2048-d, all pairwise distances within a few percent of
+    each other: many near-ties) that moves precision / recall by at most 0.01."""
+    tf1 = tf.compat.v1
+    rng = np.random.default_rng(6)
+    ref, sample = pool_like(rng, 300, 2048), pool_like(rng, 250, 2048, shift=0.01)
+    graph = tf.Graph()
+    with graph.as_default():
+        a, b = tf1.placeholder(tf.float32, [None, None]), tf1.placeholder(tf.float32, [None, None])
+
+        def pairwise(u, v):
+            nu = tf.reshape(tf.reduce_sum(tf.square(u), 1), [-1, 1])
+            nv = tf.reshape(tf.reduce_sum(tf.square(v), 1), [1, -1])
+            return tf.maximum(nu - 2 * tf.matmul(u, v, False, True) + nv, 0.0)
+        d16 = pairwise(tf.cast(a, tf.float16), tf.cast(b, tf.float16))
+        block = tf.cond(tf.reduce_all(tf.math.is_finite(d16)), lambda: tf.cast(d16, tf.float32),
+                        lambda: pairwise(a, b))
+    with tf1.Session(graph=graph) as session:
+        tf_d = {key: session.run(block, {a: x, b: y}) for key, (x, y) in
+                {"rr": (ref, ref), "ss": (sample, sample), "rs": (ref, sample)}.items()}
+    ours = ev.adm_pairwise_sq_distances(ref, sample)
+    # One float16 unit of each norm, and one of the result.
+    norms = [ev._fp16_norms(x.astype(np.float16)) for x in (ref, sample)]
+    bound = np.spacing(norms[0])[:, None] + np.spacing(norms[1])[None, :] + np.spacing(ours.astype(np.float16))
+    assert np.all(np.abs(ours - tf_d["rs"]) <= bound.astype(np.float32))
+    assert np.mean(ours == tf_d["rs"]) > 0.3
+    r2 = np.partition(tf_d["rr"], K, axis=1)[:, K]
+    s2 = np.partition(tf_d["ss"], K, axis=1)[:, K]
+    tf_pr = (np.mean((tf_d["rs"] <= r2[:, None]).any(axis=0)), np.mean((tf_d["rs"] <= s2[None, :]).any(axis=1)))
+    ours_pr = ev.precision_recall(ref, sample, K)
+    assert abs(ours_pr[0] - tf_pr[0]) <= 0.01 and abs(ours_pr[1] - tf_pr[1]) <= 0.01, (ours_pr, tf_pr)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,7 +430,7 @@ def test_evaluate_folder(folder, tmp_path, monkeypatch, toy_features, direct_fea
         pool, spatial, probs = direct_features(np.load(samples / result["file"])["arr_0"])
         want = {"IS": np_inception_score(probs, 5000), "FID": np_fid(ref_pool, pool),
                 "sFID": np_fid(ref_spatial, spatial)}
-        want["precision"], want["recall"] = np_precision_recall(ref_pool, pool)
+        want["precision"], want["recall"] = adm_precision_recall(ref_pool, pool)
         for key, value in want.items():
             assert result[key] == pytest.approx(value, rel=1e-4, abs=1e-4), key
         for key, field in (("IS", "IS"), ("FID", "FID"), ("sFID", "sFID"), ("precision", "prec"),
@@ -343,7 +491,7 @@ def test_precomputed_reference_stats(folder, tmp_path, toy_features, direct_feat
         assert result["FID"] == pytest.approx(want_fid, rel=1e-4)
         assert result["sFID"] == pytest.approx(np_fid(ref_spatial, spatial), rel=1e-4, abs=1e-4)
         # precision/recall still come from the reference images
-        assert (result["precision"], result["recall"]) == np_precision_recall(ref_pool, pool)
+        assert (result["precision"], result["recall"]) == adm_precision_recall(ref_pool, pool)
 
     # With mu_s/sigma_s too, sFID uses them.
     dim = 4 * 4 * 7
@@ -356,7 +504,7 @@ def test_precomputed_reference_stats(folder, tmp_path, toy_features, direct_feat
     assert result["sFID"] == pytest.approx(want, rel=1e-4)
 
 
-def test_main_cli(folder, tmp_path, toy_graph, capsys):
+def test_main_cli(folder, tmp_path, toy_graph, capsys, direct_features):
     ref, samples = folder
     argv = ["--ref_batch", str(ref), "--sample_batch_dir", str(samples), "--inception-graph", str(toy_graph[0]),
             "--batch-size", "50", "--cache-dir", str(tmp_path / "cache")]
@@ -364,6 +512,26 @@ def test_main_cli(folder, tmp_path, toy_graph, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out == (samples / "eval_results.txt").read_text().splitlines()
     assert len(out) == 2 and all(LINE.match(line) for line in out)
+
+    # The torch backend (checked against TensorFlow on its first batch) prints the same lines.
+    torch_samples = tmp_path / "torch_samples"
+    torch_samples.mkdir()
+    for path in samples.glob("*.npz"):
+        (torch_samples / path.name).write_bytes(path.read_bytes())
+    torch_argv = argv[:3] + [str(torch_samples)] + argv[4:] + ["--backend", "torch", "--device", "cpu"]
+    assert ev.main(torch_argv) == 0
+    assert capsys.readouterr().out.splitlines() == out
+
+    # --pr-float32: exact precision / recall.
+    exact_samples = tmp_path / "exact_samples"
+    exact_samples.mkdir()
+    (exact_samples / "b_shifted.npz").write_bytes((samples / "b_shifted.npz").read_bytes())
+    assert ev.main(argv[:3] + [str(exact_samples)] + argv[4:] + ["--pr-float32"]) == 0
+    match = LINE.match(capsys.readouterr().out.strip())
+    ref_pool = direct_features(np.load(ref)["arr_0"])[0]
+    pool = direct_features(np.load(exact_samples / "b_shifted.npz")["arr_0"])[0]
+    precision, recall = np_precision_recall(ref_pool, pool)
+    assert (float(match["prec"]), float(match["recall"])) == (round(precision, 4), round(recall, 4))
 
     empty = tmp_path / "empty"
     empty.mkdir()
