@@ -116,6 +116,9 @@ class Config(Objective):
     eval_batch_size: int = 125
     eval_NFE: int = 1
     num_eval_samples: int = 50_000
+    fid_ref_batch: Optional[str] = None     # ADM reference batch (.npz): score each periodic dump in training
+    fid_inception_graph: Optional[str] = None  # classify_image_graph_def.pb (None: the evaluator's cached download)
+    eval_save_samples: bool = True          # false: score the periodic dumps without writing their images
     ckpt_keep_last: Optional[int] = None    # keep only the newest k periodic checkpoints (None: keep all, as the release)
     ckpt_keep_every: Optional[int] = None   # checkpoints of steps divisible by this are never deleted
     tracker: str = "auto"                   # auto (TensorBoard when importable), tensorboard, wandb, none
@@ -192,6 +195,9 @@ def _check_model_and_data(cfg):
     def fail(msg):
         raise ConfigError(msg)
 
+    if not cfg.eval_save_samples and not cfg.fid_ref_batch:
+        fail("eval_save_samples: false keeps nothing of the periodic dumps unless fid_ref_batch scores them; set "
+             "fid_ref_batch (an ADM reference batch) or eval_save_samples: true")
     if cfg.model_type == "UNet":
         if cfg.num_classes:
             fail(f"model_type 'UNet' is unconditional, but num_classes={cfg.num_classes}: use a DiT model_type "

@@ -806,9 +806,13 @@ def compute_metrics(reference, pool, spatial, probs, k=NEAREST_K, pr_float32=Fal
 
 
 def format_result(result):
-    """One eval_results.txt line."""
-    return (f"{result['file']} # IS: {result['IS']:.4f}, FID: {result['FID']:.4f}, "
-            f"sFID: {result['sFID']:.4f}, prec: {result['precision']:.4f}, recall: {result['recall']:.4f}")
+    """One eval_results.txt line. A distance that rounds to zero prints as 0.0000 whatever its sign (a copy of
+    the reference gives +-1e-9 depending on the backend's rounding)."""
+    def number(key):
+        text = f"{result[key]:.4f}"
+        return "0.0000" if text == "-0.0000" else text
+    return (f"{result['file']} # IS: {number('IS')}, FID: {number('FID')}, sFID: {number('sFID')}, "
+            f"prec: {number('precision')}, recall: {number('recall')}")
 
 
 def evaluated_files(results_path):

@@ -126,12 +126,15 @@ def _write_npz_streaming(path, parts, labels):
 
 
 def dump_samples(model, out_path, num_samples, nfe, seed, batch_size, device, rank=0, world_size=1, decode=None,
-                 class_balanced=False, precision="fp32", progress=True):
-    """Writes `num_samples` images to `out_path` (ADM format) from all ranks; returns the path on rank 0."""
+                 class_balanced=False, precision="fp32", progress=True, on_batch=None, write=True):
+    """Samples `num_samples` images over all ranks (rank r its contiguous share) and writes them to `out_path`
+    (ADM format); returns the path on rank 0. `on_batch(images)` sees every uint8 NHWC batch of this rank as it
+    is sampled (in-training FID); with write=False nothing is written."""
     if class_balanced and model.num_classes > 0 and num_samples % model.num_classes:
         raise ValueError(f"--class-balanced needs num_samples ({num_samples}) divisible by the number of "
                          f"classes ({model.num_classes})")
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    if write:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     part = f"{out_path}.part{rank:05d}.npy"
     indices = rank_slice(num_samples, rank, world_size)
     images = None  # this rank's images, written to disk as they come (a memory-mapped .npy)
@@ -141,13 +144,19 @@ def dump_samples(model, out_path, num_samples, nfe, seed, batch_size, device, ra
     for lo in range(0, len(indices), batch_size):
         batch = indices[lo:lo + batch_size]
         x, y = generate(model, batch, nfe, seed, device, decode, class_balanced, precision)
-        if images is None:
-            images = np.lib.format.open_memmap(part, mode="w+", dtype=np.uint8, shape=(len(indices), *x.shape[1:]))
-        images[lo:lo + len(batch)] = x.numpy()
+        if on_batch is not None:
+            on_batch(x.numpy())
+        if write:
+            if images is None:
+                images = np.lib.format.open_memmap(part, mode="w+", dtype=np.uint8,
+                                                   shape=(len(indices), *x.shape[1:]))
+            images[lo:lo + len(batch)] = x.numpy()
         if y is not None:
             labels[lo:lo + len(batch)] = y.numpy()
         bar.update(len(batch) * world_size)  # tqdm's rate is then the images/s of all ranks
     bar.close()
+    if not write:
+        return None
     if images is None:  # more ranks than samples
         np.save(part, np.zeros((0, model.data_size, model.data_size, 3), np.uint8))
     else:

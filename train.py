@@ -128,6 +128,57 @@ def peak_memory_gib(device):
 
 
 # ----------------------------------------------------------------------------------------------------
+# FID inside training
+
+
+class TrainingFID:
+    """Scores the periodic dumps in the training processes with the evaluator's PyTorch Inception backend:
+    each rank computes the features of its share as it is sampled; rank 0 gathers them (through files next to
+    the dump) and writes the evaluator's line to log.txt and evals/eval_results.txt. The reference batch is
+    checked, and its statistics computed (or read from the evaluator's cache), before step 1."""
+
+    def __init__(self, cfg, device, rank, eval_dir):
+        import evaluator
+        self.evaluator, self.rank, self.eval_dir = evaluator, rank, eval_dir
+        if rank == 0:  # a download, if any, happens once
+            evaluator.check_batch(cfg.fid_ref_batch, role="reference batch")
+            evaluator.resolve_inception_graph(cfg.fid_inception_graph)
+        barrier()
+        graph = evaluator.resolve_inception_graph(cfg.fid_inception_graph)
+        # The TensorFlow self-check of the first batch runs on rank 0 when TensorFlow is importable.
+        self.features = evaluator.make_feature_extractor("torch", graph, device=device, tf_check=rank == 0)
+        self.reference = evaluator.load_reference(cfg.fid_ref_batch, self.features) if rank == 0 else None
+        self.parts = None
+
+    def start(self):
+        self.parts = ([], [], [])
+
+    def add(self, images):
+        for out, value in zip(self.parts, self.features.features_of(images)):
+            out.append(value)
+
+    def finish(self, name, world_size):
+        """The line of `name` (rank 0; None elsewhere)."""
+        stem = os.path.join(self.eval_dir, f".{name}.features")
+        np.savez(f"{stem}{self.rank}.npz", *(np.concatenate(p) if p else np.zeros((0, 0), np.float32)
+                                             for p in self.parts))
+        barrier()
+        line = None
+        if self.rank == 0:
+            loaded = [np.load(f"{stem}{r}.npz") for r in range(world_size)]
+            pool, spatial, probs = (np.concatenate([f[f"arr_{i}"] for f in loaded if f[f"arr_{i}"].size])
+                                    for i in range(3))
+            result = self.evaluator.compute_metrics(self.reference, pool, spatial, probs)
+            line = self.evaluator.format_result({"file": name, **result})
+            with open(os.path.join(self.eval_dir, "eval_results.txt"), "a") as f:
+                f.write(line + "\n")
+            for r in range(world_size):
+                os.remove(f"{stem}{r}.npz")
+        barrier()
+        return line
+
+
+# ----------------------------------------------------------------------------------------------------
 # Set-up
 
 
@@ -232,6 +283,7 @@ def main(argv=None):
         if state is not None and args.no_resume:
             raise SystemExit(f"{ckpt_dir} holds checkpoints and --no-resume was given")
         finished_steps = int(state["finished_steps"]) if state is not None else 0
+        dumps_due = finished_steps < cfg.total_steps and cfg.eval_steps <= cfg.total_steps
         # The SD-VAE is loaded (before step 1) only when something will be decoded.
         decode = build_decoder(cfg.vae, cfg.latent_scale, device) if decoder_needed(cfg, finished_steps) else None
 
@@ -274,6 +326,7 @@ def main(argv=None):
         if tracker.path:
             log(f"TensorBoard: tensorboard --logdir {tracker.path}")
 
+        fid = TrainingFID(cfg, device, rank, eval_dir) if cfg.fid_ref_batch and dumps_due else None
         loader, steps_per_epoch = batch_loader(dataset, cfg.batch_size, rank, world_size, cfg.seed, finished_steps,
                                                cfg.total_steps, cfg.num_workers, pin_memory=device.type == "cuda",
                                                prefetch_factor=cfg.prefetch_factor)
@@ -383,10 +436,18 @@ def main(argv=None):
             if is_due(finished_steps, cfg.eval_steps, cfg.total_steps):
                 check_finite(finished_steps)
                 out = os.path.join(eval_dir, f"{finished_steps}.npz")
+                if fid is not None:
+                    fid.start()
                 with attention_context(cfg.attention, device):
                     dump_samples(ema.model, out, cfg.num_eval_samples, cfg.eval_NFE, cfg.seed, cfg.eval_batch_size,
-                                 device, rank, world_size, decode, precision=cfg.precision, progress=True)
-                log(f"wrote {cfg.num_eval_samples} EMA samples ({cfg.eval_NFE} NFE) to {out}")
+                                 device, rank, world_size, decode, precision=cfg.precision, progress=True,
+                                 on_batch=fid.add if fid is not None else None, write=cfg.eval_save_samples)
+                if cfg.eval_save_samples:
+                    log(f"wrote {cfg.num_eval_samples} EMA samples ({cfg.eval_NFE} NFE) to {out}")
+                if fid is not None:
+                    line = fid.finish(os.path.basename(out), world_size)
+                    if line:
+                        log(line)
         bar.close()
         log(f"finished {finished_steps} steps")
         return 0

@@ -1,5 +1,6 @@
 """train.py end to end on CPU with 2 ranks (gloo): outputs, crash-safe resume, non-finite losses."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -291,3 +292,45 @@ def test_vae_loaded_only_when_needed_and_its_failure_is_clear(imagenet_latents, 
     with pytest.raises(DecoderError, match=r"no_such_vae.*offline mode is on.*save_pretrained.*vae:"):
         train.main(["--config", cfg])
     assert list_checkpoints(tmp_path / "b" / "ckpts") == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# FID inside training
+
+
+def test_fid_inside_training_writes_the_evaluators_line(cifar_root, tmp_path):
+    import evaluator
+    from test_inception_torch import write_inception_like
+    graph = write_inception_like(tmp_path / "graph.pb", writer="plain")
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8))
+    run = tmp_path / "run"
+    cfg = write_config("tiny_cifar_cpu.yaml", tmp_path / "cfg.yaml", dataset_path=cifar_root, working_dir=str(run),
+                       fid_ref_batch=str(ref), fid_inception_graph=str(graph), eval_demo_steps=100)
+    torchrun("train.py", ["--config", cfg], env={"SOFLOW_CACHE_DIR": str(tmp_path / "cache")})
+    line = (run / "evals" / "eval_results.txt").read_text().strip()
+    assert line.startswith("6.npz # IS: ") and line in (run / "log.txt").read_text()
+    assert not [f for f in os.listdir(run / "evals") if f.startswith(".")]  # feature files cleaned up
+    # The evaluator, on the dump the run wrote (same batches of 8 as the ranks), prints the same line.
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    (folder / "6.npz").write_bytes((run / "evals" / "6.npz").read_bytes())
+    assert evaluator.main(["--ref_batch", str(ref), "--sample_batch_dir", str(folder), "--inception-graph",
+                           str(graph), "--batch-size", "8", "--backend", "torch", "--no-tf-check",
+                           "--cache-dir", str(tmp_path / "cache")]) == 0
+    got = (folder / "eval_results.txt").read_text().strip()
+
+    def numbers(text):
+        return [float(v) for v in re.findall(r"(?:IS|FID|sFID|prec|recall): (-?[0-9.]+)", text)]
+    # Same line up to the rounding of the features (training ranks ran single-threaded convolutions).
+    assert got.split(" # ")[0] == line.split(" # ")[0] and len(numbers(line)) == 5
+    assert numbers(got) == pytest.approx(numbers(line), rel=1e-6, abs=1e-4)
+    # Scoring without writing the images.
+    run2 = tmp_path / "run2"
+    cfg = write_config("tiny_cifar_cpu.yaml", tmp_path / "cfg2.yaml", dataset_path=cifar_root, working_dir=str(run2),
+                       fid_ref_batch=str(ref), fid_inception_graph=str(graph), eval_demo_steps=100,
+                       eval_save_samples=False, total_steps=2, eval_steps=2)
+    os.environ.pop("WORLD_SIZE", None)
+    assert train.main(["--config", cfg]) == 0
+    assert os.listdir(run2 / "evals") == ["eval_results.txt"]
+    assert (run2 / "evals" / "eval_results.txt").read_text().startswith("2.npz # IS: ")
