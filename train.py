@@ -293,12 +293,12 @@ def main(argv=None):
             model.network.set_grad_checkpointing(True)
         if device.type == "cuda" and cfg.channels_last and cfg.model_type == "UNet":
             model.to(memory_format=torch.channels_last)
-        if cfg.compile:
-            model.network.compile()  # in place: state-dict keys stay those of the release
         # Gradients as views of DDP's buckets: no copy into and out of the buckets on every step.
         ddp = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                    gradient_as_bucket_view=True) if world_size > 1 else model)
         ema = EMA(model, cfg.ema_decay_rate, cfg.ema_steps)  # after DDP's broadcast: the same EMA on every rank
+        if cfg.compile:
+            model.network.compile()  # in place (state-dict keys stay the release's); the EMA copy stays eager
         optimizer = build_optimizer(cfg, model)
 
         if state is not None:
