@@ -1,29 +1,52 @@
-"""The one checkpoint reader/writer.
+"""The one checkpoint reader/writer, and where checkpoints come from.
 
 A checkpoint is `ckpts/{step}.pt`, a dict with `model`, `ema_model`, `optimizer`, `finished_steps`,
 `finished_epochs` (the reference layout) and, from this implementation, `rng_states` (one per rank) so
 that a resumed run continues bit-exactly. Files are written atomically (temporary file, fsync, rename)
 and read with `torch.load(weights_only=True)`.
+
+Sampling also reads `.safetensors` files (the EMA weights alone, as `inference.py --export` writes them) and
+checkpoints on the Hugging Face Hub, named `hf://ORG/REPO[@REVISION]/PATH` and fetched into the Hub's cache by
+`huggingface_hub` (offline mode, HF_HUB_OFFLINE=1, reads the cache only). `config_beside` finds the config
+that belongs to a checkpoint.
 """
 import os
+import posixpath
 import re
 import warnings
+from dataclasses import dataclass
+from urllib.parse import unquote
 
 import torch
 
 _NAME = re.compile(r"^(\d+)\.pt$")
+HUB_PREFIX = "hf://"
+# hf://[models/|datasets/|spaces/]ORG/REPO[@REVISION]/PATH, huggingface_hub's URI grammar (a revision holding
+# a slash is a pull-request or conversion ref, or written URL-encoded: refs%2Fpr%2F1).
+_HUB_URI = re.compile(r"^(?:(models|datasets|spaces)/)?([^/@]+/[^/@]+)"
+                      r"(?:@(refs/(?:pr/\d+|convert/[\w.-]+)|[^/]+))?/(.+)$")
+CONFIG_NAME = "config.yaml"
+
+
+class CheckpointSourceError(ValueError):
+    """A checkpoint (or its config) that cannot be found or fetched; the message names it and the fix."""
 
 
 def save_checkpoint(state, path, before_rename=None):
     """Atomic write: a crash leaves either the previous file or the complete new one under `path`.
     `before_rename(tmp_path)` is a hook for crash tests."""
+    _atomic_write(path, lambda tmp: torch.save(state, tmp), before_rename)
+
+
+def _atomic_write(path, write, before_rename=None):
+    """`write(tmp_path)` writes a temporary file beside `path`; it is fsynced and renamed, then the folder is
+    fsynced."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         if before_rename is not None:
             before_rename(tmp)
@@ -38,8 +61,27 @@ def save_checkpoint(state, path, before_rename=None):
         os.close(dir_fd)
 
 
+def save_weights(weights, path, metadata=None):
+    """Writes a state dict as a `.safetensors` file, atomically (contiguous CPU copies; `metadata` values are
+    stored as strings)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items()}  # no shared storage
+
+    def write(tmp):
+        save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file private; give it the usual permissions
+    _atomic_write(path, write)
+
+
 def load_checkpoint(path, map_location="cpu"):
-    """Reads a checkpoint (this code's or the reference release's); raises ValueError naming the file."""
+    """Reads a checkpoint (this code's or the reference release's), or a `.safetensors` file of weights, which
+    comes back as {"ema_model": weights} (and "finished_steps" when its metadata has it). Raises ValueError
+    naming the file."""
+    if str(path).endswith(".safetensors"):
+        return _load_weights(path, map_location)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -48,6 +90,24 @@ def load_checkpoint(path, map_location="cpu"):
         raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it may be truncated") from e
     if not isinstance(state, dict) or "ema_model" not in state and "model" not in state:
         raise ValueError(f"checkpoint {path} has no 'model' or 'ema_model' entry; is it a SoFlow checkpoint?")
+    return state
+
+
+def _load_weights(path, map_location):
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(path, framework="pt", device=str(torch.device(map_location))) as f:
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata() or {}
+    except Exception as e:  # truncated file, bad header, ...
+        raise ValueError(f"checkpoint {path} cannot be read as safetensors ({type(e).__name__}: {e}); it may be "
+                         f"truncated") from e
+    state = {"ema_model": weights}
+    if str(metadata.get("finished_steps", "")).isdigit():
+        state["finished_steps"] = int(metadata["finished_steps"])
     return state
 
 
@@ -79,3 +139,110 @@ def model_state(state, use_ema=True):
     """The weights to sample with: the EMA weights when present."""
     key = "ema_model" if use_ema and "ema_model" in state else "model"
     return state[key]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sources: local files and the Hugging Face Hub
+
+
+@dataclass(frozen=True)
+class HubFile:
+    repo_type: str   # model, dataset or space
+    repo_id: str     # ORG/REPO
+    revision: str    # None: the default branch
+    path: str        # inside the repository
+
+    def uri(self, path=None):
+        kind = "" if self.repo_type == "model" else f"{self.repo_type}s/"
+        return f"{HUB_PREFIX}{kind}{self.repo_id}{'@' + self.revision if self.revision else ''}/{path or self.path}"
+
+
+def is_hub(spec):
+    return str(spec).startswith(HUB_PREFIX)
+
+
+def parse_hub(spec):
+    """`hf://[models/|datasets/|spaces/]ORG/REPO[@REVISION]/PATH` -> HubFile."""
+    match = _HUB_URI.match(str(spec)[len(HUB_PREFIX):]) if is_hub(spec) else None
+    if match is None or match.group(4).endswith("/"):
+        raise CheckpointSourceError(f"{spec!r} is not a Hub file: write hf://ORG/REPO/PATH or "
+                                    f"hf://ORG/REPO@REVISION/PATH (e.g. hf://my-org/soflow-digits/model.safetensors)")
+    kind, repo_id, revision, path = match.groups()
+    return HubFile(kind[:-1] if kind else "model", repo_id, unquote(revision) if revision else None, path)
+
+
+def hub_offline():
+    """Whether Hugging Face offline mode is on (HF_HUB_OFFLINE, or TRANSFORMERS_OFFLINE), read now."""
+    from_env = any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE")
+                   for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if from_env:
+        return True
+    from huggingface_hub import constants
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _fetch(ref, cache_dir=None):
+    """The local path of a Hub file, from the Hub's cache or downloaded into it (never in offline mode)."""
+    from huggingface_hub import constants, hf_hub_download
+
+    offline = hub_offline()
+    try:
+        return hf_hub_download(ref.repo_id, ref.path, repo_type=ref.repo_type, revision=ref.revision,
+                               cache_dir=cache_dir, local_files_only=offline)
+    except Exception as e:  # not cached, no such repository / file / revision, no network, ...
+        revision = ref.revision or "main"
+        where = f"{ref.path} of the Hub {ref.repo_type} repository {ref.repo_id} (revision {revision})"
+        get = (f"hf download {ref.repo_id} {ref.path}" + (f" --revision {revision}" if ref.revision else "")
+               + ("" if ref.repo_type == "model" else f" --repo-type {ref.repo_type}"))
+        if offline:
+            raise CheckpointSourceError(
+                f"{ref.uri()}: {where} is not in the Hugging Face cache {cache_dir or constants.HF_HUB_CACHE} and "
+                f"offline mode is on (HF_HUB_OFFLINE=1), so nothing is downloaded. Fix: run `{get}` where there "
+                f"is network (with the same HF_HOME / HF_HUB_CACHE, or copy the cache here), or unset "
+                f"HF_HUB_OFFLINE to download it, or pass the file's local path") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointSourceError(
+            f"{ref.uri()}: could not get {where} ({type(e).__name__}: {first}). Fix: check the repository, "
+            f"revision and path (`hf auth login` for a private or gated repository), or pass a local file; "
+            f"HF_HUB_OFFLINE=1 reads the cache only") from None
+
+
+def resolve_checkpoint(spec, cache_dir=None):
+    """The local path of a checkpoint given as a local path (returned unchanged) or as
+    `hf://ORG/REPO[@REVISION]/PATH` (fetched through the Hub's cache; `cache_dir` overrides HF_HUB_CACHE)."""
+    if not is_hub(spec):
+        return spec
+    return _fetch(parse_hub(spec), cache_dir)
+
+
+def _config_candidates(path, join, dirname, basename):
+    """The config's places for a checkpoint at `path`: its folder, then the run folder of `RUN/ckpts/N.pt`."""
+    folder = dirname(path)
+    places = [join(folder, CONFIG_NAME)]
+    if basename(folder) == "ckpts":
+        places.append(join(dirname(folder), CONFIG_NAME))
+    return places
+
+
+def config_beside(spec, cache_dir=None):
+    """The config.yaml that belongs to a checkpoint: `config.yaml` in its folder (an exported folder), else the
+    run's `config.yaml` for `RUN/ckpts/N.pt` (as train.py lays a run out); for `hf://ORG/REPO/PATH` the same
+    places in the repository, fetched like the checkpoint. Raises CheckpointSourceError when there is none."""
+    if not is_hub(spec):
+        places = _config_candidates(os.path.abspath(spec), os.path.join, os.path.dirname, os.path.basename)
+        for place in places:
+            if os.path.isfile(place):
+                return place
+        raise CheckpointSourceError(f"no --config given and no {CONFIG_NAME} beside the checkpoint {spec} (looked "
+                                    f"for {' and '.join(places)}); pass --config CONFIG.yaml")
+    ref = parse_hub(spec)
+    places = _config_candidates(ref.path, posixpath.join, posixpath.dirname, posixpath.basename)
+    errors = []
+    for place in places:
+        try:
+            return _fetch(HubFile(ref.repo_type, ref.repo_id, ref.revision, place.lstrip("/")), cache_dir)
+        except CheckpointSourceError as e:
+            errors.append(str(e))
+    raise CheckpointSourceError(f"no --config given and no {CONFIG_NAME} beside {spec} could be read (looked for "
+                                f"{' and '.join(ref.uri(p.lstrip('/')) for p in places)}); pass --config "
+                                f"CONFIG.yaml. {errors[0]}")

@@ -1,11 +1,18 @@
 """Sample dumps from a SoFlow checkpoint at any NFE, in the ADM `.npz` format, on one or many ranks.
 
     torchrun --nproc-per-node=N inference.py --config CFG --ckpt-steps K --eval-NFE 1 --eval-batch-size 125 --seed 0
+    torchrun --nproc-per-node=N inference.py --ckpt hf://ORG/REPO/model.safetensors --eval-NFE 1 --seed 0
+    python inference.py --export DIR --config CFG --ckpt-steps K      # DIR/model.safetensors + DIR/config.yaml
+
+`--ckpt` takes a `.pt` checkpoint (this code's or the release's), a `.safetensors` file of weights or
+`hf://ORG/REPO[@REVISION]/PATH` (fetched through the Hugging Face cache; HF_HUB_OFFLINE=1 reads the cache only);
+without `--config`, the config.yaml beside the checkpoint is used (checkpoints.config_beside).
 
 Sample i takes its label and all of its noise from a generator seeded by (seed, i), so labels and noise
 are the same whatever the world size and batch size. Images are bit-identical run to run for a fixed world
 size and batch size; with another batch layout the network's rounding may differ, and a few pixels by one
-level (README, "Sampling"). The same functions write the FID dumps and the sample grids of train.py.
+level (README, "Sampling"). The same functions write the FID dumps and the sample grids of train.py and
+sample.py: every image goes through `sample_images`.
 """
 import argparse
 import math
@@ -36,7 +43,9 @@ def sample_rng(seed, index):
 
 
 def sample_inputs(indices, num_classes, class_balanced, shape, nfe, seed):
-    """Labels [n] (None when unconditional) and noise [nfe, n, *shape] for global sample indices."""
+    """Labels [n] (None when unconditional) and noise [nfe, n, *shape] for global sample indices. A random
+    label is drawn before the noise from the same generator; with class_balanced (label i % num_classes) or
+    no classes, sample i's noise is `sample_noise`'s."""
     labels, noise = [], []
     for i in indices:
         rng = sample_rng(seed, i)
@@ -47,11 +56,18 @@ def sample_inputs(indices, num_classes, class_balanced, shape, nfe, seed):
     return labels, torch.stack(noise, dim=1)
 
 
+def sample_noise(indices, shape, nfe, seed):
+    """Noise [nfe, n, *shape] of the given sample indices for samples whose labels are chosen, not drawn
+    (grids, sample.py)."""
+    return sample_inputs(indices, 0, False, shape, nfe, seed)[1]
+
+
 def load_sampling_model(cfg, ckpt, device="cpu"):
-    """The config's model with the sampling (EMA) weights of checkpoint `ckpt`, strict, in eval mode."""
-    from checkpoints import load_checkpoint, model_state
+    """The config's model with the sampling (EMA) weights of checkpoint `ckpt` (a `.pt` or `.safetensors` file,
+    or hf://ORG/REPO/PATH), strict, in eval mode."""
+    from checkpoints import load_checkpoint, model_state, resolve_checkpoint
     model = cfg.build_model()
-    model.load_state_dict(model_state(load_checkpoint(ckpt)), strict=True)
+    model.load_state_dict(model_state(load_checkpoint(resolve_checkpoint(ckpt))), strict=True)
     return model.to(device).eval()
 
 
@@ -62,17 +78,25 @@ def rank_slice(num_samples, rank, world_size):
 
 
 @torch.no_grad()
-def generate(model, indices, nfe, seed, device, decode=None, class_balanced=False, precision="fp32"):
-    """uint8 NHWC images (and labels) of the given global sample indices, through `model.sample`."""
-    shape = (model.data_channels, model.data_size, model.data_size)
-    labels, noise = sample_inputs(indices, model.num_classes, class_balanced, shape, nfe, seed)
+def sample_images(model, noise, labels, device, decode=None, precision="fp32"):
+    """The one sampling function (dumps, grids, train.py, sample.py): noise [nfe, n, C, H, W] (the starting
+    noise, then the re-noising draws of each further step) and labels [n] (None: unconditional) -> uint8 NHWC
+    images, through `model.sample` at nfe = len(noise), decoded by `decode` (the SD-VAE) when given."""
+    nfe = noise.shape[0]
     noise = noise.to(device)
     with precision_context(device, precision):
         x = model.sample(noise[0], labels.to(device) if labels is not None else None, nfe=nfe,
                          renoise=noise[1:] if nfe > 1 else None)
         if decode is not None:
             x = decode(x)
-    return to_uint8(x.float()), labels
+    return to_uint8(x.float())
+
+
+def generate(model, indices, nfe, seed, device, decode=None, class_balanced=False, precision="fp32"):
+    """uint8 NHWC images (and labels) of the given global sample indices, labels and noise by sample_inputs."""
+    shape = (model.data_channels, model.data_size, model.data_size)
+    labels, noise = sample_inputs(indices, model.num_classes, class_balanced, shape, nfe, seed)
+    return sample_images(model, noise, labels, device, decode, precision), labels
 
 
 class DecoderError(RuntimeError):
@@ -86,15 +110,15 @@ def build_decoder(vae, latent_scale, device, chunk_size=32):
     try:
         model = AutoencoderKL.from_pretrained(vae).to(device).eval()
     except Exception as e:  # offline, no such repository, a folder without weights, ...
-        offline = any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE")
-                      for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        from checkpoints import hub_offline
+        offline = hub_offline()
         raise DecoderError(
             f"could not load the SD-VAE {vae!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             f"Hugging Face offline mode is {'on' if offline else 'off'} (HF_HUB_OFFLINE). It decodes the latents "
             f"of sample grids and FID dumps. Fix: on a machine with network, run `python -c \"from diffusers import "
             f"AutoencoderKL; AutoencoderKL.from_pretrained('stabilityai/sd-vae-ft-mse').save_pretrained("
             f"'sd-vae-ft-mse')\"`, copy the folder here and set `vae: ./sd-vae-ft-mse` in the config "
-            f"(or --vae for inference.py)") from None
+            f"(or --vae for inference.py and sample.py)") from None
 
     def decode(latents):
         return torch.cat([model.decode(chunk.float() / latent_scale).sample
@@ -183,52 +207,107 @@ def dump_samples(model, out_path, num_samples, nfe, seed, batch_size, device, ra
     return out_path if rank == 0 else None
 
 
-def save_grid(images, rows, path):
-    """uint8 NHWC images -> one PNG with `rows` rows."""
+GRID_MIN_TILE = 64  # pixels: smaller tiles are enlarged (nearest neighbour) to at least this size
+GRID_GAP = 4        # pixels of black between neighbouring tiles
+
+
+def grid_scale(tile_size):
+    """The enlargement of a grid's tiles: 1 for tiles of GRID_MIN_TILE pixels or more, else
+    ceil(GRID_MIN_TILE / tile_size) (8 px digits 8x, 16 px 4x, 32 px CIFAR 2x)."""
+    return 1 if tile_size >= GRID_MIN_TILE else math.ceil(GRID_MIN_TILE / tile_size)
+
+
+def save_grid(images, rows, path, scale=None, gap=GRID_GAP):
+    """uint8 NHWC images -> one image file (PNG unless `path` names another format) with `rows` rows, row-major,
+    each pixel repeated `scale` x `scale` times (default: grid_scale of the tile size) and `gap` black pixels
+    between neighbouring tiles: rows * h * scale + (rows - 1) * gap pixels high. scale=1, gap=0: the raw size."""
     from PIL import Image
     n, h, w, c = images.shape
+    scale = grid_scale(min(h, w)) if scale is None else int(scale)
+    if scale < 1 or gap < 0:
+        raise ValueError(f"grid scale must be >= 1 and gap >= 0, got {scale} and {gap}")
     cols = math.ceil(n / rows)
-    canvas = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    th, tw = h * scale, w * scale
+    canvas = np.zeros((rows * th + (rows - 1) * gap, cols * tw + (cols - 1) * gap, c), dtype=np.uint8)
     for i, img in enumerate(images):
         r, col = divmod(i, cols)
-        canvas[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
-    tmp = f"{path}.tmp.png"
-    Image.fromarray(canvas).save(tmp)
-    os.replace(tmp, path)
+        y, x = r * (th + gap), col * (tw + gap)
+        canvas[y:y + th, x:x + tw] = img.repeat(scale, axis=0).repeat(scale, axis=1)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    image_format = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
+    try:
+        Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas).save(tmp, format=image_format)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def grid_labels(rows, cols, num_classes):
-    """Row r shows class r * (num_classes // rows): one row per class when rows == num_classes."""
+def grid_labels(rows, cols, num_classes, classes=None):
+    """Row r shows class classes[r] (default: r * (num_classes // rows), one row per class when rows ==
+    num_classes), `cols` times; None for an unconditional model."""
     if num_classes == 0:
         return None
-    step = max(num_classes // rows, 1)
-    return torch.tensor([(r * step) % num_classes for r in range(rows) for _ in range(cols)], dtype=torch.long)
+    if classes is None:
+        step = max(num_classes // rows, 1)
+        classes = [(r * step) % num_classes for r in range(rows)]
+    if len(classes) != rows or not all(0 <= int(c) < num_classes for c in classes):
+        raise ValueError(f"a grid of {rows} rows needs {rows} classes in [0, {num_classes}), got {list(classes)}")
+    return torch.tensor([int(c) for c in classes for _ in range(cols)], dtype=torch.long)
 
 
-@torch.no_grad()
-def sample_grid(model, shape, nfe, seed, device, path, decode=None, precision="fp32"):
+def sample_grid(model, shape, nfe, seed, device, path, decode=None, precision="fp32", classes=None, scale=None,
+                gap=GRID_GAP):
+    """A rows x cols grid (shape) saved to `path` (save_grid: enlarged by `scale`, `gap` pixels between tiles):
+    row r of class classes[r] (grid_labels), sample i = r * cols + c with the noise of index i under `seed`
+    (sample_noise); returns the uint8 NHWC images."""
     rows, cols = shape
-    labels = grid_labels(rows, cols, model.num_classes)
-    g = torch.Generator().manual_seed(seed)
-    size = (model.data_channels, model.data_size, model.data_size)
-    noise = torch.randn((nfe, rows * cols, *size), generator=g).to(device)
-    with precision_context(device, precision):
-        x = model.sample(noise[0], labels.to(device) if labels is not None else None, nfe=nfe,
-                         renoise=noise[1:] if nfe > 1 else None)
-        if decode is not None:
-            x = decode(x)
-    save_grid(to_uint8(x.float()).numpy(), rows, path)
+    labels = grid_labels(rows, cols, model.num_classes, classes)
+    noise = sample_noise(range(rows * cols), (model.data_channels, model.data_size, model.data_size), nfe, seed)
+    images = sample_images(model, noise, labels, device, decode, precision).numpy()
+    save_grid(images, rows, path, scale, gap)
+    return images
 
 
 # ----------------------------------------------------------------------------------------------------
 # Command line
 
 
+def export(cfg, ckpt, out_dir):
+    """Writes `out_dir/model.safetensors` (the sampling (EMA) weights of checkpoint `ckpt`, checked against the
+    config's model first; metadata: finished_steps, which weights, the source file's name) and
+    `out_dir/config.yaml` (the full config), each atomically: the folder to upload to the Hub, read back as
+    `--ckpt out_dir/model.safetensors` or `--ckpt hf://ORG/REPO/model.safetensors`. Returns both paths."""
+    from checkpoints import load_checkpoint, model_state, resolve_checkpoint, save_weights
+    from config import save_config
+    state = load_checkpoint(resolve_checkpoint(ckpt))
+    weights = model_state(state)
+    cfg.build_model().load_state_dict(weights, strict=True)  # fails here, before writing, on a wrong config
+    metadata = {"format": "pt", "weights": "ema_model" if "ema_model" in state else "model",
+                "source": os.path.basename(str(ckpt))}
+    if "finished_steps" in state:
+        metadata["finished_steps"] = int(state["finished_steps"])
+    weights_path, config_path = os.path.join(out_dir, "model.safetensors"), os.path.join(out_dir, "config.yaml")
+    save_weights(weights, weights_path, metadata)
+    tmp = f"{config_path}.tmp.{os.getpid()}"
+    try:
+        save_config(cfg, tmp)
+        os.replace(tmp, config_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return weights_path, config_path
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="the training config (YAML)")
-    p.add_argument("--ckpt-steps", type=int, default=None, help="use working_dir/ckpts/{K}.pt")
-    p.add_argument("--ckpt", default=None, help="any checkpoint file (a released one included)")
+    p.add_argument("--config", default=None,
+                   help="the training config (YAML); default with --ckpt: the config.yaml beside the checkpoint")
+    p.add_argument("--ckpt-steps", type=int, default=None, help="use working_dir/ckpts/{K}.pt (needs --config)")
+    p.add_argument("--ckpt", default=None,
+                   help="any checkpoint: a .pt file (a released one included), a .safetensors file of weights, "
+                        "or hf://ORG/REPO[@REVISION]/PATH on the Hugging Face Hub")
     p.add_argument("--eval-NFE", type=int, default=1, help="number of function evaluations")
     p.add_argument("--eval-batch-size", type=int, default=125, help="images per forward pass and rank")
     p.add_argument("--seed", type=int, default=0)
@@ -239,25 +318,50 @@ def parse_args(argv=None):
                    help="exactly num_samples / num_classes images per class (default: uniform random labels)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="default: the config's (fp32, the release's: float32 with TF32 on CUDA)")
+    p.add_argument("--export", metavar="DIR", default=None,
+                   help="write DIR/model.safetensors (EMA weights) and DIR/config.yaml, ready to upload, and exit "
+                        "without sampling")
     return p.parse_args(argv)
 
 
-def main(argv=None):
+def load_run(config, ckpt, ckpt_steps=None):
+    """(config, local checkpoint path) from the command line's --config / --ckpt / --ckpt-steps; SystemExit
+    with the reason when they do not add up. Shared with sample.py."""
+    from checkpoints import CheckpointSourceError, config_beside, is_hub, resolve_checkpoint
     from config import ConfigError, load_config
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config)
+    if (ckpt is None) == (ckpt_steps is None):
+        raise SystemExit("give exactly one of --ckpt-steps K or --ckpt PATH")
+    if ckpt_steps is not None and config is None:
+        raise SystemExit("--ckpt-steps K reads working_dir/ckpts/K.pt of the config: give --config too")
+    if ckpt is not None and not is_hub(ckpt) and not os.path.isfile(ckpt):
+        raise SystemExit(f"checkpoint {ckpt} does not exist")
+    try:  # a checkpoint that cannot be had is reported before its config
+        path = resolve_checkpoint(ckpt) if ckpt is not None else None
+        cfg = load_config(config or config_beside(ckpt))
+        path = path or os.path.join(cfg.working_dir, "ckpts", f"{ckpt_steps}.pt")
     except ConfigError as e:
         raise SystemExit(f"config error: {e}")
-    if (args.ckpt is None) == (args.ckpt_steps is None):
-        raise SystemExit("give exactly one of --ckpt-steps K or --ckpt PATH")
+    except CheckpointSourceError as e:
+        raise SystemExit(str(e))
+    if not os.path.isfile(path):
+        raise SystemExit(f"checkpoint {path} does not exist")
+    return cfg, path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg, ckpt = load_run(args.config, args.ckpt, args.ckpt_steps)
+    source = args.ckpt or ckpt
+    if args.export:
+        log = setup_logging("inference", int(os.environ.get("RANK", 0)))
+        if int(os.environ.get("RANK", 0)) == 0:
+            paths = export(cfg, ckpt, args.export)
+            log.info(f"exported the EMA weights of {source} and its config to {' and '.join(paths)}")
+        return
     if args.eval_NFE < 1 or args.num_samples < 1 or args.eval_batch_size < 1:
         raise SystemExit("--eval-NFE, --num-samples and --eval-batch-size must be >= 1")
     if args.seed < 0:
         raise SystemExit(f"--seed must be >= 0, got {args.seed}")
-    ckpt = args.ckpt or os.path.join(cfg.working_dir, "ckpts", f"{args.ckpt_steps}.pt")
-    if not os.path.isfile(ckpt):
-        raise SystemExit(f"checkpoint {ckpt} does not exist")
     if args.class_balanced and cfg.num_classes and args.num_samples % cfg.num_classes:
         raise SystemExit(f"--class-balanced needs --num-samples divisible by {cfg.num_classes}")
     rank, world_size, device = setup_distributed()
@@ -271,7 +375,7 @@ def main(argv=None):
         name = os.path.splitext(os.path.basename(ckpt))[0]
         out_dir = args.out or os.path.join(cfg.working_dir, "evals")
         out = os.path.join(out_dir, f"{name}_{args.eval_NFE}NFE_{args.seed}.npz")
-        log.info(f"sampling {args.num_samples} images at {args.eval_NFE} NFE from the EMA weights of {ckpt} "
+        log.info(f"sampling {args.num_samples} images at {args.eval_NFE} NFE from the EMA weights of {source} "
                  f"on {world_size} rank(s) -> {out}")
         with attention_context(cfg.attention, device):
             dump_samples(model, out, args.num_samples, args.eval_NFE, args.seed, args.eval_batch_size, device, rank,

@@ -65,7 +65,7 @@ def test_quality_script_trains_both_models_and_reports_every_row(quality):
     runs = work / "out"
     # the demo's outputs: the 1-NFE EMA grid (one row per class) and the checkpoint inference.py reads
     grid = np.asarray(Image.open(runs / "soflow" / "figs" / "4.png"))
-    assert grid.shape == (10 * 8, 10 * 8, 3)
+    assert grid.shape == (10 * 64 + 9 * 4, 10 * 64 + 9 * 4, 3)  # 8 px digits shown 8x, 4-pixel gaps
     assert (runs / "soflow" / "ckpts" / "4.pt").exists() and (runs / "fm" / "ckpts" / "4.pt").exists()
     assert load_config(str(runs / "fm.yaml")).velocity_loss_ratio == 1.0
     assert load_config(str(runs / "soflow.yaml")).velocity_loss_ratio == load_config(cfg).velocity_loss_ratio

@@ -10,7 +10,8 @@ import distributed
 
 def test_slurm_task_ids_become_ranks(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "x")  # so that monkeypatch restores (removes) what the function sets
+        monkeypatch.delenv(key)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "16")
     monkeypatch.setenv("SLURM_LOCALID", "1")

@@ -15,6 +15,33 @@ DIGITS_TINY = dict(dataset_type="Digits", model_type="DiT-B-4", hidden_size=32, 
                    eval_demo_shape=[10, 2], cfg_scale=2.0, cfg_drop_rate=0.1, mix_ratio=0.5, num_workers=0)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_process():
+    """The scripts run in-process as one process, whatever torchrun / SLURM variables an earlier test left in
+    os.environ (tests/test_distributed.py's SLURM test sets RANK and WORLD_SIZE directly)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+            mp.delenv(key, raising=False)
+        yield
+
+
+def grid_tiles(grid, rows, cols, size=8, scale=8, gap=inference.GRID_GAP):
+    """The raw tiles [rows, cols, size, size, 3] of a saved grid, checking its layout: every tile enlarged
+    scale x scale by nearest neighbour, `gap` black pixels between tiles."""
+    step = size * scale + gap
+    assert grid.shape == (rows * step - gap, cols * step - gap, 3)
+    out = np.zeros((rows, cols, size, size, 3), np.uint8)
+    gaps = np.ones(grid.shape[:2], bool)
+    for r in range(rows):
+        for c in range(cols):
+            tile = grid[r * step:r * step + size * scale, c * step:c * step + size * scale]
+            out[r, c] = tile[::scale, ::scale]
+            assert np.array_equal(out[r, c].repeat(scale, 0).repeat(scale, 1), tile)
+            gaps[r * step:r * step + size * scale, c * step:c * step + size * scale] = False
+    assert not grid[gaps].any()
+    return out
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     work = tmp_path_factory.mktemp("digits")
@@ -92,16 +119,48 @@ def test_released_checkpoint_layout_loads_strictly(trained, tmp_path):
     assert load(tmp_path / "released_1NFE_3.npz")["arr_0"].shape == (4, 8, 8, 3)
     with pytest.raises(SystemExit, match="exactly one of"):
         inference.main(["--config", cfg])
+    with pytest.raises(SystemExit, match="--ckpt-steps K reads .*give --config"):
+        inference.main(["--ckpt-steps", "2"])
     with pytest.raises(SystemExit, match="does not exist"):
         inference.main(["--config", cfg, "--ckpt", str(tmp_path / "none.pt")])
 
 
-def test_training_grid_has_one_row_per_class(trained):
+def test_training_grid_has_one_row_per_class(trained, tmp_path):
     _, run = trained
     from PIL import Image
+    import sample
     grid = np.asarray(Image.open(run / "figs" / "2.png"))
-    assert grid.shape == (10 * 8, 2 * 8, 3)
+    assert grid.shape == (10 * 64 + 9 * 4, 2 * 64 + 4, 3)  # 8 x 8 digits enlarged 8x, 4 pixels apart
+    grid_tiles(grid, 10, 2)
     assert inference.grid_labels(10, 2, 10).tolist() == [r for r in range(10) for _ in range(2)]
+    assert inference.grid_labels(2, 3, 10, classes=[7, 2]).tolist() == [7, 7, 7, 2, 2, 2]
+    with pytest.raises(ValueError, match=r"2 classes in \[0, 10\)"):
+        inference.grid_labels(2, 3, 10, classes=[7, 10])
+    assert inference.grid_labels(2, 3, 0) is None
+    # sample.py's defaults (the config's grid shape, seed and NFE; the config beside the checkpoint) redraw the
+    # training grid bit for bit from the saved EMA weights: one sampling function
+    sample.main(["--ckpt", str(run / "ckpts" / "2.pt"), "--out", str(tmp_path / "again.png")])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), grid)
+
+
+def test_grid_enlargement_rule(tmp_path):
+    from PIL import Image
+    assert [inference.grid_scale(s) for s in (1, 8, 16, 28, 32, 63, 64, 256)] == [64, 8, 4, 3, 2, 2, 1, 1]
+    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    inference.save_grid(images, 2, str(tmp_path / "g.png"))  # 5 tiles in 2 rows of 3, the last one empty
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    assert grid.shape == (2 * 64 + 4, 3 * 64 + 2 * 4, 3)  # 16 px tiles enlarged 4x, 4 pixels apart
+    tiles = grid_tiles(grid, 2, 3, size=16, scale=4)
+    assert np.array_equal(tiles.reshape(6, 16, 16, 3)[:5], images) and not tiles[1, 2].any()
+    inference.save_grid(images, 2, str(tmp_path / "sub" / "raw.png"), scale=1, gap=0)  # raw; folder created
+    raw = np.asarray(Image.open(tmp_path / "sub" / "raw.png"))
+    assert np.array_equal(raw, tiles.swapaxes(1, 2).reshape(32, 48, 3))
+    inference.save_grid(images[:1], 1, str(tmp_path / "big.jpg"), scale=3)  # the format of the file's name
+    with Image.open(tmp_path / "big.jpg") as im:
+        assert im.format == "JPEG" and im.size == (48, 48)
+    assert sorted(os.listdir(tmp_path)) == ["big.jpg", "g.png", "sub"]  # no temporary files left
+    with pytest.raises(ValueError, match="scale"):
+        inference.save_grid(images, 2, str(tmp_path / "x.png"), scale=0)
 
 
 def test_vae_decoder_in_chunks(tmp_path):

@@ -161,7 +161,8 @@ def test_imagenet_latent_run_with_cfg(imagenet_latents, tmp_path):
             assert np.isfinite(float(fields[key])) and float(fields[key]) > 0, (key, line)
     from PIL import Image
     grid = np.asarray(Image.open(run / "figs" / "6.png"))
-    assert grid.shape == (3 * 16, 2 * 16, 3)  # decoded by the VAE: 8 x 8 latents -> 16 x 16 images
+    # decoded by the VAE: 8 x 8 latents -> 16 x 16 images, shown 4x enlarged with 4-pixel gaps
+    assert grid.shape == (3 * 64 + 2 * 4, 2 * 64 + 4, 3)
     with np.load(run / "evals" / "6.npz") as f:
         assert f["arr_0"].shape == (6, 16, 16, 3) and f["arr_0"].dtype == np.uint8
         assert f["arr_1"].shape == (6,) and f["arr_1"].max() < 3

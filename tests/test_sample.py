@@ -1,0 +1,137 @@
+"""sample.py: grids of chosen classes from a checkpoint, drawn by the sampling function of training and inference.py."""
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import inference
+import sample
+from checkpoints import save_checkpoint
+from config import load_config, save_config
+from helpers import make_tiny_vae, randomise, write_config
+from test_inference import DIGITS_TINY, grid_tiles, single_process  # noqa: F401 (autouse)
+
+UNCONDITIONAL = dict(num_classes=0, cfg_scale=1.0, cfg_drop_rate=0.0)
+
+
+def make_run(root, std=0.05, base="imagenet_B4.yaml", **changes):
+    """A run folder as train.py lays it out (config.yaml, ckpts/2.pt in the release's layout) holding a tiny
+    DiT with random weights (a trained 2-step EMA is too close to adaLN-Zero's identity to tell classes apart):
+    by default the Digits one of test_inference, else `base` with `changes`. Returns (config path, checkpoint)."""
+    src = write_config(base, root / "src.yaml", working_dir=str(root / "run"),
+                       **{**(DIGITS_TINY if base == "imagenet_B4.yaml" else {}), **changes})
+    cfg = load_config(src)
+    os.makedirs(root / "run" / "ckpts")
+    save_config(cfg, root / "run" / "config.yaml")
+    weights = randomise(cfg.build_model(), std=std).state_dict()
+    ckpt = root / "run" / "ckpts" / "2.pt"
+    save_checkpoint({"model": weights, "ema_model": weights, "optimizer": {}, "finished_steps": 2,
+                     "finished_epochs": 0}, str(ckpt))
+    return str(root / "run" / "config.yaml"), str(ckpt)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("sample"))
+
+
+def draw(ckpt, out, *args):
+    """sample.py in-process; returns (the written image, the raw uint8 samples)."""
+    images = sample.main(["--ckpt", str(ckpt), "--out", str(out), *args])
+    return np.asarray(Image.open(out)), images
+
+
+def test_grid_of_chosen_classes_enlarged_one_row_per_class(run, tmp_path):
+    _, ckpt = run
+    grid, images = draw(ckpt, tmp_path / "a.png", "--classes", "3", "1", "4", "--per-class", "2", "--nfe", "1",
+                        "--seed", "0")
+    assert grid.shape == (3 * 64 + 2 * 4, 2 * 64 + 4, 3)  # 8 px digits enlarged 8x, 4 black pixels apart
+    t = grid_tiles(grid, rows=3, cols=2)
+    assert np.array_equal(t.reshape(6, 8, 8, 3), images)  # row-major: sample i = row * per_class + column
+    assert len({bytes(x) for x in images}) == 6
+    # deterministic per seed; another seed changes every sample
+    again, _ = draw(ckpt, tmp_path / "b.png", "--classes", "3", "1", "4", "--per-class", "2", "--seed", "0")
+    assert np.array_equal(again, grid)
+    other, _ = draw(ckpt, tmp_path / "c.png", "--classes", "3", "1", "4", "--per-class", "2", "--seed", "1")
+    assert all(not np.array_equal(a, b) for a, b in zip(grid_tiles(other, 3, 2).reshape(6, -1), t.reshape(6, -1)))
+    # the class makes the row: the same noise (same sample indices) under class 7 instead of 3 gives another row
+    swapped, _ = draw(ckpt, tmp_path / "d.png", "--classes", "7", "1", "4", "--per-class", "2", "--seed", "0")
+    s = grid_tiles(swapped, 3, 2)
+    assert np.array_equal(s[1:], t[1:]) and all(not np.array_equal(s[0, c], t[0, c]) for c in range(2))
+    # --scale 1 --gap 0: the raw size
+    raw, _ = draw(ckpt, tmp_path / "e.png", "--classes", "3", "1", "4", "--per-class", "2", "--seed", "0",
+                  "--scale", "1", "--gap", "0")
+    assert np.array_equal(raw, t.swapaxes(1, 2).reshape(3 * 8, 2 * 8, 3))
+
+
+def test_sample_py_draws_what_inference_draws(run, tmp_path):
+    """The shared sampling path: sample.py's grid of classes 0..9 (one each) is, pixel for pixel, the
+    class-balanced dump of inference.py and inference.generate for the same seed and NFE."""
+    cfg, ckpt = run
+    _, images = draw(ckpt, tmp_path / "grid.png", "--classes", *map(str, range(10)), "--per-class", "1",
+                     "--nfe", "2", "--seed", "5")
+    inference.main(["--ckpt", ckpt, "--class-balanced", "--num-samples", "10", "--eval-batch-size", "10",
+                    "--eval-NFE", "2", "--seed", "5", "--out", str(tmp_path)])  # --config: the one beside
+    with np.load(tmp_path / "2_2NFE_5.npz") as f:
+        assert np.array_equal(f["arr_0"], images) and f["arr_1"].tolist() == list(range(10))
+    model = inference.load_sampling_model(load_config(cfg), ckpt)
+    generated, labels = inference.generate(model, range(10), 2, 5, torch.device("cpu"), class_balanced=True)
+    assert np.array_equal(generated.numpy(), images) and labels.tolist() == list(range(10))
+
+
+def test_defaults_and_the_config_beside_the_checkpoint(run, tmp_path):
+    cfg, ckpt = run
+    # no --config: the run's config.yaml (the parent of ckpts/); defaults: eval_demo_shape [10, 2], seed 42, 1 NFE
+    grid, images = draw(ckpt, tmp_path / "a.png")
+    grid_tiles(grid, rows=10, cols=2)
+    model = inference.load_sampling_model(load_config(cfg), ckpt)
+    expected = inference.sample_grid(model, (10, 2), 1, 42, torch.device("cpu"), str(tmp_path / "b.png"))
+    assert np.array_equal(images, expected)
+    # an explicit --config; a config.yaml in the checkpoint's own folder
+    assert np.array_equal(draw(ckpt, tmp_path / "c.png", "--config", cfg)[0], grid)
+    (tmp_path / "alone").mkdir()
+    shutil.copy(ckpt, tmp_path / "alone" / "2.pt")
+    with pytest.raises(SystemExit, match=r"no --config given and no config.yaml beside .*alone.*--config"):
+        draw(tmp_path / "alone" / "2.pt", tmp_path / "d.png")
+    shutil.copy(cfg, tmp_path / "alone" / "config.yaml")
+    assert np.array_equal(draw(tmp_path / "alone" / "2.pt", tmp_path / "e.png")[0], grid)
+
+
+def test_bad_arguments(run, tmp_path):
+    _, ckpt = run
+    with pytest.raises(SystemExit, match=r"--classes must lie in \[0, 10\)"):
+        draw(ckpt, tmp_path / "a.png", "--classes", "2", "10")
+    with pytest.raises(SystemExit, match="contradicts"):
+        draw(ckpt, tmp_path / "a.png", "--classes", "2", "3", "--rows", "3")
+    with pytest.raises(SystemExit, match="must be >= 1"):
+        draw(ckpt, tmp_path / "a.png", "--nfe", "0")
+    with pytest.raises(SystemExit, match="does not exist"):
+        draw(tmp_path / "none.pt", tmp_path / "a.png")
+    assert not os.path.exists(tmp_path / "a.png")
+
+
+def test_unconditional_model_ignores_classes(tmp_path, caplog):
+    _, ckpt = make_run(tmp_path, **UNCONDITIONAL)
+    with caplog.at_level(logging.INFO, logger="sample"):
+        grid, images = draw(ckpt, tmp_path / "a.png", "--classes", "1", "2", "3", "--per-class", "2")
+    assert "unconditional: --classes 1 2 3 ignored" in caplog.text
+    grid_tiles(grid, rows=10, cols=2)  # the config's eval_demo_shape rows, not one per --classes entry
+    plain, _ = draw(ckpt, tmp_path / "b.png", "--per-class", "2", "--rows", "10")
+    assert np.array_equal(plain, grid) and len({bytes(x) for x in images}) == 20
+
+
+def test_imagenet_latents_decoded_by_the_vae(tmp_path, monkeypatch):
+    """ImageNet checkpoints sample latents and decode them with the config's SD-VAE, or --vae's."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    make_tiny_vae(tmp_path / "vae")
+    _, ckpt = make_run(tmp_path, base="tiny_imagenet_cpu.yaml", vae=str(tmp_path / "no_such_vae"))
+    grid, images = draw(ckpt, tmp_path / "a.png", "--classes", "2", "0", "--per-class", "3", "--vae",
+                        str(tmp_path / "vae"))
+    assert images.shape == (6, 16, 16, 3)  # 8 x 8 latents -> 16 x 16 images, enlarged 4x
+    grid_tiles(grid, rows=2, cols=3, size=16, scale=4)
+    with pytest.raises(SystemExit, match=r"no_such_vae.*offline mode is on.*--vae"):
+        draw(ckpt, tmp_path / "b.png", "--classes", "2")
