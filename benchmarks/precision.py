@@ -55,8 +55,11 @@ Part 2 (digits). configs/digits_demo.yaml trained with `precision: fp32`, `bf16`
 --nproc-per-node=NPROC train.py` as benchmarks/digits_quality.py does; a run with its final checkpoint is
 reused), each EMA checkpoint scored at 1 NFE with digits_quality's class agreement and Frechet distance on
 `--num-samples` class-balanced samples (sampled in float32; the bf16 run also sampled in bf16, as its own
-grids and dumps are). Training wall time per mode (noisy on a shared machine). `--skip-digits` /
-`--only-digits` run one part; results of the other part already in `--out`/precision.json are kept.
+grids and dumps are). Training wall time per mode (noisy on a shared machine), and the median time of one
+training step per mode with the modes stepped in turn in one process (`digits_step_cost`: robust to load
+changes). `--control-seeds 43,...` adds fp32 runs with other training seeds: the run-to-run spread that the
+modes' differences are to be compared with. `--skip-digits` / `--only-digits` run one part; results of the
+other part already in `--out`/precision.json are kept.
 
 Output: markdown tables on stdout and in `--out`/precision.md, everything in `--out`/precision.json.
 """
@@ -495,6 +498,45 @@ def _last_logged(path):
     return values
 
 
+def digits_step_cost(cfg, modes, steps=40, warmup=3, threads=1, seed=0):
+    """Median seconds of one training step (loss + backward + optimizer step) per precision, on the digits
+    model at the per-rank batch of a 2-rank run, the modes stepped in turn (one step each, round robin) so
+    that a change of machine load hits every mode alike. Single process, `threads` threads (torchrun's ranks
+    run with OMP_NUM_THREADS=1)."""
+    import statistics
+    from data import load_digits
+    from train import build_optimizer
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        images, labels = load_digits(cfg.data_size, cfg.data_channels)
+        batch = cfg.batch_size // 2
+        g = torch.Generator().manual_seed(seed)
+        objective = cfg.objective()
+        runs = {}
+        for mode in modes:
+            torch.manual_seed(seed)
+            model = cfg.build_model().train()
+            runs[mode] = (model, build_optimizer(cfg, model), [])
+        device = torch.device("cpu")
+        for step in range(warmup + steps):
+            idx = torch.randint(0, len(images), (batch,), generator=g)
+            for mode, (model, optimizer, times) in runs.items():
+                start = time.perf_counter()
+                with precision_context(device, mode):
+                    loss, _ = model(images[idx], labels[idx], objective=objective, finished_steps=step,
+                                    guidance_dtype=guidance_dtype(mode))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if step >= warmup:
+                    times.append(time.perf_counter() - start)
+        return {mode: dict(median_s=statistics.median(times), steps=steps, batch=batch, threads=threads)
+                for mode, (_, _, times) in runs.items()}
+    finally:
+        torch.set_num_threads(old_threads)
+
+
 def digits_part(args, log):
     import digits_quality as dq
     from checkpoints import list_checkpoints
@@ -506,9 +548,16 @@ def digits_part(args, log):
     real = dq.RealReference(base.data_size, base.data_channels)
     result = dict(config=os.path.relpath(os.path.abspath(args.digits_config), ROOT), num_samples=args.num_samples,
                   seed=args.sample_seed, nproc=args.nproc, real_floor=real.floor, rows=[])
-    for mode in args.digits_modes:
-        path = write_variant(args.digits_config, os.path.join(runs, f"{mode}.yaml"),
-                             working_dir=os.path.join(runs, mode), precision=mode)
+    if args.step_cost_steps > 0:
+        result["step_cost"] = digits_step_cost(base, args.digits_modes, steps=args.step_cost_steps)
+        log("digits step cost (interleaved, 1 thread): " + ", ".join(
+            f"{m} {v['median_s'] * 1e3:.1f} ms" for m, v in result["step_cost"].items()))
+    plan = [(mode, mode, {}) for mode in args.digits_modes]
+    # control runs: fp32 with other training seeds, the run-to-run spread the modes' differences compare with
+    plan += [("fp32", f"fp32-seed{seed}", dict(seed=seed)) for seed in args.control_seeds]
+    for mode, name, changes in plan:
+        path = write_variant(args.digits_config, os.path.join(runs, f"{name}.yaml"),
+                             working_dir=os.path.join(runs, name), precision=mode, **changes)
         cfg = load_config(path)
         work = cfg.working_dir
         timing_file = os.path.join(work, "training_seconds.json")
@@ -520,9 +569,9 @@ def digits_part(args, log):
                     seconds, timing = json.load(f)["seconds"], "wall (earlier run)"
             else:
                 seconds, timing = _training_seconds_from_log(os.path.join(work, "log.txt")), "sum of logged windows"
-            log(f"digits {mode}: reusing {ckpt}")
+            log(f"digits {name}: reusing {ckpt}")
         else:
-            log(f"digits {mode}: training {path}")
+            log(f"digits {name}: training {path}")
             ckpt, seconds = dq.run_training(path, args.nproc, log)
             timing = "wall"
             with open(timing_file, "w") as f:
@@ -536,10 +585,11 @@ def digits_part(args, log):
                 lambda idx: generate(model, idx, 1, args.sample_seed, torch.device("cpu"), class_balanced=True,
                                      precision=sp), args.num_samples, args.sample_batch_size)
             score = real.score(images, labels)
-            result["rows"].append(dict(mode=mode, sampled_in=sp, training_seconds=seconds, timing=timing,
+            result["rows"].append(dict(mode=name, precision=mode, training_seed=cfg.seed, sampled_in=sp,
+                                       training_seconds=seconds, timing=timing,
                                        checkpoint=ckpt, final_window=logged, sampling_seconds=time.time() - start,
                                        **score))
-            log(f"digits {mode} (sampled {sp}): agreement {score['agreement']:.4f}, FD {score['frechet']:.4f}, "
+            log(f"digits {name} (sampled {sp}): agreement {score['agreement']:.4f}, FD {score['frechet']:.4f}, "
                 f"training {seconds:.0f}s ({timing})")
     return result
 
@@ -595,16 +645,23 @@ def digits_markdown(digits):
     floor = digits["real_floor"]
     lines = [f"Digits demo ({digits['config']}), 1-NFE EMA samples, N = {digits['num_samples']} class-balanced, "
              f"training on {digits['nproc']} CPU ranks (shared machine: timings are noisy).", "",
-             "| training precision | sampled in | 1-NFE class agreement | Frechet distance | FD / fp32 FD "
-             "| training time (s) | final-window Con_MSE |",
-             "|---|---|---:|---:|---:|---:|---:|",
-             f"| real digits (half B vs A) | - | {floor['agreement']:.3f} | {floor['frechet']:.4f} | | | |"]
+             "| run (training precision) | sampled in | 1-NFE class agreement | Frechet distance | FD / fp32 FD "
+             "| training wall time (s) | step, interleaved (ms) | final-window Con_MSE |",
+             "|---|---|---:|---:|---:|---:|---:|---:|",
+             f"| real digits (half B vs A) | - | {floor['agreement']:.3f} | {floor['frechet']:.4f} | | | | |"]
+    cost = digits.get("step_cost", {})
     for r in rows:
         ratio = f"{r['frechet'] / fp32:.2f}" if fp32 else ""
         con = r["final_window"].get("Con_MSE")
+        step = f"{cost[r['mode']]['median_s'] * 1e3:.1f}" if r["mode"] in cost else ""  # not for control runs
+        wall = f"{r['training_seconds']:.0f}{'' if r['timing'].startswith('wall') else '*'}"
         lines.append(f"| {r['mode']} | {r['sampled_in']} | {r['agreement']:.4f} | {r['frechet']:.4f} | {ratio} | "
-                     f"{r['training_seconds']:.0f}{'' if r['timing'].startswith('wall') else '*'} | "
-                     f"{'' if con is None else f'{con:.4f}'} |")
+                     f"{wall} | {step} | {'' if con is None else f'{con:.4f}'} |")
+    if cost:
+        c = next(iter(cost.values()))
+        lines.append(f"\nStep, interleaved: median of {c['steps']} training steps (loss, backward, AdamW) per mode, "
+                     f"batch {c['batch']} (one rank's share), {c['threads']} thread, the modes stepped in turn in "
+                     f"one process so that load changes hit them alike.")
     if any(not r["timing"].startswith("wall") for r in rows):
         lines.append("\n*: sum of the logged step windows (no wall time recorded for a reused run).")
     return "\n".join(lines)
@@ -626,9 +683,14 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=10000, help="1-NFE samples per digits model (multiple of 10)")
     p.add_argument("--sample-batch-size", type=int, default=1000, help="digits samples per forward pass")
     p.add_argument("--sample-seed", type=int, default=0)
+    p.add_argument("--control-seeds", default="",
+                   help="comma-separated training seeds of extra fp32 digits runs (run-to-run spread), e.g. 43")
+    p.add_argument("--step-cost-steps", type=int, default=40,
+                   help="interleaved training steps per mode for the digits step cost (0: skip)")
     args = p.parse_args(argv)
     args.recipes = [r for r in args.recipes.split(",") if r]
     args.digits_modes = [m for m in args.digits_modes.split(",") if m]
+    args.control_seeds = [int(v) for v in args.control_seeds.split(",") if v]
     unknown = [r for r in args.recipes if r not in RECIPES] + [m for m in args.digits_modes if m not in DIGITS_MODES]
     if unknown:
         p.error(f"unknown recipe(s) / mode(s): {unknown}")
