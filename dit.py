@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 
+from unet import checkpointed_call
+
 # name -> (patch_size, hidden_size, depth, num_heads)
 DIT_SIZES = {
     "DiT-B-4": (4, 768, 12, 12),
@@ -114,6 +116,7 @@ class DiT(nn.Module):
         self.out_channels = in_channels
         self.patch_size = patch_size
         self.num_heads = num_heads
+        self.grad_checkpointing = False  # see set_grad_checkpointing
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.s_embedder = TimestepEmbedder(hidden_size)  # embeds t - s
@@ -152,6 +155,13 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    def set_grad_checkpointing(self, enabled=True):
+        """Activation checkpointing of every DiT block in training-mode calls with gradient: each block keeps
+        only its inputs and recomputes its activations in the backward pass, for less memory at the cost of
+        about one more forward pass of the blocks. Off by default; returns self."""
+        self.grad_checkpointing = bool(enabled)
+        return self
+
     def unpatchify(self, x):
         c, p = self.out_channels, self.patch_size
         h = w = int(x.shape[1] ** 0.5)
@@ -166,7 +176,7 @@ class DiT(nn.Module):
         c = self.t_embedder(t) + self.s_embedder(t - s) + self.y_embedder(labels, x.shape[0], x.device)
         c = c.to(h.dtype)
         for block in self.blocks:
-            h = block(h, c)
+            h = checkpointed_call(block, h, c, enabled=self.grad_checkpointing)
         return self.unpatchify(self.final_layer(h, c))
 
 

@@ -4,10 +4,52 @@ Noise conditioning: sin-first positional embeddings of t and of (t - s), concate
 embedding of the 6-wide augmentation labels, then two Linear+SiLU layers. Module names follow EDM
 so that the reference checkpoints load with no renaming.
 """
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import _cur_sdpa_kernel_backends, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
+
+
+class _AttentionKernelsOfForward:
+    """Context of a block's recomputation: the scaled-dot-product-attention kernels (and their priority) that
+    were in force when the block ran forward. The backward pass may run outside the forward's `sdpa_kernel`
+    context, and another kernel would recompute other activations. Re-enterable (a graph kept by
+    retain_graph recomputes once per backward pass)."""
+
+    def __init__(self):
+        self.backends = _cur_sdpa_kernel_backends(with_priority=True)
+        self._contexts = []
+
+    def __enter__(self):
+        context = sdpa_kernel(self.backends, set_priority=True)
+        context.__enter__()
+        self._contexts.append(context)
+
+    def __exit__(self, *exc):
+        return self._contexts.pop().__exit__(*exc)
+
+
+def _forward_contexts():
+    return contextlib.nullcontext(), _AttentionKernelsOfForward()
+
+
+def checkpointed_call(block, *args, enabled=False):
+    """block(*args), with activation checkpointing when `enabled`, the block is in training mode and gradients
+    are on: only the block's inputs are kept for the backward pass, which recomputes its activations. The
+    recomputation replays the random state of the forward (same dropout masks), its autocast state and its
+    attention kernels, so gradients equal those without checkpointing. No-grad and eval calls run plainly, and
+    so do calls under a torch.func transform (a MeanFlow JVP), which checkpointing does not support."""
+    if not (enabled and block.training and torch.is_grad_enabled()):
+        return block(*args)
+    if torch.compiler.is_compiling():  # the compiled graph fixes the kernels; compile takes no custom contexts
+        return checkpoint(block, *args, use_reentrant=False, preserve_rng_state=True)
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return block(*args)
+    return checkpoint(block, *args, use_reentrant=False, preserve_rng_state=True, context_fn=_forward_contexts)
 
 
 def weight_init(shape, mode, fan_in, fan_out):
@@ -167,6 +209,7 @@ class SongUNet(nn.Module):
                             init=init, init_zero=init_zero, init_attn=init_attn)
         self.augment_dim = augment_dim
         self.dropout = dropout  # read by the SoFlow wrapper: dropout makes the consistency calls share RNG state
+        self.grad_checkpointing = False  # see set_grad_checkpointing
         self.img_resolution = img_resolution
         self.in_channels = in_channels
         # Two time inputs, t and t - s, each with its own positional embedding.
@@ -205,6 +248,13 @@ class SongUNet(nn.Module):
                 self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6)
                 self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, 3, **init_zero)
 
+    def set_grad_checkpointing(self, enabled=True):
+        """Activation checkpointing of every encoder and decoder UNetBlock in training-mode calls with gradient:
+        their activations are recomputed in the backward pass (with the forward's dropout masks) instead of
+        kept, for less memory at the cost of about one more forward pass. Off by default; returns self."""
+        self.grad_checkpointing = bool(enabled)
+        return self
+
     def time_embedding(self, t):
         emb = self.map_noise(t)
         return emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)  # sin first
@@ -222,7 +272,7 @@ class SongUNet(nn.Module):
 
         skips = []
         for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            x = self._block(block, x, emb) if isinstance(block, UNetBlock) else block(x)
             skips.append(x)
         aux = tmp = None
         for name, block in self.dec.items():
@@ -234,5 +284,8 @@ class SongUNet(nn.Module):
             else:
                 if x.shape[1] != block.in_channels:
                     x = torch.cat([x, skips.pop()], dim=1)
-                x = block(x, emb)
+                x = self._block(block, x, emb)
         return aux
+
+    def _block(self, block, x, emb):
+        return checkpointed_call(block, x, emb, enabled=self.grad_checkpointing)

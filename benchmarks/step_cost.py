@@ -3,6 +3,7 @@
     python benchmarks/step_cost.py [--model-type DiT-B-4] [--batch-size 8] [--dtype float32|bfloat16]
                                    [--compile] [--steps 10] [--warmup 2] [--data-size 32]
                                    [--malloc system|retain] [--sequential] [--max-minutes 8.5]
+                                   [--grad-checkpointing]
 
 Every variant trains the same class-conditional DiT (1000 classes, cfg_drop_rate 0.1) on the same random
 latents [B, 4, S, S] and labels; one timed step is zero_grad + loss + backward + AdamW step.
@@ -16,6 +17,11 @@ latents [B, 4, S, S] and labels; one timed step is zero_grad + loss + backward +
   meanflow   a MeanFlow step (Geng et al. 2025): u(z_t, r, t) and d/dt u by one `torch.func.jvp` along
              (v, 0, 1), target v - (t - r) du/dt (stop-gradient), adaptive weight with p = 1.
 
+`--grad-checkpointing` adds, for every named variant where it applies (fm, soflow, reference), the same
+variant with activation checkpointing of every DiT block (`DiT.set_grad_checkpointing`) as `<variant>+gc`,
+stepped in turn with the others; a `gc:` line per pair gives the time and memory ratios (with / without).
+MeanFlow's torch.func.jvp runs the blocks plainly (checkpointing does not support forward-mode transforms).
+
 Each variant runs in its own process (weights, optimizer and allocator state never shared). By default the
 processes are stepped in turn, one step at a time, so that a change of machine load hits every variant
 alike; `--sequential` runs them one after the other instead (one model in memory at a time).
@@ -27,7 +33,8 @@ the activations and temporaries of the step, the part that depends on the object
 "step MiB". "sys ms" and "faults k" (kernel time and minor page faults per step) show what the CPU allocator
 costs when it hands freed memory back to the kernel between steps; `--malloc retain` turns that off.
 
-The last line reads `ratios: soflow/fm=.. soflow/reference=.. soflow_mem/fm_mem=.. meanflow/fm=..` (medians).
+The last line reads `ratios: soflow/fm=.. soflow/reference=.. soflow_mem/fm_mem=.. meanflow/fm=..` (medians);
+with --grad-checkpointing the lines before it read `gc: time .., step memory .., peak memory .. (soflow+gc / soflow)`.
 """
 import argparse
 import contextlib
@@ -55,6 +62,9 @@ from models import Soflow, draw_training_times, logit_normal  # noqa: E402
 from train import build_optimizer  # noqa: E402
 
 VARIANTS = ("fm", "soflow", "reference", "meanflow")
+GC_SUFFIX = "+gc"
+GC_VARIANTS = ("fm", "soflow", "reference")  # MeanFlow's JVP runs the blocks plainly: checkpointing does not apply
+WORKER_VARIANTS = VARIANTS + tuple(v + GC_SUFFIX for v in GC_VARIANTS)
 NUM_CLASSES = 1000
 CFG_DROP_RATE = 0.1
 DATA_CHANNELS = 4
@@ -248,6 +258,13 @@ def make_optimizer(model, impl="fused"):
     return build_optimizer(cfg, model)
 
 
+def split_variant(name):
+    """'soflow+gc' -> ('soflow', True); 'soflow' -> ('soflow', False)."""
+    if name.endswith(GC_SUFFIX):
+        return name[:-len(GC_SUFFIX)], True
+    return name, False
+
+
 def autocast_for(variant, device, dtype):
     if variant == "reference" or dtype == torch.float32:
         return contextlib.nullcontext()
@@ -345,12 +362,13 @@ def worker(args):
     def send(**msg):
         proto.write(json.dumps(msg) + "\n")
 
-    variant = args.worker
+    variant, grad_checkpointing = split_variant(args.worker)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
     model = build_model(args.model_type, args.data_size).to(device).train()
+    model.network.set_grad_checkpointing(grad_checkpointing)
     g = torch.Generator().manual_seed(args.seed + 1)
     x = torch.randn(args.batch_size, DATA_CHANNELS, args.data_size, args.data_size, generator=g).to(device)
     labels = torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=g).to(device)
@@ -459,6 +477,8 @@ def run_benchmark(args, log=print):
     variants = list(args.variants)
     if "fm" not in variants:
         variants.insert(0, "fm")
+    if getattr(args, "grad_checkpointing", False):
+        variants += [v + GC_SUFFIX for v in args.variants if v in GC_VARIANTS]
     start = time.perf_counter()
     budget = args.max_minutes * 60
     results = {}
@@ -507,26 +527,34 @@ NOTES = {"fm": "velocity loss, cfg_scale 1",
          "meanflow": "torch.func.jvp, math SDPA"}
 
 
+def _note(name):
+    base, gc = split_variant(name)
+    return NOTES[base] + (", grad checkpointing" if gc else "")
+
+
+def _table_order(results):
+    """The variants in VARIANTS order, each followed by its checkpointed twin."""
+    return [name for v in VARIANTS for name in (v, v + GC_SUFFIX) if name in results]
+
+
 def format_table(results, args=None):
     """The printed table and the final `ratios:` line (medians of the same run; memory = step MiB)."""
     med = {v: statistics.median(r["times"]) for v, r in results.items()}
     mem = {v: r["memory"]["peak"] - r["memory"]["baseline"] for v, r in results.items()}
     fm_t, fm_m = med["fm"], mem["fm"]
-    columns = [("variant", "<10"), ("median ms", ">9"), ("min ms", ">8"), ("x fm", ">6"), ("sys ms", ">7"),
+    columns = [("variant", f"<{max([10] + [len(v) for v in results])}"), ("median ms", ">9"), ("min ms", ">8"), ("x fm", ">6"), ("sys ms", ">7"),
                ("faults k", ">8"), ("peak MiB", ">8"), ("step MiB", ">8"), ("x fm", ">6"), ("calls", ">5"),
                ("rows/B", ">6"), ("grad", ">4"), ("jvp", ">4"), ("notes", "")]
     lines = [" ".join(f"{name:{fmt}}" for name, fmt in columns)]
     lines.append("-" * (len(lines[0]) + 24))
-    for v in VARIANTS:
-        if v not in results:
-            continue
+    for v in _table_order(results):
         r, p = results[v], results[v]["passes"]
         cells = [v, f"{med[v] * 1e3:.1f}", f"{min(r['times']) * 1e3:.1f}", f"{med[v] / fm_t:.3f}",
                  f"{statistics.median(r.get('sys') or [0]) * 1e3:.0f}",
                  f"{statistics.median(r.get('faults') or [0]) / 1e3:.1f}",
                  f"{r['memory']['peak'] / 2**20:.1f}", f"{mem[v] / 2**20:.1f}",
                  f"{mem[v] / fm_m:.3f}" if fm_m > 0 else "nan", str(p["calls"]),
-                 f"{p['grad'] + p['nograd'] + p['jvp']:.2f}", f"{p['grad']:.2f}", f"{p['jvp']:.2f}", NOTES[v]]
+                 f"{p['grad'] + p['nograd'] + p['jvp']:.2f}", f"{p['grad']:.2f}", f"{p['jvp']:.2f}", _note(v)]
         lines.append(" ".join(f"{c:{fmt}}" for c, (_, fmt) in zip(cells, columns)))
     ratio = []
     if "soflow" in results:
@@ -537,6 +565,23 @@ def format_table(results, args=None):
     if "meanflow" in results:
         ratio.append(f"meanflow/fm={med['meanflow'] / fm_t:.3f}")
     return "\n".join(lines), "ratios: " + " ".join(ratio)
+
+
+def format_gc_ratios(results):
+    """One `gc:` line per variant measured with and without checkpointing: the ratios (with / without) of the
+    median step time, of the step memory (activations and temporaries) and of the process peak."""
+    lines = []
+    for v in VARIANTS:
+        if v not in results or v + GC_SUFFIX not in results:
+            continue
+        off, on = results[v], results[v + GC_SUFFIX]
+        time_ratio = statistics.median(on["times"]) / statistics.median(off["times"])
+        step = {k: r["memory"]["peak"] - r["memory"]["baseline"] for k, r in (("off", off), ("on", on))}
+        step_ratio = step["on"] / step["off"] if step["off"] > 0 else float("nan")
+        peak_ratio = on["memory"]["peak"] / off["memory"]["peak"]
+        lines.append(f"gc: time {time_ratio:.2f}, step memory {step_ratio:.2f}, peak memory {peak_ratio:.2f} "
+                     f"({v}{GC_SUFFIX} / {v})")
+    return lines
 
 
 def parse_args(argv=None):
@@ -566,7 +611,10 @@ def parse_args(argv=None):
     ap.add_argument("--max-minutes", type=float, default=8.5,
                     help="wall-time budget: fewer warm-up (>= 1) and timed (>= 2) steps when the next round "
                          "would end past it")
-    ap.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--grad-checkpointing", action="store_true",
+                    help="also run every named variant where it applies (fm, soflow, reference) with activation "
+                         "checkpointing of the DiT blocks, as '<variant>+gc', and print the time and memory ratios")
+    ap.add_argument("--worker", choices=WORKER_VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.warmup is None:
         args.warmup = 4 if args.compile else 2
@@ -587,7 +635,8 @@ def main(argv=None):
     print(f"# step_cost: {args.model_type}, batch {args.batch_size}, latents {DATA_CHANNELS}x{args.data_size}x"
           f"{args.data_size}, {NUM_CLASSES} classes, cfg_drop_rate {CFG_DROP_RATE}; device {device}, "
           f"torch {torch.__version__}, {args.threads} threads, autocast {args.dtype}, "
-          f"compile {args.compile}, AdamW {args.adamw}, malloc {args.malloc}", flush=True)
+          f"compile {args.compile}, AdamW {args.adamw}, malloc {args.malloc}, "
+          f"grad checkpointing {args.grad_checkpointing}", flush=True)
     print(f"# {args.warmup} warm-up + {args.steps} timed steps per variant, one process per variant, "
           f"{'sequential' if args.sequential else 'stepped in turn'}; seed {args.seed}", flush=True)
     results = run_benchmark(args, log=lambda s: print(s, flush=True))
@@ -604,6 +653,11 @@ def main(argv=None):
     print(table)
     counts = ", ".join(f"{v}={len(r['times'])}" for v, r in results.items())
     print(f"# timed steps per variant: {counts}; total wall time {time.perf_counter() - wall:.0f} s")
+    if args.grad_checkpointing:
+        if "meanflow" in args.variants:
+            print("# meanflow: no '+gc' run (torch.func.jvp runs the blocks without checkpointing)")
+        for line in format_gc_ratios(results):
+            print(line)
     print(ratios)
 
 

@@ -105,3 +105,37 @@ def test_format_table_prints_the_ratio_line():
     table, ratios = step_cost.format_table(results, None)
     assert "soflow" in table and "meanflow" in table
     assert ratios == "ratios: soflow/fm=1.500 soflow/reference=0.750 soflow_mem/fm_mem=1.040 meanflow/fm=2.500"
+
+
+def test_grad_checkpointing_variants_step_alike_and_print_gc_ratios():
+    """A '+gc' variant's step (blocks checkpointed) gives the same loss and the same updated weights as the plain
+    one; `--grad-checkpointing` adds the twins of the named variants where it applies; the gc lines read right."""
+    x, labels = batch(dtype=torch.float32)
+    for variant in step_cost.GC_VARIANTS:
+        weights = []
+        for name in (variant, variant + step_cost.GC_SUFFIX):
+            base, gc = step_cost.split_variant(name)
+            model = tiny_model(torch.float32)
+            model.network.set_grad_checkpointing(gc)
+            optimizer = step_cost.make_optimizer(model)
+            torch.manual_seed(7)
+            loss = step_cost.train_step(model, optimizer, base, x, labels, step=1)
+            weights.append((loss, [p.detach().clone() for p in model.parameters()]))
+        (loss_a, w_a), (loss_b, w_b) = weights
+        assert torch.equal(loss_a, loss_b), variant
+        assert all(torch.equal(a, b) for a, b in zip(w_a, w_b)), variant
+
+    args = step_cost.parse_args(["--variants", "soflow", "meanflow", "--grad-checkpointing"])
+    assert args.grad_checkpointing and step_cost.parse_args([]).grad_checkpointing is False
+    assert step_cost.parse_args(["--worker", "soflow+gc"]).worker == "soflow+gc"
+
+    def result(ms, mem, peak=1000):
+        return dict(times=[ms / 1e3] * 3, memory=dict(peak=(peak + mem) * 2**20, baseline=peak * 2**20),
+                    passes=dict(calls=3, grad=1, nograd=1.5, jvp=0))
+    results = {"fm": result(100, 50), "soflow": result(150, 200), "soflow+gc": result(195, 50)}
+    assert step_cost.format_gc_ratios(results) == [
+        "gc: time 1.30, step memory 0.25, peak memory 0.88 (soflow+gc / soflow)"]  # 1050 / 1200 MiB
+    table, ratios = step_cost.format_table(results, None)
+    rows = [line.split()[0] for line in table.splitlines()[2:]]
+    assert rows == ["fm", "soflow", "soflow+gc"] and "grad checkpointing" in table
+    assert ratios == "ratios: soflow/fm=1.500 soflow_mem/fm_mem=4.000"

@@ -49,3 +49,20 @@ def test_dropout_random_in_train_mode_only():
 def test_initial_output_is_small():
     net = small_unet().eval()  # EDM zero-ish init of the output conv
     assert net(torch.randn(2, 3, 16, 16), torch.rand(2), torch.rand(2)).abs().max() < 1e-3
+
+
+def test_grad_checkpointing_replays_dropout_masks():
+    """Checkpointed blocks (recomputed in backward) give the same output and gradients, dropout included."""
+    net = randomise(small_unet(dropout=0.3)).train()
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    results = []
+    for enabled in (False, True):
+        assert net.set_grad_checkpointing(enabled) is net
+        net.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        out = net(x, t, 0.5 * t)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in net.parameters()]))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a, out_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
