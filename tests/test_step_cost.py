@@ -1,17 +1,11 @@
 """Smoke test of benchmarks/step_cost.py on a tiny DiT: the reference-style SoFlow loss equals the fused one,
 every variant's training step runs, and the MeanFlow JVP target matches a finite difference."""
-import importlib.util
-import os
-
 import pytest
 import torch
 
+import step_cost
 from helpers import TINY_DIT, randomise
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("step_cost", os.path.join(ROOT, "benchmarks", "step_cost.py"))
-step_cost = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(step_cost)
 
 def tiny_model(dtype=torch.float64):
     torch.manual_seed(0)
