@@ -338,17 +338,8 @@ class InceptionFeatures:
 
     def compute(self, images, batch_size=64, desc="inception features"):
         """Features of uint8 images [N, H, W, 3], fed in batches of `batch_size`."""
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected images [N, H, W, 3], got shape {images.shape}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if self._session is None:
-            self._build()
-        outputs = ([], [], [])
-        for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch"):
-            for out, value in zip(outputs, self.features_of(images[start:start + batch_size])):
-                out.append(value)
-        return tuple(np.concatenate(out, axis=0) for out in outputs)
+        from inception_torch import batched_features  # NumPy only: imports neither torch nor TensorFlow
+        return batched_features(self.features_of, images, batch_size, desc)
 
     def close(self):
         if self._session is not None:

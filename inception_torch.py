@@ -1401,16 +1401,7 @@ class TorchInception:
 
     def compute(self, images, batch_size=64, desc="inception features"):
         """Features of uint8 images [N, H, W, 3], fed in batches of `batch_size`."""
-        from tqdm import tqdm
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected images [N, H, W, 3], got shape {images.shape}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        outputs = ([], [], [])
-        for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch"):
-            for out, value in zip(outputs, self.features_of(images[start:start + batch_size])):
-                out.append(value)
-        return tuple(np.concatenate(out, axis=0) for out in outputs)
+        return batched_features(self.features_of, images, batch_size, desc)
 
     def close(self):
         self._function = None
@@ -1421,3 +1412,18 @@ class TorchInception:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def batched_features(features_of, images, batch_size=64, desc="inception features"):
+    """(pool, spatial, probs) of uint8 images [N, H, W, 3] through `features_of`, `batch_size` images at a time
+    (both backends' `compute`)."""
+    from tqdm import tqdm
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected images [N, H, W, 3], got shape {images.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    outputs = ([], [], [])
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch"):
+        for out, value in zip(outputs, features_of(images[start:start + batch_size])):
+            out.append(value)
+    return tuple(np.concatenate(out, axis=0) for out in outputs)
