@@ -542,7 +542,8 @@ def format_table(results, args=None):
     med = {v: statistics.median(r["times"]) for v, r in results.items()}
     mem = {v: r["memory"]["peak"] - r["memory"]["baseline"] for v, r in results.items()}
     fm_t, fm_m = med["fm"], mem["fm"]
-    columns = [("variant", f"<{max([10] + [len(v) for v in results])}"), ("median ms", ">9"), ("min ms", ">8"), ("x fm", ">6"), ("sys ms", ">7"),
+    name_width = max([10] + [len(v) for v in results])  # 12 with 'reference+gc'
+    columns = [("variant", f"<{name_width}"), ("median ms", ">9"), ("min ms", ">8"), ("x fm", ">6"), ("sys ms", ">7"),
                ("faults k", ">8"), ("peak MiB", ">8"), ("step MiB", ">8"), ("x fm", ">6"), ("calls", ">5"),
                ("rows/B", ">6"), ("grad", ">4"), ("jvp", ">4"), ("notes", "")]
     lines = [" ".join(f"{name:{fmt}}" for name, fmt in columns)]
