@@ -27,15 +27,7 @@ FLOAT, INT32, INT64, UINT8, STRING, BOOL, HALF = (it.DT_FLOAT, it.DT_INT32, it.D
 TOLERANCE = 1e-4  # the "1e-4 relative": max |torch - tf| / max |tf|
 
 
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path):
-    def refuse(*args, **kwargs):
-        raise AssertionError("tests must not touch the network")
-    monkeypatch.setattr(ev, "urlopen", refuse)
-    monkeypatch.setenv("SOFLOW_CACHE_DIR", str(tmp_path / "default_cache"))
-    ev._REFERENCE_MEMO.clear()
-    yield
-    ev._REFERENCE_MEMO.clear()
+from test_evaluator import isolated  # noqa: E402,F401 (autouse: no network, own cache, fresh memo)
 
 
 def import_tf_or_skip():
