@@ -9,7 +9,8 @@ Models (both from `--config`, default configs/digits_demo.yaml):
   FM      the same config with velocity_loss_ratio 1.0 (flow matching only; everything else identical,
           training-time CFG included, so guidance is baked into its velocity), same steps and batch;
           sampled with the Euler sampler below at 1, 2, 4 and 50 steps (EMA weights).
-`--train` trains both with train.py (`torchrun --nproc-per-node=NPROC`, or in this process for --nproc 1)
+`--train` trains both with train.py, in this process (the default `--nproc 1`: one process, every core an
+intra-op thread, as the quick start) or with `torchrun --nproc-per-node=NPROC`
 into `--out`/soflow and `--out`/fm; a finished run there is reused (train.py resumes from its newest
 checkpoint). `--ckpt` evaluates that SoFlow checkpoint and trains the FM baseline unless `--fm-ckpt` is given.
 
@@ -212,7 +213,8 @@ def parse_args(argv=None):
     p.add_argument("--config", default=DEFAULT_CONFIG, help="training config of the SoFlow model")
     p.add_argument("--out", default=os.path.join(ROOT, "results", "digits_quality"),
                    help="folder for training runs (train mode), results.json and results.md")
-    p.add_argument("--nproc", type=int, default=2, help="training ranks (torchrun); 1 trains in this process")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="training ranks: 1 trains in this process (as the quick start), more through torchrun")
     p.add_argument("--num-samples", type=int, default=10000, help="samples per row, a multiple of 10")
     p.add_argument("--batch-size", type=int, default=1000, help="samples per forward pass")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")

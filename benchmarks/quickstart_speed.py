@@ -1,0 +1,103 @@
+"""How fast the quick-start training runs on this machine, in each process layout, and what a full run costs.
+
+    python benchmarks/quickstart_speed.py [--config configs/digits_demo.yaml] [--steps 300] [--repeats 2]
+
+A CPU machine can run the demo as 2 ranks of 1 thread each (`torchrun --nproc-per-node=2 train.py ...`: each
+rank steps half of the global batch, then gloo all-reduces the gradients) or as 1 process with every core as
+an intra-op thread (`python train.py ...`). Both train the same global batches (the batch order depends on
+the seed and the step only), so they differ only in speed and in float summation order.
+
+Each layout runs train.py on the config with `total_steps` set to `--steps` (no sample grid or dump, one
+checkpoint at the end), in turn (A, B, A, B, ...) so that a change of machine load hits both alike. From
+every run: the wall-clock time of the whole command, the steady cost of a step (the log windows after the
+first, "Time" over steps) and the fixed cost (wall-clock minus the steps: start-up, data, checkpoints).
+The last lines project the config's full run, fixed cost + total_steps x step cost, per layout (the final
+1-NFE grid and sample dump of the demo add a few seconds), and the ratio of the two step costs.
+"""
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+LAYOUTS = {"2 ranks x 1 thread": 2, "1 process x all threads": 1}
+WINDOW = re.compile(r"^Step (\d+) \|.*\| Time ([0-9.]+)s$")
+
+
+def command(nproc, config_path):
+    if nproc == 1:
+        return [sys.executable, os.path.join(ROOT, "train.py"), "--config", config_path]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            os.path.join(ROOT, "train.py"), "--config", config_path]
+
+
+def step_cost(log_path):
+    """Seconds per step over the log windows after the first (the first holds the warm-up), and the total
+    seconds of all windows."""
+    windows, previous = [], 0
+    with open(log_path) as f:
+        for line in f:
+            m = WINDOW.match(line.strip())
+            if m:
+                step, seconds = int(m.group(1)), float(m.group(2))
+                windows.append((step - previous, seconds))
+                previous = step
+    if len(windows) < 2:
+        raise SystemExit(f"{log_path}: fewer than two logging windows; raise --steps or lower logging_steps")
+    steady = windows[1:]
+    return sum(s for _, s in steady) / sum(n for n, _ in steady), sum(s for _, s in windows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "digits_demo.yaml"))
+    p.add_argument("--steps", type=int, default=300, help="training steps per timed run")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per layout, interleaved")
+    args = p.parse_args(argv)
+    from config import load_config, write_variant
+    cfg = load_config(args.config)
+    if args.steps < 2 * cfg.logging_steps:
+        raise SystemExit(f"--steps must be at least twice logging_steps ({cfg.logging_steps})")
+    cores = os.cpu_count()
+    print(f"{args.config}: {cfg.total_steps} steps of batch {cfg.batch_size}; {cores} CPU cores; "
+          f"{args.repeats} x {args.steps} steps per layout, interleaved", flush=True)
+    results = {name: [] for name in LAYOUTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            for name, nproc in LAYOUTS.items():
+                work = os.path.join(tmp, f"run{r}_{nproc}")
+                path = write_variant(args.config, work + ".yaml", working_dir=work, total_steps=args.steps,
+                                     eval_demo_steps=10 ** 9, eval_steps=10 ** 9, ckpt_saving_steps=10 ** 9,
+                                     tracker="none")
+                env = dict(os.environ)
+                if nproc == 1:
+                    env.pop("OMP_NUM_THREADS", None)  # torch then uses every core
+                start = time.time()
+                subprocess.run(command(nproc, path), cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+                wall = time.time() - start
+                per_step, in_windows = step_cost(os.path.join(work, "log.txt"))
+                results[name].append((wall, per_step, wall - in_windows))
+                print(f"  {name}: {wall:.1f} s for {args.steps} steps; {per_step:.4f} s/step steady; "
+                      f"fixed cost {wall - in_windows:.1f} s", flush=True)
+    per_layout = {}
+    for name, runs in results.items():
+        per_step = statistics.median(r[1] for r in runs)
+        fixed = statistics.median(r[2] for r in runs)
+        per_layout[name] = per_step
+        full = fixed + cfg.total_steps * per_step
+        print(f"{name}: {per_step:.4f} s/step (runs: {', '.join(f'{r[1]:.4f}' for r in runs)}); projected "
+              f"{cfg.total_steps} steps: {full:.0f} s ({full / 60:.1f} min)")
+    two, one = per_layout.values()
+    print(f"ratio: 1-process / 2-rank step cost = {one / two:.2f}")
+
+
+if __name__ == "__main__":
+    main()
