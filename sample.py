@@ -1,7 +1,7 @@
 """A grid of SoFlow samples from a checkpoint, one row per class, as one PNG (in the spirit of DiT's sample.py).
 
     python sample.py --config C --ckpt K --classes 207 360 387 974 --nfe 1 --seed 0 --out samples.png
-    python sample.py --ckpt results/digits_demo/ckpts/3500.pt --out digits.png     # the config beside it
+    python sample.py --ckpt results/digits_demo/ckpts/3000.pt --out digits.png     # the config beside it
 
 --ckpt takes a .pt checkpoint (this code's or the release's), a .safetensors file of weights or
 hf://ORG/REPO[@REVISION]/PATH (Hugging Face cache; HF_HUB_OFFLINE=1 reads the cache only); without --config, the

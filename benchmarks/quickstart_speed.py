@@ -4,8 +4,9 @@
 
 A CPU machine can run the demo as 2 ranks of 1 thread each (`torchrun --nproc-per-node=2 train.py ...`: each
 rank steps half of the global batch, then gloo all-reduces the gradients) or as 1 process with every core as
-an intra-op thread (`python train.py ...`). Both train the same global batches (the batch order depends on
-the seed and the step only), so they differ only in speed and in float summation order.
+an intra-op thread (`python train.py ...`). Both train on the same global batches of data (the batch order
+depends on the seed and the step only); noise and times are drawn per rank, so the two are statistically, not
+bitwise, the same run.
 
 Each layout runs train.py on the config with `total_steps` set to `--steps` (no sample grid or dump, one
 checkpoint at the end), in turn (A, B, A, B, ...) so that a change of machine load hits both alike. From
