@@ -157,8 +157,16 @@ def euler_samples(model, num_samples, steps, seed, batch_size):
 # Training
 
 
+def train_command(nproc, config_path):
+    """The command line that trains `config_path`: `python train.py` for one process, torchrun otherwise."""
+    if nproc == 1:
+        return [sys.executable, os.path.join(ROOT, "train.py"), "--config", config_path]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            os.path.join(ROOT, "train.py"), "--config", config_path]
+
+
 def run_training(config_path, nproc, log):
-    """train.py on `config_path`; returns (newest checkpoint, wall-clock seconds)."""
+    """train.py on `config_path` (in this process for nproc 1); returns (newest checkpoint, wall-clock seconds)."""
     from checkpoints import list_checkpoints
     from config import load_config
     cfg = load_config(config_path)
@@ -167,8 +175,7 @@ def run_training(config_path, nproc, log):
         import train
         train.main(["--config", config_path])
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               os.path.join(ROOT, "train.py"), "--config", config_path]
+        cmd = train_command(nproc, config_path)
         log(f"$ {' '.join(cmd)}")
         subprocess.run(cmd, cwd=ROOT, check=True, env={"OMP_NUM_THREADS": "1", **os.environ})
     seconds = time.time() - start

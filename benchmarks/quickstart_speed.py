@@ -32,13 +32,6 @@ LAYOUTS = {"2 ranks x 1 thread": 2, "1 process x all threads": 1}
 WINDOW = re.compile(r"^Step (\d+) \|.*\| Time ([0-9.]+)s$")
 
 
-def command(nproc, config_path):
-    if nproc == 1:
-        return [sys.executable, os.path.join(ROOT, "train.py"), "--config", config_path]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            os.path.join(ROOT, "train.py"), "--config", config_path]
-
-
 def step_cost(log_path):
     """Seconds per step over the log windows after the first (the first holds the warm-up), and the total
     seconds of all windows."""
@@ -63,6 +56,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="timed runs per layout, interleaved")
     args = p.parse_args(argv)
     from config import load_config, write_variant
+    from digits_quality import train_command
     cfg = load_config(args.config)
     if args.steps < 2 * cfg.logging_steps:
         raise SystemExit(f"--steps must be at least twice logging_steps ({cfg.logging_steps})")
@@ -81,20 +75,20 @@ def main(argv=None):
                 if nproc == 1:
                     env.pop("OMP_NUM_THREADS", None)  # torch then uses every core
                 start = time.time()
-                subprocess.run(command(nproc, path), cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL,
+                subprocess.run(train_command(nproc, path), cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
                 wall = time.time() - start
                 per_step, in_windows = step_cost(os.path.join(work, "log.txt"))
-                results[name].append((wall, per_step, wall - in_windows))
+                results[name].append((per_step, wall - in_windows))
                 print(f"  {name}: {wall:.1f} s for {args.steps} steps; {per_step:.4f} s/step steady; "
                       f"fixed cost {wall - in_windows:.1f} s", flush=True)
     per_layout = {}
     for name, runs in results.items():
-        per_step = statistics.median(r[1] for r in runs)
-        fixed = statistics.median(r[2] for r in runs)
+        per_step = statistics.median(r[0] for r in runs)
+        fixed = statistics.median(r[1] for r in runs)
         per_layout[name] = per_step
         full = fixed + cfg.total_steps * per_step
-        print(f"{name}: {per_step:.4f} s/step (runs: {', '.join(f'{r[1]:.4f}' for r in runs)}); projected "
+        print(f"{name}: {per_step:.4f} s/step (runs: {', '.join(f'{r[0]:.4f}' for r in runs)}); projected "
               f"{cfg.total_steps} steps: {full:.0f} s ({full / 60:.1f} min)")
     two, one = per_layout.values()
     print(f"ratio: 1-process / 2-rank step cost = {one / two:.2f}")

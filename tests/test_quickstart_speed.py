@@ -1,9 +1,11 @@
-"""benchmarks/quickstart_speed.py: the step cost it reads from train.py's log and the commands it times."""
+"""benchmarks/quickstart_speed.py: the step cost it reads from train.py's log, and the commands it times
+(digits_quality.train_command)."""
 import sys
 
 import pytest
 
 import quickstart_speed
+from digits_quality import train_command
 
 LOG = """starting a new run in /tmp/x on 1 rank(s), device cpu
 saved checkpoint /tmp/x/ckpts/0.pt
@@ -26,7 +28,7 @@ def test_step_cost_skips_the_warm_up_window(tmp_path):
 
 
 def test_layout_commands():
-    one = quickstart_speed.command(1, "c.yaml")
-    two = quickstart_speed.command(2, "c.yaml")
+    one = train_command(1, "c.yaml")
+    two = train_command(2, "c.yaml")
     assert one[0] == sys.executable and one[1].endswith("train.py") and one[2:] == ["--config", "c.yaml"]
     assert two[1:3] == ["-m", "torch.distributed.run"] and "--nproc-per-node=2" in two and two[-2:] == ["--config", "c.yaml"]
