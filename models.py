@@ -34,46 +34,82 @@ def _bcast(t, x):
     return t.reshape(-1, *([1] * (x.dim() - 1)))
 
 
-class Scheduler:
-    """Noising process (alpha, beta) and solution coefficients (a, b) with their derivatives."""
+def _as_time(t, like=None):
+    """Times as tensors (the release's loops may pass Python numbers): a number becomes a 0-dim tensor of
+    `like`'s dtype and device, or float64 on the CPU (a 0-dim tensor does not promote the other operand)."""
+    if isinstance(t, torch.Tensor):
+        return t
+    return torch.as_tensor(t, dtype=torch.float64) if like is None else torch.as_tensor(t, dtype=like.dtype,
+                                                                                          device=like.device)
+
+
+def cfg_decay_scale(t, decay_time=1.0, k=CFG_DECAY_K):
+    """w_cfg(t): 1 up to decay_time, then 1 - exp(-k d / (1 - d)) with d = clamp((1 - t) / (1 - decay_time),
+    0, 1 - 1e-6), which falls to 0 at t = 1. decay_time >= 1: 1 everywhere."""
+    t = _as_time(t)
+    if decay_time >= 1:
+        return torch.ones_like(t)
+    d = ((1 - t) / (1 - decay_time)).clamp(0, 1 - 1e-6)
+    decayed = 1 - torch.exp(-k * d / (1 - d))
+    return torch.where(t <= decay_time, torch.ones_like(t), decayed)
+
+
+class Scheduler(nn.Module):
+    """Noising process (alpha, beta) and solution coefficients (a, b) with their derivatives.
+
+    A module, as the release's (reachable as `model.scheduler`, deep-copied with an EMA copy), holding no
+    parameters or buffers: the state-dict keys are the network's alone. Times may be tensors of any shape or
+    Python numbers."""
 
     def __init__(self, noising_type="Linear", coefficient_type="Euler"):
+        super().__init__()
         _check_choice("noising_type", noising_type, NOISING_TYPES)
         _check_choice("coefficient_type", coefficient_type, COEFFICIENT_TYPES)
         self.noising_type = noising_type
         self.coefficient_type = coefficient_type
 
+    def extra_repr(self):
+        return f"noising_type={self.noising_type!r}, coefficient_type={self.coefficient_type!r}"
+
     # noising: x_t = alpha(t) x0 + beta(t) x1
     def alpha(self, t):
+        t = _as_time(t)
         return 1 - t if self.noising_type == "Linear" else torch.cos(math.pi / 2 * t)
 
     def beta(self, t):
+        t = _as_time(t)
         return t if self.noising_type == "Linear" else torch.sin(math.pi / 2 * t)
 
     def d_alpha(self, t):
+        t = _as_time(t)
         return -torch.ones_like(t) if self.noising_type == "Linear" else -math.pi / 2 * torch.sin(math.pi / 2 * t)
 
     def d_beta(self, t):
+        t = _as_time(t)
         return torch.ones_like(t) if self.noising_type == "Linear" else math.pi / 2 * torch.cos(math.pi / 2 * t)
 
     def add_noise(self, x0, x1, t):
         """(x_t, conditional velocity v_t) for per-sample times t."""
-        tb = _bcast(t, x0)
+        tb = _bcast(_as_time(t, like=x0), x0)
         x_t = self.alpha(tb) * x0 + self.beta(tb) * x1
         v_t = self.d_alpha(tb) * x0 + self.d_beta(tb) * x1
         return x_t, v_t
 
     # solution coefficients: f(x_t, t, s) = a(t, s) x_t + b(t, s) F(x_t, t, s); both depend on s - t only
     def a(self, t, s):
+        t, s = _as_time(t), _as_time(s)
         return torch.ones_like(t) if self.coefficient_type == "Euler" else torch.cos(math.pi / 2 * (s - t))
 
     def b(self, t, s):
+        t, s = _as_time(t), _as_time(s)
         return s - t if self.coefficient_type == "Euler" else torch.sin(math.pi / 2 * (s - t))
 
     def da_ds(self, t, s):
+        t, s = _as_time(t), _as_time(s)
         return torch.zeros_like(t) if self.coefficient_type == "Euler" else -math.pi / 2 * torch.sin(math.pi / 2 * (s - t))
 
     def db_ds(self, t, s):
+        t, s = _as_time(t), _as_time(s)
         return torch.ones_like(t) if self.coefficient_type == "Euler" else math.pi / 2 * torch.cos(math.pi / 2 * (s - t))
 
     def da_dt(self, t, s):
@@ -81,6 +117,23 @@ class Scheduler:
 
     def db_dt(self, t, s):
         return -self.db_ds(t, s)
+
+    # The release's names for the same quantities.
+    alpha_grad = d_alpha
+    beta_grad = d_beta
+    get_cfg_decay_scale = staticmethod(cfg_decay_scale)
+
+    def a_grad(self, t, s):
+        """(d a / d t, d a / d s)."""
+        return self.da_dt(t, s), self.da_ds(t, s)
+
+    def b_grad(self, t, s):
+        """(d b / d t, d b / d s)."""
+        return self.db_dt(t, s), self.db_ds(t, s)
+
+    def get_x_t_v_t(self, x_0, t):
+        """The release's noising call: draws x1 = randn_like(x_0) and returns (x_t, v_t)."""
+        return self.add_noise(x_0, torch.randn_like(x_0), t)
 
 
 @dataclass
@@ -149,9 +202,14 @@ def logit_normal(n, mean, std, device, generator=None):
     return torch.sigmoid(torch.randn(n, device=device, generator=generator) * std + mean)
 
 
+def time_between(t, s, r):
+    """The time a share r of the way from t (r = 0) to s (r = 1)."""
+    return t + (s - t) * r
+
+
 def middle_time(t, s, r):
     """l = t + (s - t) r, kept at least MIN_TIME_GAP below t."""
-    return torch.minimum(t + (s - t) * r, t - MIN_TIME_GAP)
+    return torch.minimum(time_between(t, s, r), t - MIN_TIME_GAP)
 
 
 @dataclass
@@ -173,7 +231,8 @@ class TrainingDraws:
 def draw_training_times(objective, batch_size, finished_steps, device, cfg_drop_rate=0.0, conditional=False):
     """Rows [:n_fm]: t ~ logit-normal(0) (s = l = t, unused). Rows [n_fm:]: tau1 ~ logit-normal(1),
     tau2 ~ logit-normal(2), t = max(tau2, 1e-4), s = min(tau1, t - 1e-4), l between them by r(k, K).
-    The CFG mask (rand < cfg_drop_rate) marks the rows trained with the null label."""
+    The CFG mask (rand < cfg_drop_rate, drawn only when guided: cfg_scale > 1) marks the rows trained with the
+    null label."""
     o = objective
     n_fm = int(o.velocity_loss_ratio * batch_size)
     t_fm = logit_normal(n_fm, o.time_mean[0], o.time_std[0], device)
@@ -183,7 +242,7 @@ def draw_training_times(objective, batch_size, finished_steps, device, cfg_drop_
     s_c = torch.minimum(tau1, t_c - MIN_TIME_GAP)
     l_c = middle_time(t_c, s_c, o.l_ratio(finished_steps))
     cfg_mask = None
-    if conditional and cfg_drop_rate > 0:
+    if conditional and cfg_drop_rate > 0 and o.guided:
         cfg_mask = torch.rand(batch_size, device=device) < cfg_drop_rate
     return TrainingDraws(n_fm, torch.cat([t_fm, t_c]), torch.cat([t_fm, s_c]), torch.cat([t_fm, l_c]), cfg_mask)
 
@@ -297,20 +356,16 @@ class Soflow(nn.Module):
 
     # ----------------------------------------------------------------------------------------------
     # Schedules (kept under the release's names)
-    @staticmethod
-    def get_cfg_decay_scale(t, cfg_decay_time):
-        """w_cfg(t): 1 up to cfg_decay_time, then decays towards 0 at t = 1."""
-        if cfg_decay_time >= 1:
-            return torch.ones_like(t)
-        d = ((1 - t) / (1 - cfg_decay_time)).clamp(0, 1 - 1e-6)
-        decayed = 1 - torch.exp(-CFG_DECAY_K * d / (1 - d))
-        return torch.where(t <= cfg_decay_time, torch.ones_like(t), decayed)
+    get_cfg_decay_scale = staticmethod(cfg_decay_scale)
 
     @staticmethod
-    def get_middle_time(t, s, finished_steps, total_steps, l_schedule, l_init_ratio, l_end_ratio):
-        objective = Objective(l_schedule=l_schedule, l_init_ratio=l_init_ratio, l_end_ratio=l_end_ratio,
+    def get_middle_time(t, s, now_steps, total_steps, init_ratio=0.1, end_ratio=0.002, method="Exponent"):
+        """The release's call: l = t + (s - t) r(now_steps, total_steps) under the `method` schedule (Const,
+        Linear, Cosine, Exponent; see Objective.l_ratio), not clamped: the caller keeps l <= t - 1e-4
+        (`middle_time` does both)."""
+        objective = Objective(l_schedule=method, l_init_ratio=init_ratio, l_end_ratio=end_ratio,
                               total_steps=total_steps)
-        return middle_time(t, s, objective.l_ratio(finished_steps))
+        return time_between(t, s, objective.l_ratio(now_steps))
 
     # ----------------------------------------------------------------------------------------------
     # Losses
@@ -325,16 +380,18 @@ class Soflow(nn.Module):
            the consistency rows), as one batch (in `guidance_dtype` under autocast when given);
         2. with grad: F(x_t, t, t) for the Flow Matching rows and F(x_t, t, s) for the consistency rows;
         3. no grad: F(x_l, l, s) for the consistency rows, under the random state that call 2 started from.
-        s and l of the Flow Matching rows are not used. Returns {'fm': (loss, mse, weight), 'cons': (...)}
-        for the parts that have rows.
+        s and l of the Flow Matching rows are not used. The CFG mask acts only when guided (cfg_scale > 1), as
+        in the release. Returns {'fm': (loss, mse, weight), 'cons': (...)} for the parts that have rows.
         """
         self._check_inputs(samples, labels, augment_labels)
-        cfg_mask = self._mask(cfg_mask, samples)
+        cfg_mask = self._mask(cfg_mask, samples) if objective.guided else None
         if noise is not None and noise.shape != samples.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != samples shape {tuple(samples.shape)}")
         if objective.guided and (not self.conditional or labels is None):
             raise ValueError(f"cfg_scale={objective.cfg_scale} > 1 needs a class-conditional model and labels")
         B = samples.shape[0]
+        if B == 0:
+            return {}
         x1 = torch.randn_like(samples) if noise is None else noise
         x_t, v_t = self.scheduler.add_noise(samples, x1, t)
         guidance = None
@@ -424,28 +481,45 @@ class Soflow(nn.Module):
 
     def get_velocity_loss(self, samples, t, labels=None, cfg_mask=None, cfg_scale=1.0, cfg_decay_time=1.0,
                           p=1.0, eps=0.01, mix_ratio=1.0, augment_labels=None, noise=None):
-        """The release's Flow Matching loss call. Returns (loss, mean mse, mean weight)."""
+        """The release's Flow Matching loss call (noise: one randn_like(samples) unless given). The CFG mask
+        acts only with cfg_scale > 1. Returns (loss, mean mse, mean weight); zeros for an empty batch."""
         t = self._times(t, samples)
-        return self.fused_loss(samples, t=t, s=t, l=t, n_fm=samples.shape[0], labels=labels, cfg_mask=cfg_mask,
-                               objective=self._release_objective(cfg_scale, cfg_decay_time, p, eps, mix_ratio),
-                               augment_labels=augment_labels, noise=noise)["fm"]
+        parts = self.fused_loss(samples, t=t, s=t, l=t, n_fm=samples.shape[0], labels=labels, cfg_mask=cfg_mask,
+                                objective=self._release_objective(cfg_scale, cfg_decay_time, p, eps, mix_ratio),
+                                augment_labels=augment_labels, noise=noise)
+        return parts.get("fm", _no_rows(samples))
 
     def get_consistency_loss(self, samples, t, l, s, labels=None, cfg_mask=None, cfg_scale=1.0,
                              cfg_decay_time=1.0, p=1.0, eps=0.01, mix_ratio=1.0, augment_labels=None, noise=None):
-        """The release's consistency loss call (s < l < t). Returns (surrogate loss, mean |Delta|^2, mean weight)."""
+        """The release's consistency loss call (s < l < t; noise as in `get_velocity_loss`). Returns (surrogate
+        loss, mean |Delta|^2, mean weight); zeros for an empty batch."""
         t, l, s = self._times(t, samples), self._times(l, samples), self._times(s, samples)
-        return self.fused_loss(samples, t=t, s=s, l=l, n_fm=0, labels=labels, cfg_mask=cfg_mask,
-                               objective=self._release_objective(cfg_scale, cfg_decay_time, p, eps, mix_ratio),
-                               augment_labels=augment_labels, noise=noise)["cons"]
+        parts = self.fused_loss(samples, t=t, s=s, l=l, n_fm=0, labels=labels, cfg_mask=cfg_mask,
+                                objective=self._release_objective(cfg_scale, cfg_decay_time, p, eps, mix_ratio),
+                                augment_labels=augment_labels, noise=noise)
+        return parts.get("cons", _no_rows(samples))
 
-    def forward(self, samples, labels=None, augment_labels=None, *, objective: Objective, finished_steps=0,
-                noise=None, guidance_dtype=None, draws=None, batch_rows=None):
+    def forward(self, samples, labels=None, augment_labels=None, *, objective: Optional[Objective] = None,
+                finished_steps=0, noise=None, guidance_dtype=None, draws=None, batch_rows=None,
+                get_velocity_loss=None, **release_kwargs):
         """One training loss: total = L_FM n_fm / B + L_cons (B - n_fm) / B over one batch.
 
         `draws` (TrainingDraws) and `noise` are drawn here unless given. Gradient accumulation passes the draws
         and noise of a micro-batch's rows, and `batch_rows` = B of the whole batch, so that the totals of the
         micro-batches add up to the whole batch's. Returns (total loss, stats) with stats = detached Vel_MSE,
-        Vel_Weight, Con_MSE, Con_Weight (means over this call's rows of each part)."""
+        Vel_Weight, Con_MSE, Con_Weight (means over this call's rows of each part).
+
+        The release's call through DDP: `get_velocity_loss=True` with `get_velocity_loss`'s keywords returns
+        that loss, `get_velocity_loss=False` with `get_consistency_loss`'s keywords (t, l, s, ...) that one."""
+        if get_velocity_loss is not None:
+            loss = self.get_velocity_loss if get_velocity_loss else self.get_consistency_loss
+            return loss(samples, labels=labels, augment_labels=augment_labels, noise=noise, **release_kwargs)
+        if release_kwargs:
+            raise TypeError(f"Soflow.forward got unexpected keyword(s) {sorted(release_kwargs)}; the release's loss "
+                            f"keywords come with get_velocity_loss=True or False")
+        if objective is None:
+            raise TypeError("Soflow.forward needs objective= (this code's training call) or get_velocity_loss=True "
+                            "or False (the release's loss calls)")
         B = samples.shape[0]
         if draws is None:
             draws = draw_training_times(objective, B, finished_steps, samples.device, self.cfg_drop_rate,
@@ -453,9 +527,8 @@ class Soflow(nn.Module):
         parts = self.fused_loss(samples, t=draws.t, s=draws.s, l=draws.l, n_fm=draws.n_fm, objective=objective,
                                 labels=labels, cfg_mask=draws.cfg_mask, augment_labels=augment_labels, noise=noise,
                                 guidance_dtype=guidance_dtype)
-        zero = samples.new_zeros(())
-        fm_loss, fm_mse, fm_w = parts.get("fm", (zero, zero, zero))
-        con_loss, con_mse, con_w = parts.get("cons", (zero, zero, zero))
+        fm_loss, fm_mse, fm_w = parts.get("fm", _no_rows(samples))
+        con_loss, con_mse, con_w = parts.get("cons", _no_rows(samples))
         total_rows = batch_rows or B
         total = fm_loss * (draws.n_fm / total_rows) + con_loss * ((B - draws.n_fm) / total_rows)
         stats = {"Vel_MSE": fm_mse.detach(), "Vel_Weight": fm_w.detach(),
@@ -483,6 +556,12 @@ class Soflow(nn.Module):
                 noise.shape, device=noise.device, dtype=noise.dtype, generator=generator)
             t_next = torch.tensor(times[i + 1], device=noise.device)
             x = self.scheduler.alpha(t_next) * x0 + self.scheduler.beta(t_next) * eps
+
+
+def _no_rows(samples):
+    """(loss, mse, weight) of a part without rows."""
+    zero = samples.new_zeros(())
+    return zero, zero, zero
 
 
 def _rows(x, part):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import tiny_dit, tiny_unet
-from models import MIN_TIME_GAP, Objective, Scheduler, Soflow, shared_random_state, to_uint8
+from models import MIN_TIME_GAP, Objective, Scheduler, Soflow, middle_time, shared_random_state, to_uint8
 
 @pytest.mark.parametrize("coefficient_type", ["Euler", "Trig"])
 def test_solution_operator_identity_at_s_equals_t(coefficient_type):
@@ -203,8 +203,9 @@ def test_l_schedules():
     assert math.isclose(l_ratio(50, 100, "Linear", 0.1, 0.002), 0.051)
     assert math.isclose(l_ratio(50, 100, "Cosine", 0.1, 0.002), 0.051)
     t, s = torch.tensor([0.9, 0.5]), torch.tensor([0.1, 0.4999])
-    l = Soflow.get_middle_time(t, s, 0, 100, "Const", 0.1, 0.5)
-    assert torch.allclose(l, torch.stack([torch.tensor(0.5), torch.tensor(0.5 - MIN_TIME_GAP)]))
+    l = Soflow.get_middle_time(t, s, 0, 100, init_ratio=0.1, end_ratio=0.5, method="Const")
+    assert torch.allclose(l, t + (s - t) * 0.5)  # not clamped: the release's caller clamps
+    assert torch.allclose(middle_time(t, s, 0.5), torch.stack([torch.tensor(0.5), torch.tensor(0.5 - MIN_TIME_GAP)]))
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
