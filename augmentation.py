@@ -41,12 +41,20 @@ def rotate2d(theta, batch, device):
 
 
 class AugmentPipe:
-    """Callable: images [N, C, H, W] in [-1, 1] -> (augmented images, labels [N, 6])."""
+    """Callable: images [N, C, H, W] in [-1, 1] -> (augmented images, labels [N, 6]).
+
+    The release builds it as `AugmentPipe(p=0.12, xflip=1e8, yflip=0, scale=1, rotate_frac=0, aniso=1,
+    translate_frac=1)`, keywords accepted here as they are; y-flips and fractional rotations are not part of
+    the recipe (the U-Net's 6 augmentation labels leave no room for their labels), so yflip and rotate_frac
+    must be 0."""
 
     def __init__(self, p=0.12, xflip=1e8, scale=1, aniso=1, translate_frac=1, scale_std=0.2, aniso_std=0.2,
-                 aniso_rotate_prob=0.5, translate_frac_std=0.125):
+                 aniso_rotate_prob=0.5, translate_frac_std=0.125, yflip=0, rotate_frac=0):
         if not 0 <= p <= 1:
             raise ValueError(f"augmentation probability p={p} must lie in [0, 1]")
+        if yflip or rotate_frac:
+            raise ValueError(f"yflip={yflip}, rotate_frac={rotate_frac}: y-flips and fractional rotations are not "
+                             f"implemented (SoFlow's CIFAR-10 recipe and the release use 0); pass 0")
         self.p = float(p)
         self.xflip = float(xflip)
         self.scale = float(scale)

@@ -8,7 +8,7 @@ and read with `torch.load(weights_only=True)`.
 Sampling also reads `.safetensors` files (the EMA weights alone, as `inference.py --export` writes them) and
 checkpoints on the Hugging Face Hub, named `hf://ORG/REPO[@REVISION]/PATH` and fetched into the Hub's cache by
 `huggingface_hub` (offline mode, HF_HUB_OFFLINE=1, reads the cache only). `config_beside` finds the config
-that belongs to a checkpoint.
+that belongs to a checkpoint (and the companion file of this code's keys beside it).
 """
 import os
 import posixpath
@@ -26,6 +26,13 @@ HUB_PREFIX = "hf://"
 _HUB_URI = re.compile(r"^(?:(models|datasets|spaces)/)?([^/@]+/[^/@]+)"
                       r"(?:@(refs/(?:pr/\d+|convert/[\w.-]+)|[^/]+))?/(.+)$")
 CONFIG_NAME = "config.yaml"
+
+
+def companion_path(path):
+    """The file beside a config this code writes that holds the keys the release does not know
+    (config.save_config): DIR/NAME.yaml -> DIR/NAME.soflow.yaml."""
+    root, ext = os.path.splitext(os.fspath(path))
+    return f"{root}.soflow{ext or '.yaml'}"
 
 
 class CheckpointSourceError(ValueError):
@@ -227,7 +234,9 @@ def _config_candidates(path, join, dirname, basename):
 def config_beside(spec, cache_dir=None):
     """The config.yaml that belongs to a checkpoint: `config.yaml` in its folder (an exported folder), else the
     run's `config.yaml` for `RUN/ckpts/N.pt` (as train.py lays a run out); for `hf://ORG/REPO/PATH` the same
-    places in the repository, fetched like the checkpoint. Raises CheckpointSourceError when there is none."""
+    places in the repository, fetched like the checkpoint, with its companion file (companion_path) when the
+    repository has one (the release's hold config.yaml alone; load_config reports a companion that config.yaml
+    names and that is missing). Raises CheckpointSourceError when there is no config."""
     if not is_hub(spec):
         places = _config_candidates(os.path.abspath(spec), os.path.join, os.path.dirname, os.path.basename)
         for place in places:
@@ -240,9 +249,15 @@ def config_beside(spec, cache_dir=None):
     errors = []
     for place in places:
         try:
-            return _fetch(HubFile(ref.repo_type, ref.repo_id, ref.revision, place.lstrip("/")), cache_dir)
+            path = _fetch(HubFile(ref.repo_type, ref.repo_id, ref.revision, place.lstrip("/")), cache_dir)
         except CheckpointSourceError as e:
             errors.append(str(e))
+            continue
+        try:  # into the cache's snapshot folder, beside config.yaml, where load_config looks for it
+            _fetch(HubFile(ref.repo_type, ref.repo_id, ref.revision, companion_path(place).lstrip("/")), cache_dir)
+        except CheckpointSourceError:
+            pass
+        return path
     raise CheckpointSourceError(f"no --config given and no {CONFIG_NAME} beside {spec} could be read (looked for "
                                 f"{' and '.join(ref.uri(p.lstrip('/')) for p in places)}); pass --config "
                                 f"CONFIG.yaml. {errors[0]}")

@@ -1,8 +1,10 @@
 """The one config loader: reads a YAML file, checks every key, fills defaults, and builds the model.
 
 Key names and spellings are the release's: its `imagenet.yaml`, `cifar.yaml` and the `config.yaml` beside each
-published checkpoint load unchanged, and the `config.yaml` written into `working_dir` lists the release's keys
-first, in its order (`RELEASE_KEYS`). Each key is declared once, as a field of `Config` (the loss settings as
+published checkpoint load unchanged. A config this code writes (`save_config`: `working_dir/config.yaml`, exports)
+holds the release's keys alone, in its order (`RELEASE_KEYS`), so that the release's scripts read it as it is
+(its train.py passes every key to a constructor that knows no others); this code's other keys go to a companion
+file beside it (`companion_path`: config.yaml -> config.soflow.yaml), which `load_config` reads back. Each key is declared once, as a field of `Config` (the loss settings as
 fields of `models.Objective`, which `Config` extends); the keys this code adds have defaults under which a
 release config runs the release's recipe (float32 with TF32, AdamW / RAdam, its EMA).
 """
@@ -15,6 +17,7 @@ from typing import List, Optional
 
 import yaml
 
+from checkpoints import _atomic_write, companion_path
 from data import LATENT_SCALE
 from dit import DIT_SIZES
 from models import COEFFICIENT_TYPES, MODEL_TYPES, NOISING_TYPES, Objective, Soflow
@@ -221,6 +224,10 @@ def _check_model_and_data(cfg):
     if cfg.guided and cfg.cfg_drop_rate <= 0:
         fail(f"cfg_scale={cfg.cfg_scale} > 1 needs cfg_drop_rate > 0 (the model must learn the unconditional "
              f"velocity); set cfg_drop_rate (release: 0.1) or cfg_scale: 1.0")
+    if not cfg.guided and cfg.cfg_drop_rate > 0:
+        fail(f"cfg_drop_rate={cfg.cfg_drop_rate} with cfg_scale={cfg.cfg_scale}: labels are dropped only for guided "
+             f"training (cfg_scale > 1), so the release requires cfg_drop_rate 0 here; set cfg_drop_rate: 0.0, or "
+             f"cfg_scale > 1 (release: 3.0) to train with guidance")
     if cfg.guided and not cfg.conditional:
         fail(f"cfg_scale={cfg.cfg_scale} > 1 needs a class-conditional model (a DiT with num_classes > 0)")
     foreign = [k for k in (_DIT_SIZES if cfg.model_type == "UNet" else _UNET_SIZES) if getattr(cfg, k) is not None]
@@ -309,22 +316,55 @@ def check_world_size(cfg, world_size, source="config"):
                           f"{cfg.batch_size // world_size}; lower it")
 
 
-def load_config(path):
+_COMPANION_NOTE = "# The release's keys. The keys this code adds are in "
+
+
+def _companion_note(path):
+    return f"{_COMPANION_NOTE}{os.path.basename(companion_path(path))} beside this file.\n"
+
+
+def _read_yaml(path):
+    with open(path) as f:
+        text = f.read()
+    try:
+        return yaml.safe_load(text) or {}, text
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
+def read_values(path):
+    """(keys and values, source name) of a config file merged with its companion file when there is one;
+    ConfigError when the file is missing, names a missing companion, or shares a key with it."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} does not exist")
-    with open(path) as f:
-        try:
-            values = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return from_dict(values, source=path)
+    values, text = _read_yaml(path)
+    companion = companion_path(path)
+    if not isinstance(values, dict):
+        return values, path
+    if not os.path.isfile(companion):
+        if text.startswith(_COMPANION_NOTE):
+            raise ConfigError(f"{path} keeps this code's other keys in {companion}, which is missing; copy that "
+                              f"file beside it (it is written with config.yaml)")
+        return values, path
+    extra, _ = _read_yaml(companion)
+    if not isinstance(extra, dict):
+        raise ConfigError(f"{companion}: expected a mapping of keys to values, got {type(extra).__name__}")
+    shared = sorted(set(values) & set(extra))
+    if shared:
+        raise ConfigError(f"{path} and {companion} both set {shared}; keep each key in one of the two files")
+    return {**values, **extra}, f"{path} (+ {os.path.basename(companion)})"
+
+
+def load_config(path):
+    """The checked Config of a YAML file (and of its companion file, when this code wrote the pair)."""
+    values, source = read_values(path)
+    return from_dict(values, source=source)
 
 
 def write_variant(config_path, out_path, **changes):
-    """Copies the YAML config at `config_path` to `out_path` with some keys changed (not checked here:
-    load_config reads the result)."""
-    with open(config_path) as f:
-        values = yaml.safe_load(f) or {}
+    """Copies the YAML config at `config_path` (with its companion's keys) to the one file `out_path` with some
+    keys changed (not checked here: load_config reads the result)."""
+    values, _ = read_values(config_path)
     values.update(changes)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w") as f:
@@ -332,6 +372,17 @@ def write_variant(config_path, out_path, **changes):
     return str(out_path)
 
 
+def _write_yaml(path, values, header=""):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(header)
+            yaml.safe_dump(values, f, sort_keys=False)
+    _atomic_write(path, write)
+
+
 def save_config(cfg, path):
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    """Writes the release's keys, in its order, to `path` and this code's other keys to companion_path(path),
+    each atomically, the companion first; load_config(path) reads the pair back as `cfg`."""
+    values = cfg.to_dict()
+    _write_yaml(companion_path(path), {k: v for k, v in values.items() if k not in RELEASE_KEYS})
+    _write_yaml(path, {k: values[k] for k in RELEASE_KEYS}, header=_companion_note(path))

@@ -257,16 +257,21 @@ def sample_latents(params, latent_scale=LATENT_SCALE, generator=None):
     return (mean + std * noise) * latent_scale
 
 
+def latent_file(dataset_path):
+    """`dataset_path/imagenet_latent.hdf5` for a folder (the config's dataset_path), the path itself for a file;
+    FileNotFoundError when it does not exist."""
+    path = os.path.join(dataset_path, LATENT_FILE) if os.path.isdir(dataset_path) else os.fspath(dataset_path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ImageNet latents not found at {path}; run latent_dataset.py first and point "
+                                f"dataset_path at its --save-path")
+    return path
+
+
 class LatentBatches:
     """ImageNet SD-VAE posteriors (mean | std) from `imagenet_latent.hdf5`; `prepare` draws the latent."""
 
     def __init__(self, path, latent_scale, load_into_memory):
-        if os.path.isdir(path):
-            path = os.path.join(path, LATENT_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"ImageNet latents not found at {path}; run latent_dataset.py first and point "
-                                    f"dataset_path at its --save-path")
-        self.dataset = LatentDataset(path, load_into_memory=load_into_memory)
+        self.dataset = LatentDataset(latent_file(path), load_into_memory=load_into_memory)
         self.latent_scale = latent_scale
 
     def __len__(self):

@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node=N inference.py --config CFG --ckpt-steps K --eval-NFE 1 --eval-batch-size 125 --seed 0
     torchrun --nproc-per-node=N inference.py --ckpt hf://ORG/REPO/model.safetensors --eval-NFE 1 --seed 0
-    python inference.py --export DIR --config CFG --ckpt-steps K      # DIR/model.safetensors + DIR/config.yaml
+    python inference.py --export DIR --config CFG --ckpt-steps K      # DIR/model.safetensors, DIR/config*.yaml
 
 `--ckpt` takes a `.pt` checkpoint (this code's or the release's), a `.safetensors` file of weights or
 `hf://ORG/REPO[@REVISION]/PATH` (fetched through the Hugging Face cache; HF_HUB_OFFLINE=1 reads the cache only);
@@ -277,8 +277,9 @@ def sample_grid(model, shape, nfe, seed, device, path, decode=None, precision="f
 def export(cfg, ckpt, out_dir):
     """Writes `out_dir/model.safetensors` (the sampling (EMA) weights of checkpoint `ckpt`, checked against the
     config's model first; metadata: finished_steps, which weights, the source file's name) and
-    `out_dir/config.yaml` (the full config), each atomically: the folder to upload to the Hub, read back as
-    `--ckpt out_dir/model.safetensors` or `--ckpt hf://ORG/REPO/model.safetensors`. Returns both paths."""
+    `out_dir/config.yaml` with its companion `out_dir/config.soflow.yaml` (the full config, as training writes
+    it), each atomically: the folder to upload to the Hub, read back as `--ckpt out_dir/model.safetensors` or
+    `--ckpt hf://ORG/REPO/model.safetensors`. Returns the weights' and the config's paths."""
     from checkpoints import load_checkpoint, model_state, resolve_checkpoint, save_weights
     from config import save_config
     state = load_checkpoint(resolve_checkpoint(ckpt))
@@ -290,13 +291,7 @@ def export(cfg, ckpt, out_dir):
         metadata["finished_steps"] = int(state["finished_steps"])
     weights_path, config_path = os.path.join(out_dir, "model.safetensors"), os.path.join(out_dir, "config.yaml")
     save_weights(weights, weights_path, metadata)
-    tmp = f"{config_path}.tmp.{os.getpid()}"
-    try:
-        save_config(cfg, tmp)
-        os.replace(tmp, config_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_config(cfg, config_path)
     return weights_path, config_path
 
 
@@ -309,8 +304,9 @@ def parse_args(argv=None):
                    help="any checkpoint: a .pt file (a released one included), a .safetensors file of weights, "
                         "or hf://ORG/REPO[@REVISION]/PATH on the Hugging Face Hub")
     p.add_argument("--eval-NFE", type=int, default=1, help="number of function evaluations")
-    p.add_argument("--eval-batch-size", type=int, default=125, help="images per forward pass and rank")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-batch-size", type=int, default=32, help="images per forward pass and rank (the release's "
+                   "default; its README passes 125)")
+    p.add_argument("--seed", type=int, default=42, help="noise and label seed (the release's default)")
     p.add_argument("--num-samples", type=int, default=50_000)
     p.add_argument("--vae", default=None, help="SD-VAE id or folder for ImageNet (default: the config's)")
     p.add_argument("--out", default=None, help="output folder (default: working_dir/evals)")
@@ -319,7 +315,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="default: the config's (fp32, the release's: float32 with TF32 on CUDA)")
     p.add_argument("--export", metavar="DIR", default=None,
-                   help="write DIR/model.safetensors (EMA weights) and DIR/config.yaml, ready to upload, and exit "
+                   help="write DIR/model.safetensors (EMA weights), DIR/config.yaml and its companion "
+                        "DIR/config.soflow.yaml, ready to upload, and exit "
                         "without sampling")
     return p.parse_args(argv)
 

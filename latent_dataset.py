@@ -25,12 +25,15 @@ part that skipped bad images is redone when --skip-bad-images is not given). Aft
 merges the parts into `imagenet_latent.hdf5.tmp`, verifies it and atomically renames it to
 `imagenet_latent.hdf5`; the parts are then deleted unless `--keep-parts` is given.
 
---dtype float32 (default) also turns off TF32 convolutions on GPUs; float16 is faster on GPUs.
+Numerics: PyTorch's defaults, as the release (on CUDA, cuDNN runs float32 convolutions in TF32);
+--exact-fp32 turns TF32 off for convolutions and matmuls (`tf32: false` in training does the same).
+--dtype float16 is faster on GPUs.
 
 Test-only hook: SOFLOW_TEST_CRASH="chunk:N@RANK" kills rank RANK (SIGKILL) right after it flushed its N-th
 chunk (`distributed.crash_hook`, the fault injection train.py uses too).
 
-The reader training uses (`LatentDataset`, `sample_latents`) lives in data.py with the other datasets.
+The reader training uses (`LatentDataset`, `sample_latents`) lives in data.py with the other datasets;
+`ImagenetDataset` here is the release's name for it (`from latent_dataset import ImagenetDataset`).
 """
 import argparse
 import hashlib
@@ -47,7 +50,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data import LATENT_FILE, validate_latent_file
+from data import LATENT_FILE, LatentDataset, latent_file, validate_latent_file
 from distributed import (all_gather_objects, barrier, cleanup_distributed, configure_backends, crash_hook,
                          setup_distributed, setup_logging)
 
@@ -145,6 +148,20 @@ def collate_with_failures(batch):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The release's reader
+# ----------------------------------------------------------------------------------------------------
+
+class ImagenetDataset(LatentDataset):
+    """The release's dataset class: `ImagenetDataset(dataset_path)` reads `dataset_path/imagenet_latent.hdf5`
+    (or the file itself), with `amount`, `latent_size` and items (posterior mean | std [8, L, L] float32,
+    label int64). The file is opened lazily in each process that reads, DataLoader workers included (data.py's
+    LatentDataset). The caller draws the training latent (mean + std N(0, 1)) * 0.18215 (`data.sample_latents`)."""
+
+    def __init__(self, dataset_path):
+        super().__init__(latent_file(dataset_path))
+
+
+# ----------------------------------------------------------------------------------------------------
 # VAE
 # ----------------------------------------------------------------------------------------------------
 
@@ -197,6 +214,8 @@ def parse_args(argv=None):
     parser.add_argument('--vae', default='stabilityai/sd-vae-ft-mse', help='Hugging Face id or local folder')
     parser.add_argument('--dtype', choices=('float32', 'float16'), default='float32',
                         help='VAE compute dtype (latents are stored as float32 either way)')
+    parser.add_argument('--exact-fp32', action='store_true',
+                        help="no TF32 on CUDA (default: PyTorch's defaults, as the release: TF32 convolutions)")
     parser.add_argument('--skip-bad-images', action='store_true',
                         help='log and leave out unreadable images instead of stopping')
     parser.add_argument('--keep-parts', action='store_true', help='keep the per-rank part files after merging')
@@ -240,7 +259,8 @@ def settings_fingerprint(samples, classes, args):
     """Hash of everything that decides the stored values; parts and outputs made otherwise are not reused."""
     vae = os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae
     digest = hashlib.sha256(json.dumps(
-        {'image_size': args.image_size, 'vae': vae, 'dtype': args.dtype, 'classes': classes}).encode())
+        {'image_size': args.image_size, 'vae': vae, 'dtype': args.dtype, 'exact_fp32': args.exact_fp32,
+         'classes': classes}).encode())
     for relpath, label in samples:
         digest.update(f'{relpath}\t{label}\n'.encode())
     return digest.hexdigest()
@@ -296,6 +316,13 @@ def read_failures(f, below=None):
     """Failure records [(index, path, reason)] of a part, optionally only those with index < below."""
     records = [json.loads(item) for item in f['failures'].asstr()[()]]
     return [tuple(r) for r in records if below is None or r[0] < below]
+
+
+def set_numerics(device, exact_fp32):
+    """PyTorch's defaults, the release's numerics (on CUDA: cuDNN convolutions in TF32, matmuls in float32), are
+    left as they are unless `exact_fp32`, which turns TF32 off on CUDA for both."""
+    if device.type == 'cuda' and exact_fp32:
+        configure_backends(device, tf32=False)
 
 
 def extract_part(args, samples, start, stop, path, fingerprint, device, rank, world):
@@ -462,6 +489,7 @@ def merge_parts(args, samples, classes, world, fingerprint):
             out.create_dataset('latent_size', data=np.int64(latent_shape[-1]))
             out.create_dataset('class_names', data=classes, dtype=h5py.string_dtype())
             out.attrs.update(fingerprint=fingerprint, image_size=args.image_size, vae=args.vae, dtype=args.dtype,
+                             exact_fp32=args.exact_fp32,
                              data_path=os.path.abspath(args.data_path), num_images=len(samples),
                              num_skipped=len(failures))
     except BaseException:
@@ -524,9 +552,8 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     rank, world, device = setup_distributed(timeout_minutes=args.dist_timeout_min)
-    if device.type == 'cuda' and args.dtype == 'float32':
-        configure_backends(device, tf32=False)  # float32 means float32 math, not TF32 convolutions
-    elif device.type == 'cpu' and args.dtype == 'float16' and rank == 0:
+    set_numerics(device, args.exact_fp32)
+    if device.type == 'cpu' and args.dtype == 'float16' and rank == 0:
         log.warning('--dtype float16 on CPU is slow; float32 is recommended there')
     try:
         # Every rank must have listed the same files (e.g. a lagging network file system would not).

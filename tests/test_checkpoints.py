@@ -8,14 +8,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 import inference
 import sample
-from checkpoints import (CheckpointSourceError, HubFile, config_beside, load_checkpoint, parse_hub,
+from checkpoints import (CheckpointSourceError, HubFile, companion_path, config_beside, load_checkpoint, parse_hub,
                          resolve_checkpoint, save_weights)
-from config import load_config
+from config import load_config, write_variant
 from helpers import ROOT
 from test_inference import single_process  # noqa: F401 (autouse)
 from test_sample import make_run
@@ -59,7 +58,8 @@ def hub_cache(run, exported, tmp_path_factory):
     cfg, ckpt = run
     return lay_out_hub_cache(tmp_path_factory.mktemp("hub"), REPO, {
         "model.safetensors": exported / "model.safetensors", "config.yaml": exported / "config.yaml",
-        "run/ckpts/2.pt": ckpt, "run/config.yaml": cfg})
+        "config.soflow.yaml": exported / "config.soflow.yaml", "run/ckpts/2.pt": ckpt, "run/config.yaml": cfg,
+        "run/config.soflow.yaml": companion_path(cfg)})
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def grid(ckpt, out, *args):
 
 def test_export_writes_the_ema_weights_and_the_config(run, exported, tmp_path):
     cfg, ckpt = run
-    assert sorted(os.listdir(exported)) == ["config.yaml", "model.safetensors"]  # no temporary files left
+    assert sorted(os.listdir(exported)) == ["config.soflow.yaml", "config.yaml", "model.safetensors"]  # no temp files
     state = load_checkpoint(ckpt)
     weights = load_checkpoint(exported / "model.safetensors")
     assert set(weights) == {"ema_model", "finished_steps"} and weights["finished_steps"] == 2
@@ -103,14 +103,11 @@ def test_export_writes_the_ema_weights_and_the_config(run, exported, tmp_path):
 def test_export_from_ckpt_steps_and_a_wrong_config(run, tmp_path):
     cfg, _ = run
     inference.main(["--export", str(tmp_path / "a"), "--config", cfg, "--ckpt-steps", "2"])
-    assert sorted(os.listdir(tmp_path / "a")) == ["config.yaml", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "a")) == ["config.soflow.yaml", "config.yaml", "model.safetensors"]
     with pytest.raises(SystemExit, match="give --config too"):
         inference.main(["--export", str(tmp_path / "b"), "--ckpt-steps", "2"])
     # weights that do not fit the config are refused before anything is written
-    values = yaml.safe_load(open(cfg))
-    values["hidden_size"] = 64
-    with open(tmp_path / "wide.yaml", "w") as f:
-        yaml.safe_dump(values, f)
+    write_variant(cfg, tmp_path / "wide.yaml", hidden_size=64)  # the written config and its companion, widened
     with pytest.raises(RuntimeError, match="size mismatch"):
         inference.main(["--export", str(tmp_path / "c"), "--config", str(tmp_path / "wide.yaml"),
                         "--ckpt-steps", "2"])

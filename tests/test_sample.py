@@ -10,7 +10,7 @@ from PIL import Image
 
 import inference
 import sample
-from checkpoints import save_checkpoint
+from checkpoints import companion_path, save_checkpoint
 from config import load_config, save_config
 from helpers import make_tiny_vae, randomise, write_config
 from test_inference import DIGITS_TINY, grid_tiles, single_process  # noqa: F401 (autouse)
@@ -98,6 +98,11 @@ def test_defaults_and_the_config_beside_the_checkpoint(run, tmp_path):
     with pytest.raises(SystemExit, match=r"no --config given and no config.yaml beside .*alone.*--config"):
         draw(tmp_path / "alone" / "2.pt", tmp_path / "d.png")
     shutil.copy(cfg, tmp_path / "alone" / "config.yaml")
+    # config.yaml names its companion (this code's keys): without it, a clear error rather than other defaults
+    with pytest.raises(SystemExit, match=r"alone/config.yaml keeps this code's other keys in .*alone/config.soflow"
+                                         r".yaml, which is missing"):
+        draw(tmp_path / "alone" / "2.pt", tmp_path / "e.png")
+    shutil.copy(companion_path(cfg), tmp_path / "alone" / "config.soflow.yaml")
     assert np.array_equal(draw(tmp_path / "alone" / "2.pt", tmp_path / "e.png")[0], grid)
 
 
