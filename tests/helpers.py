@@ -4,6 +4,7 @@ import pickle
 import subprocess
 import sys
 
+import h5py
 import numpy as np
 import torch
 from PIL import Image
@@ -137,6 +138,19 @@ def make_image_folder(root, seed=0):
             pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
             Image.fromarray(pixels).convert(mode).save(root / name / f'img{k}.{ext}')
     (root / 'cat' / 'notes.txt').write_text('not an image: ignored')
+
+
+def write_latent_file(path, n=4, channels=8, size=4, **overrides):
+    """A latent file in latent_dataset.py's layout (zero latents, labels 0..n-1 unless overridden; an override of
+    None leaves that dataset out)."""
+    values = {'latents': np.zeros((n, channels, size, size), np.float32), 'labels': np.arange(n, dtype=np.int64),
+              'amount': np.int64(n), 'latent_size': np.int64(size)}
+    values.update(overrides)
+    with h5py.File(path, 'w') as f:
+        for name, value in values.items():
+            if value is not None:
+                f.create_dataset(name, data=value)
+    return path
 
 
 def make_tiny_vae(folder):

@@ -68,6 +68,20 @@ def test_probability_of_geometric_ops():
     assert abs(rotated - 0.5) < 0.12
 
 
+def test_release_constructor_and_call():
+    """The release builds AugmentPipe(p=0.12, xflip=1e8, yflip=0, scale=1, rotate_frac=0, aniso=1, translate_frac=1)
+    and calls it on a batch: (images, labels [N, 6]), the same as this code's default pipe."""
+    x = smooth_images(8, 16)
+    release = AugmentPipe(p=0.12, xflip=1e8, yflip=0, scale=1, rotate_frac=0, aniso=1, translate_frac=1)
+    images, labels = release(x, generator=torch.Generator().manual_seed(4))
+    assert images.shape == x.shape and labels.shape == (8, LABEL_DIM)
+    ours = AugmentPipe()(x, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(images, ours[0]) and torch.equal(labels, ours[1])
+    for unsupported in (dict(yflip=1), dict(rotate_frac=1)):
+        with pytest.raises(ValueError, match="not implemented .* pass 0"):
+            AugmentPipe(**unsupported)
+
+
 def test_generator_makes_it_deterministic_and_rejects_bad_p():
     x = torch.randn(4, 3, 16, 16)
     a = AugmentPipe(p=0.5)(x, generator=torch.Generator().manual_seed(3))

@@ -6,7 +6,7 @@ import os
 import pytest
 import yaml
 
-from config import RELEASE_KEYS, ConfigError, check_world_size, from_dict, load_config, save_config
+from config import RELEASE_KEYS, ConfigError, check_world_size, from_dict, load_config, save_config, write_variant
 from helpers import RELEASE_CONFIGS, write_release_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,14 +42,50 @@ def test_release_config_loads_unchanged_and_runs_its_recipe(kind, tmp_path):
     assert shipped == cfg
 
 
-def test_written_config_uses_the_release_names_in_its_order(tmp_path):
-    cfg = load_config(write_release_config("imagenet", tmp_path / "imagenet.yaml"))
+def release_learner(working_dir, noising_type, coefficient_type, model_type, dataset_type, data_size, dataset_path,
+                    velocity_loss_ratio, p, eps, time_mean, time_std, cfg_scale, mix_ratio, cfg_drop_rate,
+                    cfg_decay_time, l_schedule, l_init_ratio, l_end_ratio, total_steps, ema_decay_rate,
+                    learning_rate, betas, weight_decay, batch_size, num_workers, prefetch_factor, eval_steps,
+                    eval_batch_size, eval_NFE, eval_demo_steps, eval_demo_shape, ckpt_saving_steps, logging_steps,
+                    seed):
+    """A constructor with exactly the release's keys, as the release's train.py builds its learner from a config
+    file (`Learner(**config)`): any other key is a TypeError."""
+    return dataset_type, model_type
+
+
+@pytest.mark.parametrize("source", ["release", "tiny"])
+def test_written_config_holds_the_release_keys_alone_and_reads_back(source, tmp_path):
+    path = (write_release_config("imagenet", tmp_path / "imagenet.yaml") if source == "release" else
+            os.path.join(ROOT, "configs", "tiny_imagenet_cpu.yaml"))
+    cfg = load_config(path)
     save_config(cfg, tmp_path / "config.yaml")
     text = (tmp_path / "config.yaml").read_text()
     written = yaml.safe_load(text)
-    assert list(written)[:len(RELEASE_KEYS)] == list(RELEASE_KEYS)
+    assert list(written) == list(RELEASE_KEYS)  # in the release's order, nothing else
     assert written["dataset_type"] == "Imagenet" and "data_path" not in written
-    assert load_config(str(tmp_path / "config.yaml")) == cfg  # and it reads back as the same config
+    assert release_learner(**written) == ("Imagenet", cfg.model_type)  # the release's train.py takes it as it is
+    companion = yaml.safe_load((tmp_path / "config.soflow.yaml").read_text())
+    assert set(companion) == set(cfg.to_dict()) - set(RELEASE_KEYS)  # this code's keys, beside it
+    assert load_config(str(tmp_path / "config.yaml")) == cfg  # and the pair reads back as the same config
+    with pytest.raises(TypeError):
+        release_learner(**written, precision="fp32")  # why this code's keys stay out of config.yaml
+
+
+def test_companion_file_errors(tmp_path):
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny_imagenet_cpu.yaml"))
+    save_config(cfg, tmp_path / "config.yaml")
+    os.rename(tmp_path / "config.soflow.yaml", tmp_path / "kept.yaml")
+    with pytest.raises(ConfigError, match=r"config.yaml keeps this code's other keys in .*config.soflow.yaml, "
+                                          r"which is missing; copy that file beside it"):
+        load_config(str(tmp_path / "config.yaml"))
+    companion = yaml.safe_load((tmp_path / "kept.yaml").read_text())
+    (tmp_path / "config.soflow.yaml").write_text(yaml.safe_dump({**companion, "seed": 1}))
+    with pytest.raises(ConfigError, match=r"both set \['seed'\]; keep each key in one"):
+        load_config(str(tmp_path / "config.yaml"))
+    # a variant of a written config keeps the companion's keys, in one file
+    os.replace(tmp_path / "kept.yaml", tmp_path / "config.soflow.yaml")
+    variant = write_variant(tmp_path / "config.yaml", tmp_path / "variant.yaml", seed=7)
+    assert load_config(variant) == from_dict({**cfg.to_dict(), "seed": 7})
 
 
 @pytest.mark.parametrize("change, message", [
@@ -85,6 +121,8 @@ def base():
     ({"batch_size": "many"}, "'batch_size' must be an integer"),
     ({"time_mean": [0.1, 0.2]}, "'time_mean' needs 3 values"),
     ({"cfg_drop_rate": 0.0}, "cfg_scale=3.0 > 1 needs cfg_drop_rate > 0"),
+    ({"cfg_scale": 1.0}, r"cfg_drop_rate=0.1 with cfg_scale=1.0: .*release requires cfg_drop_rate 0.*set "
+                         r"cfg_drop_rate: 0.0, or cfg_scale > 1"),
     ({"model_type": "UNet", "num_classes": 0, "cfg_scale": 1.0}, "'Imagenet'.*'UNet'"),
     ({"model_type": "UNet"}, "model_type 'UNet' is unconditional, but num_classes=1000"),
     ({"data_channels": 3}, "4-channel SD-VAE latents"),

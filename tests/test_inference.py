@@ -100,6 +100,18 @@ def test_what_a_dump_keeps_across_world_and_batch_sizes(trained, tmp_path):
             assert torch.equal(torch.cat([p[1] for p in parts if p[1].shape[1]], dim=1), whole[1])
 
 
+def test_release_defaults_name_the_dump(trained, tmp_path):
+    """The release's inference.py defaults: --eval-NFE 1, --eval-batch-size 32, --seed 42 (so the dump of a
+    command without them is N_1NFE_42.npz)."""
+    cfg, _ = trained
+    args = inference.parse_args(["--config", cfg, "--ckpt-steps", "2"])
+    assert (args.eval_NFE, args.eval_batch_size, args.seed) == (1, 32, 42)
+    inference.main(["--config", cfg, "--ckpt-steps", "2", "--num-samples", "4", "--out", str(tmp_path / "a")])
+    run_inference(cfg, tmp_path / "b", "--num-samples", "4", "--seed", "42", "--eval-batch-size", "32")
+    a, b = load(tmp_path / "a" / "2_1NFE_42.npz"), load(tmp_path / "b" / "2_1NFE_42.npz")
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+
+
 def test_class_balanced_counts(trained, tmp_path):
     cfg, _ = trained
     run_inference(cfg, tmp_path, "--num-samples", "30", "--class-balanced")

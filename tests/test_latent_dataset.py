@@ -15,7 +15,7 @@ from PIL import Image
 
 import data as datasets
 import latent_dataset as ld
-from helpers import ROOT, make_image_folder, make_tiny_vae, torchrun
+from helpers import ROOT, make_image_folder, make_tiny_vae, torchrun, write_latent_file
 
 IMAGE_SIZE = 16
 # (width, height), file extension, PIL mode: non-square, smaller than / larger than 2 x IMAGE_SIZE,
@@ -277,6 +277,49 @@ def test_dataset_in_dataloader_workers(extracted):
     assert torch.equal(torch.cat([latents for latents, _ in per_sample]), dataset.get_batch(range(9))[0])
 
 
+def test_release_imagenet_dataset(tmp_path):
+    """`from latent_dataset import ImagenetDataset`: ImagenetDataset(dataset_path) over dataset_path/
+    imagenet_latent.hdf5, `amount`, `latent_size`, items (latent [8, L, L] float32, label int64), opened in each
+    DataLoader worker (a distributed shard here, as the release reads it)."""
+    latents = np.random.default_rng(0).standard_normal((6, 8, 4, 4)).astype(np.float32)
+    write_latent_file(tmp_path / ld.OUTPUT_NAME, n=6, latents=latents, labels=np.array([3, 1, 4, 1, 5, 9]))
+    dataset = ld.ImagenetDataset(str(tmp_path))
+    assert (dataset.amount, dataset.latent_size, len(dataset)) == (6, 4, 6)
+    latent, label = dataset[2]
+    assert latent.shape == (8, 4, 4) and latent.dtype == torch.float32 and np.array_equal(latent.numpy(), latents[2])
+    assert label.dtype == torch.int64 and label.item() == 4
+    dataset.get_batch([0])  # a handle in this process; the workers open their own
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=False)
+    batches = list(torch.utils.data.DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=1))
+    assert [b[1].tolist() for b in batches] == [[1, 1], [9]] and batches[0][0].shape == (2, 8, 4, 4)
+    assert torch.equal(batches[0][0][1], torch.from_numpy(latents[3]))
+    with pytest.raises(FileNotFoundError, match='run latent_dataset.py first'):
+        ld.ImagenetDataset(str(tmp_path / 'empty'))
+
+
+@pytest.mark.parametrize('exact_fp32', [False, True])
+def test_extraction_numerics_default_to_pytorchs(exact_fp32, monkeypatch):
+    """By default the extractor leaves PyTorch's numerics as they are (the release's: cuDNN TF32 convolutions on
+    CUDA); --exact-fp32 turns TF32 off through distributed.configure_backends. Parts made either way differ."""
+    calls = []
+    monkeypatch.setattr(ld, 'configure_backends', lambda device, tf32: calls.append((device.type, tf32)))
+    args = ld.parse_args(['--data-path', 'x', '--save-path', 'y'] + (['--exact-fp32'] if exact_fp32 else []))
+    assert args.exact_fp32 == exact_fp32
+    ld.set_numerics(torch.device('cpu'), args.exact_fp32)
+    ld.set_numerics(torch.device('cuda'), args.exact_fp32)  # a device object only: nothing runs on it
+    assert calls == ([('cuda', False)] if exact_fp32 else [])
+    other = ld.parse_args(['--data-path', 'x', '--save-path', 'y'] + ([] if exact_fp32 else ['--exact-fp32']))
+    samples, classes = [('a/1.png', 0)], ['a']
+    assert ld.settings_fingerprint(samples, classes, args) != ld.settings_fingerprint(samples, classes, other)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA: the TF32 settings act on CUDA only')
+def test_extraction_default_keeps_cudnn_tf32_on_cuda():
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    ld.set_numerics(torch.device('cuda'), exact_fp32=False)
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+
+
 def test_sample_latents():
     mean, std = 0.5, 2.0
     params = torch.cat([torch.full((64, 4, 16, 16), mean), torch.full((64, 4, 16, 16), std)], dim=1)
@@ -291,16 +334,6 @@ def test_sample_latents():
     assert torch.equal(datasets.sample_latents(exact, latent_scale=1.0), torch.full((2, 4, 4, 4), mean))
     with pytest.raises(ValueError):
         datasets.sample_latents(torch.zeros(1, 3, 4, 4))
-
-
-def write_latent_file(path, n=4, channels=8, size=4, **overrides):
-    values = {'latents': np.zeros((n, channels, size, size), np.float32), 'labels': np.arange(n, dtype=np.int64),
-              'amount': np.int64(n), 'latent_size': np.int64(size)}
-    values.update(overrides)
-    with h5py.File(path, 'w') as f:
-        for name, value in values.items():
-            if value is not None:
-                f.create_dataset(name, data=value)
 
 
 @pytest.mark.parametrize('overrides, message', [

@@ -1,11 +1,16 @@
-"""SoFlow wrapper: identities of the parameterisation, losses, gradients, CFG target, dropout sharing, sampler."""
+"""SoFlow wrapper: identities of the parameterisation, losses, gradients, CFG target, dropout sharing, sampler, and
+the release's interface (its training loop's calls, its scheduler's names)."""
+import copy
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from helpers import tiny_dit, tiny_unet
-from models import MIN_TIME_GAP, Objective, Scheduler, Soflow, middle_time, shared_random_state, to_uint8
+from helpers import tiny_dit, tiny_unet, torchrun, write_latent_file
+from models import (MIN_TIME_GAP, Objective, Scheduler, Soflow, draw_training_times, middle_time, shared_random_state,
+                    to_uint8)
 
 @pytest.mark.parametrize("coefficient_type", ["Euler", "Trig"])
 def test_solution_operator_identity_at_s_equals_t(coefficient_type):
@@ -367,3 +372,158 @@ def test_release_loss_calls_accept_both_time_shapes(shape):
     assert torch.equal(model.solution_operator(x, shaped(t), shaped(s), labels, None),
                        model.solution_operator(x, t, s, labels, None))
     assert torch.equal(model.predict_velocity(x, shaped(t), labels, None), model.predict_velocity(x, t, labels))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The rest of the release's interface (SPEC section 10): its training loop's calls, its scheduler, its sampler
+
+
+def test_release_training_loop_on_two_ranks(tmp_path):
+    """A loop written as the release writes its train.py (tests/release_style_loop.py) runs on this code's modules
+    on 2 gloo ranks, a tiny DiT over ImagenetDataset and a tiny U-Net (dropout 0.3) over AugmentPipe'd images, and
+    its losses equal Soflow.fused_loss on the same draws."""
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((32, 8, 8, 8)).astype(np.float32)
+    latents[:, 4:] = np.abs(latents[:, 4:]) * 0.5  # the std half
+    latents[:, 0, 0, 0], latents[:, 4, 0, 0] = np.arange(32), 0  # each row's mean names its index, exactly
+    (tmp_path / "latents").mkdir()
+    write_latent_file(tmp_path / "latents" / "imagenet_latent.hdf5", n=32, size=8, latents=latents,
+                      labels=rng.integers(0, 10, 32))
+    torchrun("tests/release_style_loop.py", [str(tmp_path), str(tmp_path / "latents")])
+    for kind in ("dit", "unet"):
+        ranks = [json.loads((tmp_path / f"{kind}_rank{r}.json").read_text()) for r in (0, 1)]
+        for record in ranks:
+            assert len(record["steps"]) == 3 and record["dataset"][0] == 32
+            for step in record["steps"]:
+                np.testing.assert_allclose(step["release"], step["fused"], rtol=1e-5, atol=1e-7)
+                loss, fm_loss, _, _, cons_loss, cons_mse, cons_weight = step["release"]
+                assert np.isfinite(loss) and cons_mse > 0 and cons_weight > 0 and cons_loss != 0
+                assert (fm_loss > 0) == (kind == "dit")  # the CIFAR recipe has no Flow Matching rows
+            assert all(d < 1e-6 for d in record["sampling"]["max_diff"].values())
+            assert record["sampling"]["scheduler"] == "Scheduler" and record["sampling"]["ema_has_its_own_scheduler"]
+            assert record["weights"] != record["initial_weights"]  # it trained
+        assert ranks[0]["weights"] == ranks[1]["weights"]  # DDP kept the ranks in step
+        assert ranks[0]["initial_weights"] == ranks[1]["initial_weights"]  # rank 0's, broadcast
+        # the DistributedSampler's shards of each epoch are disjoint
+        for epoch in (0, 1):
+            shards = [{i for e, rows in r["rows"] if e == epoch for i in rows} for r in ranks]
+            assert not shards[0] & shards[1] and len(shards[0]) == len(shards[1]) > 0
+    assert ranks[0]["dataset"] == [32, None] and json.loads((tmp_path / "dit_rank0.json").read_text())["dataset"] == [
+        32, 8]
+
+
+@pytest.mark.parametrize("noising_type, coefficient_type", [("Linear", "Euler"), ("Trig", "Trig")])
+def test_release_scheduler_names(noising_type, coefficient_type):
+    """alpha_grad / beta_grad are the derivatives of alpha / beta; a_grad / b_grad the pairs (d/dt, d/ds);
+    get_x_t_v_t draws its noise with one randn_like; Python numbers are accepted where the release's loops
+    may pass them."""
+    sch = Scheduler(noising_type, coefficient_type)
+    t = torch.tensor([0.2, 0.7], dtype=torch.float64).view(2, 1, 1, 1)
+    s = torch.tensor([0.05, 0.3], dtype=torch.float64).view(2, 1, 1, 1)
+    h = 1e-6
+    assert torch.allclose(sch.alpha_grad(t), (sch.alpha(t + h) - sch.alpha(t - h)) / (2 * h), atol=1e-8)
+    assert torch.allclose(sch.beta_grad(t), (sch.beta(t + h) - sch.beta(t - h)) / (2 * h), atol=1e-8)
+    for fn, grad in ((sch.a, sch.a_grad), (sch.b, sch.b_grad)):
+        d_dt, d_ds = grad(t, s)
+        assert torch.allclose(d_dt, (fn(t + h, s) - fn(t - h, s)) / (2 * h), atol=1e-8)
+        assert torch.allclose(d_ds, (fn(t, s + h) - fn(t, s - h)) / (2 * h), atol=1e-8)
+    x0 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    torch.manual_seed(5)
+    x_t, v_t = sch.get_x_t_v_t(x0, t)
+    torch.manual_seed(5)
+    expected = sch.add_noise(x0, torch.randn_like(x0), t)
+    assert torch.equal(x_t, expected[0]) and torch.equal(v_t, expected[1])
+    assert torch.allclose(torch.as_tensor(sch.alpha(0.5)), sch.alpha(torch.tensor(0.5, dtype=torch.float64)))
+    assert (sch.beta(0.5) * torch.ones(2)).dtype == torch.float32  # a number does not promote float32 images
+
+
+def test_release_model_attributes_and_stateless_scheduler():
+    """model.scheduler (an nn.Module with no state), its deep copy on an EMA model, the attributes the release's
+    sampler reads, and the optimizer's parameter list model.network.parameters()."""
+    model = tiny_dit()
+    ema = copy.deepcopy(model)
+    assert isinstance(model.scheduler, torch.nn.Module) and dict(model.named_children())["scheduler"] is model.scheduler
+    assert isinstance(ema.scheduler, Scheduler) and ema.scheduler is not model.scheduler
+    assert not list(model.scheduler.parameters()) and not list(model.scheduler.buffers())
+    assert all(k.startswith("network.") for k in model.state_dict())  # the manifest's keys (tests/test_dit.py)
+    assert [p for p in model.network.parameters()] == [p for p in model.parameters()]
+    assert (ema.num_classes, ema.data_channels, ema.data_size) == (10, 4, 8)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    labels = torch.tensor([1, 2])
+    assert torch.equal(ema.solution_operator(x, torch.ones(2), torch.zeros(2), labels, None),
+                       model.solution_operator(x, 1.0, 0.0, labels))
+
+
+def test_release_schedule_helpers_take_its_keywords():
+    t = torch.tensor([0.5, 0.9, 1.0]).view(3, 1, 1, 1)
+    for owner in (Soflow, Scheduler):
+        assert torch.equal(owner.get_cfg_decay_scale(t), torch.ones_like(t))  # decay_time 1: no decay
+        w = owner.get_cfg_decay_scale(t, decay_time=0.8, k=0.05)
+        assert w[0].item() == 1.0 and math.isclose(w[1].item(), 1 - math.exp(-0.05 * 0.5 / 0.5), rel_tol=1e-5)
+        assert torch.equal(owner.get_cfg_decay_scale(t, 0.8), owner.get_cfg_decay_scale(t, decay_time=0.8, k=0.025))
+    s = t * 0.1
+    for method in ("Const", "Linear", "Cosine", "Exponent"):
+        l = Soflow.get_middle_time(t, s, now_steps=30, total_steps=100, init_ratio=0.2, end_ratio=0.01, method=method)
+        assert torch.allclose(l, t + (s - t) * l_ratio(30, 100, method, 0.2, 0.01))
+    l = tiny_dit().get_middle_time(t, s, 0, 100)  # the release's defaults: Exponent from 0.1 to 0.002
+    assert torch.allclose(l, t + (s - t) * 0.1)
+
+
+def release_batch(B=6):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, 4, 8, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 10, (B,), generator=g)
+    t = (torch.rand(B, generator=g, dtype=torch.float64) * 0.8 + 0.2).view(B, 1, 1, 1)
+    mask = torch.tensor([1, 0, 0, 1, 0, 0], dtype=torch.bool).view(B, 1, 1, 1)
+    return x, labels, t, mask
+
+
+@pytest.mark.parametrize("velocity", [True, False])
+def test_forward_dispatches_the_release_loss_calls(velocity):
+    """model(get_velocity_loss=True/False, samples=..., ...) is get_velocity_loss / get_consistency_loss, whose
+    noise is one randn_like(samples) drawn first; the native forward(samples, labels, objective=...) is unchanged."""
+    model = tiny_dit()
+    x, labels, t, mask = release_batch()
+    settings = dict(labels=labels, cfg_mask=mask, cfg_scale=3.0, cfg_decay_time=0.8, p=1.0, eps=0.01, mix_ratio=0.25,
+                    augment_labels=None)
+    times = dict(t=t) if velocity else dict(t=t, l=t - 0.01, s=t * 0.3)
+    torch.manual_seed(3)
+    got = model(get_velocity_loss=velocity, samples=x, **times, **settings)
+    torch.manual_seed(3)
+    noise = torch.randn_like(x)
+    loss = model.get_velocity_loss if velocity else model.get_consistency_loss
+    want = loss(x, **times, **settings, noise=noise)
+    assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, want))
+    total, stats = model(x, labels, objective=Objective(cfg_scale=3.0, mix_ratio=0.25, cfg_decay_time=0.8))
+    assert torch.isfinite(total) and set(stats) == {"Vel_MSE", "Vel_Weight", "Con_MSE", "Con_Weight"}
+    with pytest.raises(TypeError, match="needs objective= .* or get_velocity_loss=True or False"):
+        model(x, labels)
+    with pytest.raises(TypeError, match=r"unexpected keyword\(s\) \['cfg_scale'\]"):
+        model(x, labels, objective=Objective(), cfg_scale=3.0)
+
+
+def test_cfg_mask_acts_only_when_guided():
+    """As the release: with cfg_scale 1 a CFG mask leaves the labels alone (and the native draws hold none)."""
+    model = tiny_dit()
+    x, labels, t, mask = release_batch()
+    noise = torch.randn_like(x)
+    masked = torch.where(mask.view(-1), torch.full_like(labels, 10), labels)
+    l, s = t - 0.01, t * 0.3
+    for loss, times in ((model.get_velocity_loss, (t,)), (model.get_consistency_loss, (t, l, s))):
+        with_mask = loss(x, *times, labels, mask, 1.0, noise=noise)
+        assert all(torch.equal(a, b) for a, b in zip(with_mask, loss(x, *times, labels, None, 1.0, noise=noise)))
+        assert not torch.equal(with_mask[0], loss(x, *times, masked, None, 1.0, noise=noise)[0])
+        guided = loss(x, *times, labels, mask, 3.0, noise=noise)
+        assert not torch.equal(guided[0], loss(x, *times, labels, None, 3.0, noise=noise)[0])
+    assert draw_training_times(Objective(), 8, 0, "cpu", cfg_drop_rate=0.5, conditional=True).cfg_mask is None
+    assert draw_training_times(Objective(cfg_scale=2.0), 8, 0, "cpu", 0.5, conditional=True).cfg_mask is not None
+
+
+@pytest.mark.parametrize("make", [tiny_dit, tiny_unet])
+def test_release_losses_of_an_empty_part_are_zeros(make):
+    """A part without rows (the CIFAR recipe's Flow Matching rows) gives zeros, without a network call."""
+    model = make()
+    x = torch.zeros(0, model.data_channels, 8, 8, dtype=next(model.parameters()).dtype)
+    t = torch.zeros(0, 1, 1, 1, dtype=x.dtype)
+    for got in (model(get_velocity_loss=True, samples=x, t=t), model(get_velocity_loss=False, samples=x, t=t, l=t, s=t)):
+        assert [v.item() for v in got] == [0.0, 0.0, 0.0]
