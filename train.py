@@ -2,8 +2,8 @@
 
 Runs on CPU (gloo) and GPUs (NCCL). Follows the release's recipe: float32 with TF32, optimizer over every
 network parameter, EMA of the whole model, `ckpts/0.pt` before the first step. Writes to working_dir:
-config.yaml, log.txt, tb/ (TensorBoard), ckpts/{step}.pt, figs/{step}.png (EMA sample grids) and
-evals/{step}.npz (EMA sample dumps for FID). A run resumes from its newest readable checkpoint and then
+config.yaml (the release's keys) with config.soflow.yaml (this code's), log.txt, tb/ (TensorBoard),
+ckpts/{step}.pt, figs/{step}.png (EMA sample grids) and evals/{step}.npz (EMA sample dumps for FID). A run resumes from its newest readable checkpoint and then
 continues exactly as if it had never stopped. SIGTERM or SIGUSR1 to any rank (what SLURM sends before it
 kills a job) makes every rank finish its step, write a checkpoint and exit with status 75.
 """

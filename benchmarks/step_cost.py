@@ -104,11 +104,12 @@ def _with_null(model, labels, mask):
 # ------------------------------------------------------------------------------------------------------
 # 1. flow matching
 def fm_loss(model, x, labels, step=0, objective=None):
-    """Flow Matching only: one network call with gradient, no guidance passes (cfg_scale 1)."""
+    """Flow Matching only: one network call with gradient, no guidance passes (cfg_scale 1). Labels are dropped
+    here, at cfg_drop_rate (the loss uses a CFG mask only when guided)."""
     o = objective or imagenet_objective()
     t = logit_normal(x.shape[0], o.time_mean[0], o.time_std[0], x.device)
-    mask = _cfg_mask(model, x.shape[0], x.device)
-    return model.get_velocity_loss(x, t, labels, cfg_mask=mask, cfg_scale=1.0, p=o.p, eps=o.eps)[0]
+    labels = _with_null(model, labels, _cfg_mask(model, x.shape[0], x.device))
+    return model.get_velocity_loss(x, t, labels, cfg_scale=1.0, p=o.p, eps=o.eps)[0]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -134,7 +135,8 @@ def reference_losses(model, samples, *, t, s, l, n_fm, objective, labels, cfg_ma
     parts = {"fm": slice(0, n_fm), "cons": slice(n_fm, B)}
     for name, rows in parts.items():
         x0, x1, t_, y = samples[rows], noise[rows], t[rows], labels[rows]
-        m = cfg_mask[rows] if cfg_mask is not None else torch.zeros_like(y, dtype=torch.bool)
+        # the CFG mask acts only when guided, as in the release
+        m = cfg_mask[rows] if cfg_mask is not None and guided else torch.zeros_like(y, dtype=torch.bool)
         if x0.shape[0] == 0:
             continue
         x_t, v_t = sch.add_noise(x0, x1, t_)

@@ -5,10 +5,11 @@ import re
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import train
 from checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
-from config import load_config
+from config import RELEASE_KEYS, load_config
 from helpers import assert_same_final_state, torchrun, write_config
 
 
@@ -202,6 +203,8 @@ def test_release_config_trains_a_few_steps(kind, cifar_root, imagenet_latents, t
     assert len(state["optimizer"]["param_groups"][0]["params"]) == n_params  # every parameter, as the release
     written = (run / "config.yaml").read_text()
     assert "dataset_path:" in written and "data_path" not in written
+    assert list(yaml.safe_load(written)) == list(RELEASE_KEYS)  # what the release's train.py accepts, in its order
+    assert load_config(str(run / "config.yaml")) == load_config(cfg)  # with config.soflow.yaml beside it
 
 
 def release_loop_step(model, optimizer, cfg, x, step):
