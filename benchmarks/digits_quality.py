@@ -1,7 +1,7 @@
 """One-step quality on the scikit-learn digits: SoFlow against a flow-matching model of the same budget.
 
     python benchmarks/digits_quality.py --train                      # trains both models, then evaluates
-    python benchmarks/digits_quality.py --ckpt results/digits_demo/ckpts/3500.pt [--fm-ckpt PATH]
+    python benchmarks/digits_quality.py --ckpt results/digits_demo/ckpts/3000.pt [--fm-ckpt PATH]
 
 Models (both from `--config`, default configs/digits_demo.yaml):
   SoFlow  the config as it is; sampled with `inference.generate` (the shared `Soflow.sample`, EMA weights)
