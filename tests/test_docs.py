@@ -11,26 +11,22 @@ PAGES = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 
-def _text_outside_code(path):
-    """The page without its fenced code blocks and inline code spans (their brackets are not links)."""
+def _without_fences(path):
+    """The page without its fenced code blocks (their '#' lines are not headings, their brackets not links)."""
     with open(path) as f:
-        text = f.read()
-    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
-    return re.sub(r"`[^`\n]*`", "", text)
+        return re.sub(r"^```.*?^```", "", f.read(), flags=re.S | re.M)
 
 
 def _anchors(path):
     """GitHub's heading anchors of a Markdown page: lower case, punctuation dropped, spaces to hyphens."""
-    with open(path) as f:
-        text = re.sub(r"^```.*?^```", "", f.read(), flags=re.S | re.M)
     return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-            for h in re.findall(r"^#{1,6} (.+)$", text, flags=re.M)}
+            for h in re.findall(r"^#{1,6} (.+)$", _without_fences(path), flags=re.M)}
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: os.path.relpath(p, ROOT))
 def test_relative_links_resolve(page):
     broken = []
-    for target in LINK.findall(_text_outside_code(page)):
+    for target in LINK.findall(re.sub(r"`[^`\n]*`", "", _without_fences(page))):
         if re.match(r"[a-z]+:", target):  # https:, mailto:, ...
             continue
         path, _, anchor = target.partition("#")
