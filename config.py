@@ -8,9 +8,14 @@ file beside it (`companion_path`: config.yaml -> config.soflow.yaml), which `loa
 fields of `models.Objective`, which `Config` extends); the keys this code adds have defaults under which a
 release config runs the release's recipe (float32 with TF32, AdamW / RAdam, its EMA).
 """
+import argparse
+import ast
 import dataclasses
 import difflib
+import io
 import os
+import sys
+import tokenize
 import typing
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -20,7 +25,7 @@ import yaml
 from checkpoints import _atomic_write, companion_path
 from data import LATENT_SCALE
 from dit import DIT_SIZES
-from models import COEFFICIENT_TYPES, MODEL_TYPES, NOISING_TYPES, Objective, Soflow
+from models import COEFFICIENT_TYPES, L_SCHEDULES, MODEL_TYPES, NOISING_TYPES, Objective, Soflow
 from tracking import TRACKERS
 
 # The release's keys, in the order of its files.
@@ -65,11 +70,11 @@ class Config(Objective):
     """Every config key with its default (the loss settings are the inherited `Objective` fields).
     `None` defaults are filled from DATASETS or mean "not set"."""
     # --- data ---
-    dataset_type: str = "Imagenet"
+    dataset_type: str = "Imagenet"          # the data: SD-VAE ImageNet latents, CIFAR-10 images, scikit-learn digits
     dataset_path: str = "./imagenet_latent"  # folder of imagenet_latent.hdf5 (or the file), or the CIFAR-10 root
-    data_size: int = 32
-    data_channels: Optional[int] = None     # DATASETS
-    num_classes: Optional[int] = None       # DATASETS; 0 = unconditional
+    data_size: int = 32                     # side of the training tensors: latent side (Imagenet) or image side
+    data_channels: Optional[int] = None     # channels of the training tensors (latent or image)
+    num_classes: Optional[int] = None       # 0 = unconditional
     num_workers: int = 4                    # DataLoader workers per rank
     prefetch_factor: Optional[int] = None   # DataLoader prefetch per worker (None: PyTorch's; unused with 0 workers)
     download: bool = False                  # CIFAR10: let torchvision download it (only when asked)
@@ -78,54 +83,55 @@ class Config(Objective):
     latent_scale: float = LATENT_SCALE      # Imagenet: SD-VAE latent scale
     vae: str = "stabilityai/sd-vae-ft-mse"  # Imagenet: decoder for sample grids and FID dumps (Hub id or folder)
     # --- model ---
-    model_type: Optional[str] = None        # DATASETS
-    noising_type: str = "Linear"
-    coefficient_type: str = "Euler"
-    cfg_drop_rate: float = 0.0
-    dropout: float = 0.30                   # UNet only
-    model_channels: Optional[int] = None    # UNet size overrides for small experiments (EDM names)
-    channel_mult: Optional[List[int]] = None
-    num_blocks: Optional[int] = None
-    attn_resolutions: Optional[List[int]] = None
-    hidden_size: Optional[int] = None       # DiT size overrides for small experiments
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None
-    patch_size: Optional[int] = None
+    model_type: Optional[str] = None        # backbone: the EDM U-Net or a DiT size
+    noising_type: str = "Linear"            # x_t = alpha x0 + beta x1; Linear: 1 - t, t; Trig: cos, sin of pi t / 2
+    coefficient_type: str = "Euler"         # f = a x_t + b F; Euler: a = 1, b = s - t; Trig: cos, sin of pi (s - t) / 2
+    cfg_drop_rate: float = 0.0              # share of rows trained with the null label (needed when cfg_scale > 1)
+    dropout: float = 0.30                   # UNet dropout probability
+    model_channels: Optional[int] = None    # UNet size override for small experiments (EDM names): base channels
+    channel_mult: Optional[List[int]] = None  # UNet size override: channel multiplier per resolution
+    num_blocks: Optional[int] = None        # UNet size override: residual blocks per resolution
+    attn_resolutions: Optional[List[int]] = None  # UNet size override: resolutions with self-attention
+    hidden_size: Optional[int] = None       # DiT size override for small experiments: width
+    depth: Optional[int] = None             # DiT size override: number of blocks
+    num_heads: Optional[int] = None         # DiT size override: attention heads
+    patch_size: Optional[int] = None        # DiT size override: patch side
     # --- optimisation ---
     batch_size: int = 256                   # global, over all ranks
-    learning_rate: float = 1e-4
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
-    weight_decay: float = 0.0
-    optimizer: Optional[str] = None         # DATASETS
-    ema_decay_rate: float = 0.9999
-    ema_steps: Optional[int] = None         # DATASETS: EMA after steps 1, 1 + k, 1 + 2k, ... with decay**k
-    seed: int = 42
+    learning_rate: float = 1e-4             # constant: no warm-up or schedule
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])  # AdamW / RAdam betas
+    weight_decay: float = 0.0               # AdamW / RAdam weight decay
+    optimizer: Optional[str] = None         # the release uses AdamW for ImageNet, RAdam for CIFAR-10
+    ema_decay_rate: float = 0.9999          # EMA decay per step
+    ema_steps: Optional[int] = None         # EMA after steps 1, 1 + k, 1 + 2k, ... with decay**k (float64 when k > 1)
+    seed: int = 42                          # rank r seeds with seed + r; the batch order depends on (seed, step)
     # --- speed (defaults: the release's numerics) ---
-    precision: str = "fp32"
+    precision: str = "fp32"                 # fp32: float32 (TF32 with tf32); bf16: autocast everywhere;
+                                            # bf16-guidance: autocast for the loss's guidance call only
     tf32: bool = True                       # TF32 matmuls and convolutions on CUDA (the release's setting)
     attention: str = "auto"                 # auto: memory-efficient SDPA on CUDA (the release's), PyTorch's on CPU
     compile: bool = False                   # torch.compile of the network, in place (state-dict keys unchanged)
     channels_last: bool = False             # channels_last U-Net on CUDA
-    fused_optimizer: bool = False           # fused AdamW / foreach RAdam kernels
+    fused_optimizer: bool = False           # fused AdamW / foreach RAdam kernels (same maths, other rounding)
     grad_accum_steps: int = 1               # micro-batches per rank and step (same draws, one DDP sync per step)
     grad_checkpointing: bool = False        # recompute each DiT / U-Net block in the backward pass (less memory)
     # --- bookkeeping ---
-    working_dir: str = "./results/run"
-    logging_steps: int = 100
-    eval_demo_steps: int = 1000
-    eval_demo_shape: List[int] = field(default_factory=lambda: [4, 8])
-    ckpt_saving_steps: int = 25_000
-    eval_steps: int = 25_000
-    eval_batch_size: int = 125
-    eval_NFE: int = 1
-    num_eval_samples: int = 50_000
+    working_dir: str = "./results/run"      # the run's folder: config.yaml, log.txt, ckpts/, figs/, evals/, tb/
+    logging_steps: int = 100                # steps per log line (averages over the window and all ranks)
+    eval_demo_steps: int = 1000             # steps between EMA sample grids (figs/{step}.png)
+    eval_demo_shape: List[int] = field(default_factory=lambda: [4, 8])  # rows (classes) and columns of the grids
+    ckpt_saving_steps: int = 25_000         # steps between checkpoints (ckpts/{step}.pt)
+    eval_steps: int = 25_000                # steps between FID dumps (evals/{step}.npz)
+    eval_batch_size: int = 125              # samples per rank and batch when sampling grids and dumps
+    eval_NFE: int = 1                       # network calls per sample for grids and dumps
+    num_eval_samples: int = 50_000          # images per FID dump
     fid_ref_batch: Optional[str] = None     # ADM reference batch (.npz): score each periodic dump in training
     fid_inception_graph: Optional[str] = None  # classify_image_graph_def.pb (None: the evaluator's cached download)
     eval_save_samples: bool = True          # false: score the periodic dumps without writing their images
     ckpt_keep_last: Optional[int] = None    # keep only the newest k periodic checkpoints (None: keep all, as the release)
     ckpt_keep_every: Optional[int] = None   # checkpoints of steps divisible by this are never deleted
-    tracker: str = "auto"                   # auto (TensorBoard when importable), tensorboard, wandb, none
-    wandb_project: str = "soflow"
+    tracker: str = "auto"                   # training's scalars and grids (auto: TensorBoard when importable)
+    wandb_project: str = "soflow"           # Weights & Biases project (tracker: wandb)
 
     def __post_init__(self):
         for key, value in DATASETS.get(self.dataset_type, {}).items():
@@ -386,3 +392,101 @@ def save_config(cfg, path):
     values = cfg.to_dict()
     _write_yaml(companion_path(path), {k: v for k, v in values.items() if k not in RELEASE_KEYS})
     _write_yaml(path, {k: values[k] for k in RELEASE_KEYS}, header=_companion_note(path))
+
+
+# --- the key reference (docs/config_keys.md is this output: python config.py --keys > docs/config_keys.md) ---
+
+KEYS_PAGE_INTRO = """# Config keys
+
+Every key of a config file, with its default and meaning. This page is the output of
+`python config.py --keys > docs/config_keys.md`, generated from the trailing comments on the fields of
+`config.Config` and `models.Objective` (a test checks that it matches). "release": a key of the release's
+config files, where this code keeps the release's name and meaning ([drop_in.md](drop_in.md)); with the defaults of the
+other keys a release config runs the release's recipe. "by dataset_type": the default comes from
+`config.DATASETS`.
+"""
+
+
+def field_comments(cls):
+    """[(section, field name, comment)] of the dataclass `cls`, in source order, read from its source file: the
+    comment after a field (continued on the next lines by comments starting in the same column) is its meaning,
+    and a comment line `# --- name ---` starts a section. Raises ValueError naming a field without a comment."""
+    path = sys.modules[cls.__module__].__file__
+    with open(path) as f:
+        source = f.read()
+    comments = {}  # line -> (column, text, alone on its line)
+    code_lines = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.start[1], tok.string[1:].strip(), tok.start[0] not in code_lines)
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+            code_lines.update(range(tok.start[0], tok.end[0] + 1))
+    node = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
+    rows, section, previous_end = [], "", node.body[0].lineno
+    for item in node.body:
+        if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
+            continue
+        for line in range(previous_end + 1, item.lineno):  # section headings between two fields
+            text = comments.get(line, (0, "", False))[1]
+            if text.startswith("---") and text.endswith("---"):
+                section = text.strip("- ")
+        previous_end = item.end_lineno
+        if item.end_lineno not in comments or comments[item.end_lineno][2]:
+            raise ValueError(f"{os.path.basename(path)}:{item.lineno}: field '{item.target.id}' has no trailing "
+                             f"comment; add one saying what the key means")
+        column, text, _ = comments[item.end_lineno]
+        line = item.end_lineno + 1
+        while line in comments and comments[line][2] and comments[line][0] == column:
+            text, previous_end, line = f"{text} {comments[line][1]}", line, line + 1
+        rows.append((section, item.target.id, text))
+    return rows
+
+
+def _yaml_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _default(f):
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if value is None:
+        by_dataset = [f"`{_yaml_value(d[f.name])}` {name}" for name, d in DATASETS.items() if f.name in d]
+        return "by dataset_type: " + ", ".join(by_dataset) if by_dataset else "unset"
+    return f"`{_yaml_value(value)}`"
+
+
+def keys_markdown():
+    """The Markdown page of every config key: name, whether it is one of the release's, default, meaning (from
+    the fields' comments) and the accepted values of the keys with a fixed set of them."""
+    choices = dict(_CHOICES, l_schedule=L_SCHEDULES)
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    sections = {}  # section -> rows
+    for cls, unnamed in ((Objective, "loss (models.Objective)"), (Config, "other")):
+        for section, name, text in field_comments(cls):
+            if name in choices:
+                text += "; one of: " + ", ".join(f"`{c}`" for c in choices[name])
+            text = text.replace("|", "\\|")
+            release = "yes" if name in RELEASE_KEYS else ""
+            sections.setdefault(section or unnamed, []).append(
+                f"| `{name}` | {release} | {_default(fields[name])} | {text} |")
+    out = [KEYS_PAGE_INTRO]
+    for section, rows in sections.items():
+        out += [f"## {section}", "", "| key | release | default | meaning |", "|---|---|---|---|", *rows, ""]
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="The config keys of this code.")
+    p.add_argument("--keys", action="store_true", help="print the Markdown table of every key (docs/config_keys.md)")
+    args = p.parse_args(argv)
+    if not args.keys:
+        p.print_help()
+        return
+    sys.stdout.write(keys_markdown())
+
+
+if __name__ == "__main__":
+    main()

@@ -8,11 +8,9 @@
 `hf://ORG/REPO[@REVISION]/PATH` (fetched through the Hugging Face cache; HF_HUB_OFFLINE=1 reads the cache only);
 without `--config`, the config.yaml beside the checkpoint is used (checkpoints.config_beside).
 
-Sample i takes its label and all of its noise from a generator seeded by (seed, i), so labels and noise
-are the same whatever the world size and batch size. Images are bit-identical run to run for a fixed world
-size and batch size; with another batch layout the network's rounding may differ, and a few pixels by one
-level (README, "Sampling"). The same functions write the FID dumps and the sample grids of train.py and
-sample.py: every image goes through `sample_images`.
+Sample i takes its label and all of its noise from a generator seeded by (seed, i) (`sample_inputs`); what
+that makes reproducible, and how exactly: docs/determinism.md. The same functions write the FID dumps and the
+sample grids of train.py and sample.py: every image goes through `sample_images`.
 """
 import argparse
 import math

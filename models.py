@@ -145,18 +145,22 @@ class Objective:
     2 for the consistency pair; p and eps shape the adaptive weights; cfg_scale, mix_ratio and cfg_decay_time
     the guided target; l_schedule, l_init_ratio, l_end_ratio and total_steps the middle time l.
     """
-    velocity_loss_ratio: float = 0.75
-    p: float = 1.0
-    eps: float = 0.01
-    time_mean: List[float] = field(default_factory=lambda: [-0.2, -1.0, 0.2])
-    time_std: List[float] = field(default_factory=lambda: [1.0, 0.8, 0.8])
-    cfg_scale: float = 1.0
-    mix_ratio: float = 1.0
-    cfg_decay_time: float = 1.0
-    l_schedule: str = "Exponent"
-    l_init_ratio: float = 0.1
-    l_end_ratio: float = 0.002
-    total_steps: int = 400_000
+    velocity_loss_ratio: float = 0.75   # share of each batch (its first rows) in the Flow Matching loss; the rest
+                                        # feed the consistency loss
+    p: float = 1.0                      # exponent of the adaptive loss weight 1 / (mse + eps)^p
+    eps: float = 0.01                   # offset of the adaptive loss weight 1 / (mse + eps)^p
+    time_mean: List[float] = field(default_factory=lambda: [-0.2, -1.0, 0.2])  # logit-normal time means:
+                                                                               # Flow Matching t, consistency s, t
+    time_std: List[float] = field(default_factory=lambda: [1.0, 0.8, 0.8])     # logit-normal std, as time_mean
+    cfg_scale: float = 1.0              # classifier-free guidance scale of the training target (1: no guidance)
+    mix_ratio: float = 1.0              # weight of the guided velocity in the target; the rest is the model's
+                                        # conditional velocity (no gradient)
+    cfg_decay_time: float = 1.0         # guidance decays for t above this time (1: no decay)
+    l_schedule: str = "Exponent"        # how the middle time l = t + (s - t) r moves from l_init_ratio to
+                                        # l_end_ratio over total_steps
+    l_init_ratio: float = 0.1           # r at step 0
+    l_end_ratio: float = 0.002          # r at total_steps
+    total_steps: int = 400_000          # training steps (also the length of the l schedule)
 
     def __post_init__(self):
         """The one place these settings are checked (the config loader relies on it)."""

@@ -8,9 +8,9 @@ hf://ORG/REPO[@REVISION]/PATH (Hugging Face cache; HF_HUB_OFFLINE=1 reads the ca
 config.yaml beside the checkpoint is used. Row r shows class classes[r], --per-class samples of it; unconditional
 models ignore --classes (their grid has --rows rows). Sample i (row-major) starts from the noise of index i under
 --seed and is drawn by the function that draws training's grids and inference.py's dumps (inference.sample_grid),
-so the defaults (the config's eval_demo_shape, seed and eval_NFE) redraw training's figs/{step}.png exactly.
-Tiles under 64 pixels are enlarged by nearest neighbour, 4 black pixels apart (--scale 1 --gap 0: the raw size).
-CPU or GPU (--device).
+so the defaults (the config's eval_demo_shape, seed and eval_NFE) redraw training's figs/{step}.png
+(docs/determinism.md). Small tiles are enlarged as in training's grids (docs/sampling.md; --scale 1 --gap 0: the
+raw size). CPU or GPU (--device).
 """
 import argparse
 

@@ -1,7 +1,7 @@
 """One-step quality on the scikit-learn digits: SoFlow against a flow-matching model of the same budget.
 
     python benchmarks/digits_quality.py --train                      # trains both models, then evaluates
-    python benchmarks/digits_quality.py --ckpt results/digits_demo/ckpts/3500.pt [--fm-ckpt PATH]
+    python benchmarks/digits_quality.py --ckpt results/digits_demo/ckpts/3000.pt [--fm-ckpt PATH]
 
 Models (both from `--config`, default configs/digits_demo.yaml):
   SoFlow  the config as it is; sampled with `inference.generate` (the shared `Soflow.sample`, EMA weights)
@@ -16,9 +16,9 @@ checkpoint). `--ckpt` evaluates that SoFlow checkpoint and trains the FM baselin
 
 Samples: `--num-samples` (default 10,000) per row, class-balanced (sample i has label i % 10); sample i takes
 its label and noise from `inference.sample_inputs` (generator keyed by (seed, i)), so every row starts from
-the same noise. Why 10,000: with 2,000 samples the Frechet distance of one model moves by about +-10% from one
-sampling seed to the next (the squared mean difference alone carries ~tr(cov) / N of sampling noise), which is
-as large as the gaps being measured; at 10,000 the seed-to-seed spread is a few percent.
+the same noise. Why 10,000: with a few thousand samples the Frechet distance of one model moves between
+sampling seeds by as much as the gaps being measured (the squared mean difference alone carries ~tr(cov) / N of
+sampling noise); the figures are in docs/digits_demo.md.
 
 Metrics. Every image, real or generated, goes through the uint8 conversion of the sample dumps
 (clamp(x * 127.5 + 128, 0, 255) truncated, as the ADM sample files), is divided by 255 (pixels in [0, 1]), averaged

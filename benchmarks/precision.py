@@ -52,9 +52,9 @@ amplification does not depend on the weights.
 
 Part 2 (digits). configs/digits_demo.yaml trained with `precision: fp32`, `bf16` and `bf16-guidance`
 (variants written with `config.write_variant` into `--out`/digits/MODE, trained by digits_quality's
-`run_training` on `--nproc` ranks, default 2 as in the runs README reports; a run with its final checkpoint is
-reused), each EMA checkpoint scored at 1 NFE with digits_quality's class agreement and Frechet distance on
-`--num-samples` class-balanced samples (sampled in float32; the bf16 run also sampled in bf16, as its own
+`run_training` on `--nproc` ranks, default 2 as in the runs docs/precision.md reports; a run with its final
+checkpoint is reused), each EMA checkpoint scored at 1 NFE with digits_quality's class agreement and Frechet
+distance on `--num-samples` class-balanced samples (sampled in float32; the bf16 run also sampled in bf16, as its own
 grids and dumps are). Training wall time per mode (noisy on a shared machine), and the median time of one
 training step per mode with the modes stepped in turn in one process (`digits_step_cost`: robust to load
 changes). `--control-seeds 43,...` adds fp32 runs with other training seeds: the run-to-run spread that the

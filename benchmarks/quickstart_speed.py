@@ -1,4 +1,4 @@
-"""How fast the quick-start training runs on this machine, in each process layout, and what a full run costs.
+"""How fast the quick-start training runs on the machine it runs on, in each process layout, and what a full run costs.
 
     python benchmarks/quickstart_speed.py [--config configs/digits_demo.yaml] [--steps 300] [--repeats 2]
 

@@ -167,3 +167,50 @@ def test_cifar_defaults_and_bad_yaml(tmp_path):
         load_config(str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match="dataset_type 'CIFAR10' is unconditional"):
         from_dict({"dataset_type": "CIFAR10", "model_type": "DiT-B-4", "num_classes": 10})
+
+
+def test_keys_page_matches_the_fields_comments():
+    """docs/config_keys.md is the output of `python config.py --keys`: one home for the keys' meanings."""
+    import dataclasses
+
+    from config import Config, keys_markdown
+    generated = keys_markdown()
+    with open(os.path.join(ROOT, "docs", "config_keys.md")) as f:
+        assert f.read() == generated, \
+            "docs/config_keys.md is out of date: regenerate it with `python config.py --keys > docs/config_keys.md`"
+    for f in dataclasses.fields(Config):  # every key has a row
+        assert f"| `{f.name}` |" in generated, f.name
+
+
+def test_keys_generator_reads_trailing_and_continued_comments(tmp_path, monkeypatch):
+    import sys
+
+    from config import field_comments
+    (tmp_path / "keysdemo.py").write_text(
+        "from dataclasses import dataclass\n\n\n@dataclass\nclass Demo:\n    \"\"\"doc\"\"\"\n"
+        "    # --- first ---\n"
+        "    a: int = 1   # the a key,\n"
+        "                 # continued\n"
+        "    # a heading comment that is not a section\n"
+        "    b: str = 'x'  # the b key\n"
+        "    # --- second ---\n"
+        "    c: float = 0.5  # the c key\n"
+        "    d: int = 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import keysdemo
+    try:
+        with pytest.raises(ValueError, match="field 'd' has no trailing comment"):
+            field_comments(keysdemo.Demo)
+        (tmp_path / "keysdemo.py").write_text((tmp_path / "keysdemo.py").read_text().replace(
+            "d: int = 2\n", "d: int = 2  # the d key\n"))
+        assert field_comments(keysdemo.Demo) == [("first", "a", "the a key, continued"), ("first", "b", "the b key"),
+                                                 ("second", "c", "the c key"), ("second", "d", "the d key")]
+    finally:
+        sys.modules.pop("keysdemo", None)
+
+
+def test_keys_command_prints_the_page(capsys):
+    from config import main
+    main(["--keys"])
+    with open(os.path.join(ROOT, "docs", "config_keys.md")) as f:
+        assert capsys.readouterr().out == f.read()

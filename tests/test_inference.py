@@ -76,9 +76,9 @@ def test_dump_at_any_nfe(trained, tmp_path, nfe):
 
 
 def test_what_a_dump_keeps_across_world_and_batch_sizes(trained, tmp_path):
-    """README's claim, exactly: labels and noise of every sample are the same for any world size and batch size;
-    images are bit-identical run to run for a fixed world size and batch size; across layouts they are equal
-    up to the network's rounding, which moves a pixel by at most one level (bound tested: 1e-3 of the pixels)."""
+    """docs/determinism.md's claim, exactly: labels and noise of every sample are the same for any world size and
+    batch size; images are bit-identical run to run for a fixed world size and batch size; across layouts they are
+    equal up to the network's rounding, which moves a pixel by at most one level (bound tested: 1e-3 of the pixels)."""
     cfg, _ = trained
     run_inference(cfg, tmp_path / "a", "--eval-NFE", "2", "--num-samples", "9", "--eval-batch-size", "9")
     run_inference(cfg, tmp_path / "b", "--eval-NFE", "2", "--num-samples", "9", "--eval-batch-size", "2", nproc=2)

@@ -1,0 +1,45 @@
+"""README.md and docs/: every relative link resolves (file and #anchor), and README states the test command
+exactly as .ci/run runs it."""
+import glob
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGES = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _without_fences(path):
+    """The page without its fenced code blocks (their '#' lines are not headings, their brackets not links)."""
+    with open(path) as f:
+        return re.sub(r"^```.*?^```", "", f.read(), flags=re.S | re.M)
+
+
+def _anchors(path):
+    """GitHub's heading anchors of a Markdown page: lower case, punctuation dropped, spaces to hyphens."""
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#{1,6} (.+)$", _without_fences(path), flags=re.M)}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_relative_links_resolve(page):
+    broken = []
+    for target in LINK.findall(re.sub(r"`[^`\n]*`", "", _without_fences(page))):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:, ...
+            continue
+        path, _, anchor = target.partition("#")
+        full = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+        if not os.path.exists(full):
+            broken.append(f"{target} (no file {os.path.relpath(full, ROOT)})")
+        elif anchor and full.endswith(".md") and anchor not in _anchors(full):
+            broken.append(f"{target} (no heading with anchor #{anchor})")
+    assert not broken, f"{os.path.relpath(page, ROOT)}: broken links: {broken}"
+
+
+def test_readme_states_the_ci_test_command():
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        command = [line.strip() for line in f if line.strip().startswith("python -m pytest")][-1]
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert command in [line.strip() for line in f], f"README.md must state `{command}` as .ci/run runs it"
