@@ -8,6 +8,7 @@ release config runs the release's recipe (float32 with TF32, AdamW / RAdam, its 
 """
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -271,6 +272,8 @@ def _scalar(name, value, kind, expected=None):
         if not ok:
             raise ConfigError(f"'{name}' must be {expected or ('an integer' if kind is int else 'a number')}, "
                               f"got {value!r}")
+        if not math.isfinite(value):  # YAML reads .inf and .nan as floats; no key takes them
+            raise ConfigError(f"'{name}' must be a finite number, got {value!r}")
         return kind(value)
     if not isinstance(value, str):
         raise ConfigError(f"'{name}' must be a string, got {value!r}")
@@ -314,9 +317,11 @@ def load_config(path):
         raise ConfigError(f"config file {path} does not exist")
     with open(path) as f:
         try:
-            values = yaml.safe_load(f) or {}
+            values = yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if values is None:  # not taken as "all defaults": that would train an unintended recipe in ./results/run
+        raise ConfigError(f"{path} is empty; write the run's keys into it (see configs/ for complete examples)")
     return from_dict(values, source=path)
 
 
@@ -333,5 +338,42 @@ def write_variant(config_path, out_path, **changes):
 
 
 def save_config(cfg, path):
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    """Writes the full config atomically (safe_io.WriteError naming the file when that fails)."""
+    from safe_io import atomic_write
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    atomic_write(path, write, "config")
+
+
+# On resume, every key that differs from the run's config.yaml is one of three kinds. The model's and the data's
+# refuse (the checkpoint's weights and the batch order depend on them); the optimizer's are applied to the
+# optimizer (train.py); the others are logged, and those below change nothing of the training's numbers.
+RESUME_REFUSED = ("dataset_type", "dataset_path", "data_size", "data_channels", "num_classes", "latent_scale",
+                  "augment_p", "model_type", "noising_type", "coefficient_type", "cfg_drop_rate", "dropout",
+                  *_UNET_SIZES, *_DIT_SIZES, "optimizer", "seed")
+RESUME_OPTIMIZER = ("learning_rate", "betas", "weight_decay")
+RESUME_NO_EFFECT = ("working_dir", "num_workers", "prefetch_factor", "download", "load_into_memory", "vae",
+                    "logging_steps", "eval_demo_steps", "eval_demo_shape", "ckpt_saving_steps", "eval_steps",
+                    "eval_batch_size", "eval_NFE", "num_eval_samples", "fid_ref_batch", "fid_inception_graph",
+                    "eval_save_samples", "ckpt_keep_last", "ckpt_keep_every", "tracker", "wandb_project")
+
+
+def changed_keys(old, new):
+    """[(key, old value, new value)] of the keys whose values differ between two Configs."""
+    a, b = old.to_dict(), new.to_dict()
+    return [(k, a.get(k), b[k]) for k in b if a.get(k) != b[k]]
+
+
+def check_resume(old, new, old_source, new_source):
+    """The changes from the run's config `old` to `new`, split as (optimizer, others); raises ConfigError listing
+    every model or data key that changed, with both values."""
+    changes = changed_keys(old, new)
+    refused = [c for c in changes if c[0] in RESUME_REFUSED]
+    if refused:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused)
+        raise ConfigError(f"{new_source} changes model or data settings of the run recorded in {old_source}: "
+                          f"{listed}. These cannot change on resume (the checkpoints' weights and the order of the "
+                          f"batches depend on them): restore them, or start a new run with another working_dir")
+    return ([c for c in changes if c[0] in RESUME_OPTIMIZER], [c for c in changes if c[0] not in RESUME_OPTIMIZER])

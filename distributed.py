@@ -81,6 +81,14 @@ def all_gather_objects(obj):
     return out
 
 
+def first_error(error):
+    """The first rank's error text when any rank has one (else None): a collective that every rank calls at the
+    same point after work that may fail on some ranks only, so that all of them stop together instead of the
+    others waiting in the next collective until the process group's timeout."""
+    errors = [e for e in all_gather_objects(error) if e]
+    return errors[0] if errors else None
+
+
 class _TqdmHandler(logging.Handler):
     """Console lines through tqdm.write, so that progress bars stay intact."""
 
