@@ -200,7 +200,7 @@ def _failure(rank, error):
 def _claim_dump(out_path, rank):
     """Rank 0 claims `out_path` (the lock `{out_path}.lock`); every rank learns the outcome and the name stem of
     this dump's parts, unique to it. Raises ClaimError on every rank when another process writes `out_path`."""
-    claim, error = Claim(f"{out_path}.lock", out_path, "sample dump"), None
+    claim, error = Claim(f"{out_path}.lock", out_path, "sample dump", "another --out"), None
     if rank == 0:
         try:
             claim.acquire()

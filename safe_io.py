@@ -143,8 +143,9 @@ class Claim:
     over a stale lock (None otherwise) and raises ClaimError when another process holds it; `release()` removes
     the lock if it is still this process's."""
 
-    def __init__(self, lock_path, target, what):
+    def __init__(self, lock_path, target, what, instead=None):
         self.lock_path, self.target, self.what = str(lock_path), str(target), what
+        self.instead = instead or f"another {what}"
         self.owner = None
 
     def _create(self, owner):
@@ -197,8 +198,8 @@ class Claim:
         clear = ("it is still running" if where == "this host" else
                  f"this host cannot tell whether it still runs; if it does not, delete {self.lock_path} and re-run")
         return (f"{self.what} {self.target} is in use by another process: pid {held.get('pid')} on {where} since "
-                f"{held.get('since')} (`{held.get('command')}`). Wait for it to finish or stop it, or use another "
-                f"{self.what.split()[-1]}; {clear}")
+                f"{held.get('since')} (`{held.get('command')}`). Wait for it to finish or stop it, or use "
+                f"{self.instead}; {clear}")
 
     def release(self):
         if self.owner is None:
