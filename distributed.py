@@ -122,7 +122,8 @@ def crash_hook(point, count, rank):
     """Test-only fault injection: SOFLOW_TEST_CRASH="POINT:N[@RANK][=ACTION]" (rank 0 by default) acts when this
     process reaches `point` N: train.py's "step" (the start of step N), "ckpt" (the middle of writing checkpoint
     N), latent_dataset.py's "chunk" (after flushing its N-th chunk). ACTION: SIGKILL (default), SIGTERM or
-    SIGUSR1 (sent to this process), ENOSPC or EACCES (an OSError raised here, as a full or read-only disk would).
+    SIGUSR1 (sent to this process), ENOSPC or EACCES (an OSError raised here, as a full or read-only disk would),
+    ERROR (a RuntimeError, the type torch.save raises when its write fails).
     Only the first incarnation of a torchrun group acts, so that a restarted group can run through."""
     spec = os.environ.get("SOFLOW_TEST_CRASH")
     if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
@@ -134,6 +135,8 @@ def crash_hook(point, count, rank):
         return
     action = action or "SIGKILL"
     print(f"SOFLOW_TEST_CRASH={spec}: {action} on rank {rank} at {point} {count}", file=sys.stderr, flush=True)
+    if action == "ERROR":
+        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file (test)")
     if action in ("ENOSPC", "EACCES"):
         code = getattr(errno, action)
         raise OSError(code, os.strerror(code))
