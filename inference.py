@@ -23,7 +23,6 @@ import zipfile
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from distributed import (all_gather_objects, attention_context, cleanup_distributed, configure_backends, first_error,
