@@ -921,7 +921,7 @@ def evaluate_folder(ref_batch, sample_dir, graph_path=None, batch_size=64, cache
     claim = Claim(f"{results_path}.lock", sample_dir, "sample folder", "another --sample_batch_dir")
     try:
         claim.acquire()  # a second evaluator of the same folder is refused (it would score the files twice)
-    except (ClaimError, OSError) as err:
+    except (ClaimError, WriteError, OSError) as err:
         raise BadInputError(str(err)) from None
 
     own_features = features is None

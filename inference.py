@@ -203,7 +203,7 @@ def _claim_dump(out_path, rank):
     if rank == 0:
         try:
             claim.acquire()
-        except (ClaimError, OSError) as e:
+        except (OutputError, OSError) as e:
             error = str(e)
     error = first_error(error)
     if error:

@@ -169,15 +169,17 @@ class Claim:
 
     def acquire(self):
         owner = _owner()
-        os.makedirs(os.path.dirname(os.path.abspath(self.lock_path)), exist_ok=True)
         note = None
         for _ in range(3):
             try:
+                os.makedirs(os.path.dirname(os.path.abspath(self.lock_path)), exist_ok=True)
                 self._create(owner)
                 self.owner = owner
                 return note
             except FileExistsError:
                 pass
+            except OSError as e:  # a read-only or full folder: said before any work, with the path
+                raise WriteError(self.lock_path, e, "lock file") from e
             text, held = self._read()
             if text is None:
                 continue  # released meanwhile

@@ -33,7 +33,7 @@ from distributed import (all_gather_objects, attention_context, barrier, cleanup
                          setup_distributed, setup_logging)
 from inference import build_decoder, dump_samples, sample_grid
 from models import draw_training_times
-from safe_io import Claim, ClaimError, OutputError, free_space
+from safe_io import Claim, OutputError, free_space
 from tracking import Tracker
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; re-run the command to resume
@@ -273,7 +273,7 @@ def claim_working_dir(work, rank):
     if rank == 0:
         try:
             note = claim.acquire()
-        except (ClaimError, OSError) as e:
+        except (OutputError, OSError) as e:
             error = str(e)
     error = first_error(error)
     if error:
