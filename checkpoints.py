@@ -11,6 +11,7 @@ checkpoints on the Hugging Face Hub, named `hf://ORG/REPO[@REVISION]/PATH` and f
 that belongs to a checkpoint (and the companion file of this code's keys beside it).
 """
 import os
+import pickle
 import posixpath
 import re
 import warnings
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 import torch
+
+from safe_io import atomic_write
 
 _NAME = re.compile(r"^(\d+)\.pt$")
 HUB_PREFIX = "hf://"
@@ -40,32 +43,10 @@ class CheckpointSourceError(ValueError):
 
 
 def save_checkpoint(state, path, before_rename=None):
-    """Atomic write: a crash leaves either the previous file or the complete new one under `path`.
-    `before_rename(tmp_path)` is a hook for crash tests."""
-    _atomic_write(path, lambda tmp: torch.save(state, tmp), before_rename)
-
-
-def _atomic_write(path, write, before_rename=None):
-    """`write(tmp_path)` writes a temporary file beside `path`; it is fsynced and renamed, then the folder is
-    fsynced."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        if before_rename is not None:
-            before_rename(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    """Atomic write: a crash leaves either the previous file or the complete new one under `path`; a failure
+    raises safe_io.WriteError naming the file and the free space. `before_rename(tmp_path)` is a hook for crash
+    tests."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp), "checkpoint", before_rename)
 
 
 def save_weights(weights, path, metadata=None):
@@ -80,7 +61,7 @@ def save_weights(weights, path, metadata=None):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file private; give it the usual permissions
-    _atomic_write(path, write)
+    atomic_write(path, write, "weights file")
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -93,7 +74,15 @@ def load_checkpoint(path, map_location="cpu"):
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as e:  # truncated zip, pickle error, ...
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it may be truncated or "
+                             f"corrupt") from e
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"checkpoint {path} is unsafe or not a weights-only checkpoint: it holds objects other than "
+                         f"tensors, numbers and containers, and torch.load(weights_only=True) refused to run them "
+                         f"({first}). Not loaded; use a checkpoint written by this code or the release") from e
+    except Exception as e:  # truncated zip, bad archive, ...
         raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it may be truncated") from e
     if not isinstance(state, dict) or "ema_model" not in state and "model" not in state:
         raise ValueError(f"checkpoint {path} has no 'model' or 'ema_model' entry; is it a SoFlow checkpoint?")
@@ -138,7 +127,7 @@ def latest_checkpoint(directory, log=print):
             return path, load_checkpoint(path)
         except ValueError as e:
             warnings.warn(f"skipping {e}")
-            log(f"warning: skipping {path}: it cannot be read (truncated or corrupt)")
+            log(f"warning: skipping {path}: {e}")
     return None, None
 
 
@@ -175,6 +164,9 @@ def parse_hub(spec):
         raise CheckpointSourceError(f"{spec!r} is not a Hub file: write hf://ORG/REPO/PATH or "
                                     f"hf://ORG/REPO@REVISION/PATH (e.g. hf://my-org/soflow-digits/model.safetensors)")
     kind, repo_id, revision, path = match.groups()
+    if any(part in ("", ".", "..") for part in path.split("/")) or "\\" in path:
+        raise CheckpointSourceError(f"{spec!r}: the path {path!r} is refused: it must name a file inside the "
+                                    f"repository, without '.', '..' or empty segments or backslashes")
     return HubFile(kind[:-1] if kind else "model", repo_id, unquote(revision) if revision else None, path)
 
 
@@ -261,3 +253,60 @@ def config_beside(spec, cache_dir=None):
     raise CheckpointSourceError(f"no --config given and no {CONFIG_NAME} beside {spec} could be read (looked for "
                                 f"{' and '.join(ref.uri(p.lstrip('/')) for p in places)}); pass --config "
                                 f"CONFIG.yaml. {errors[0]}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Does a checkpoint fit the model of a config?
+
+
+def architecture(weights):
+    """The sizes a state dict's shapes reveal: for a DiT the hidden size, patch, depth, input channels and label
+    rows; for the U-Net its model channels, levels, blocks per level and embedding width."""
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    sizes = {}
+    if "network.x_embedder.proj.weight" in shapes:
+        hidden, channels, patch, _ = shapes["network.x_embedder.proj.weight"]
+        sizes.update(backbone="DiT", hidden=hidden, patch=patch, channels=channels,
+                     depth=len({k.split(".")[2] for k in shapes if k.startswith("network.blocks.")}))
+        if "network.y_embedder.embedding_table.weight" in shapes:
+            sizes["label rows"] = shapes["network.y_embedder.embedding_table.weight"][0]
+    convs = sorted(k for k in shapes if re.fullmatch(r"network\.enc\.\d+x\d+_conv\.weight", k))
+    if convs:
+        blocks = {k.split(".")[2] for k in shapes if re.match(r"network\.enc\.\d+x\d+_block\d+\.", k)}
+        levels = {name.split("_")[0] for name in blocks}
+        sizes.update(backbone="UNet", model_channels=shapes[convs[-1]][0], channels=shapes[convs[-1]][1],
+                     levels=len(levels), blocks=len(blocks) // max(len(levels), 1))
+        if "network.map_layer0.weight" in shapes:
+            sizes["embedding"] = shapes["network.map_layer0.weight"][0]
+    return sizes
+
+
+class CheckpointMismatchError(ValueError):
+    """Weights that do not fit the config's model; the message says which sizes differ."""
+
+
+def check_weights_fit(model, weights, described, source):
+    """Raises CheckpointMismatchError, before any load_state_dict, when `weights` (a state dict read from `source`)
+    do not have the keys and shapes of `model`; `described` names the config's model (e.g. its model_type).
+    The message gives the sizes that differ, as the shapes reveal them."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    wrong = [k for k in expected if k in weights and tuple(weights[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or wrong):
+        return
+    ours, theirs = architecture(expected), architecture(weights)
+    differ = [k for k in ours if ours[k] != theirs.get(k)]
+    if "backbone" in differ:
+        what = f"the config describes {described} (a {ours['backbone']}), the checkpoint a {theirs.get('backbone', 'model of unknown kind')}"
+    elif differ:
+        what = (f"the config describes {described} with " + ", ".join(f"{k} {ours[k]}" for k in differ)
+                + ", the checkpoint " + ", ".join(f"{k} {theirs.get(k, 'none')}" for k in differ))
+    else:
+        shown = [f"{k} {tuple(weights[k].shape)} (the config's model: {tuple(expected[k].shape)})" for k in wrong[:3]]
+        what = (f"the config describes {described}; the checkpoint's keys differ: " +
+                "; ".join(filter(None, [f"{len(missing)} missing ({', '.join(missing[:3])})" if missing else "",
+                                        f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])})" if unexpected else "",
+                                        f"{len(wrong)} of other shapes: {', '.join(shown)}" if wrong else ""])))
+    raise CheckpointMismatchError(f"checkpoint {source} does not fit the config: {what}. Pass the config it was "
+                                  f"trained with (the config.yaml of its run), or a checkpoint of this config")

@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import difflib
 import io
+import math
 import os
 import sys
 import tokenize
@@ -22,10 +23,11 @@ from typing import List, Optional
 
 import yaml
 
-from checkpoints import _atomic_write, companion_path
+from checkpoints import companion_path
 from data import LATENT_SCALE
 from dit import DIT_SIZES
 from models import COEFFICIENT_TYPES, L_SCHEDULES, MODEL_TYPES, NOISING_TYPES, Objective, Soflow
+from safe_io import atomic_write
 from tracking import TRACKERS
 
 # The release's keys, in the order of its files.
@@ -284,6 +286,8 @@ def _scalar(name, value, kind, expected=None):
         if not ok:
             raise ConfigError(f"'{name}' must be {expected or ('an integer' if kind is int else 'a number')}, "
                               f"got {value!r}")
+        if not math.isfinite(value):  # YAML reads .inf and .nan as floats; no key takes them
+            raise ConfigError(f"'{name}' must be a finite number, got {value!r}")
         return kind(value)
     if not isinstance(value, str):
         raise ConfigError(f"'{name}' must be a string, got {value!r}")
@@ -333,7 +337,7 @@ def _read_yaml(path):
     with open(path) as f:
         text = f.read()
     try:
-        return yaml.safe_load(text) or {}, text
+        return yaml.safe_load(text), text
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
 
@@ -344,6 +348,8 @@ def read_values(path):
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} does not exist")
     values, text = _read_yaml(path)
+    if values is None:  # not taken as "all defaults": that would train an unintended recipe in ./results/run
+        raise ConfigError(f"{path} is empty; write the run's keys into it (see configs/ for complete examples)")
     companion = companion_path(path)
     if not isinstance(values, dict):
         return values, path
@@ -352,7 +358,7 @@ def read_values(path):
             raise ConfigError(f"{path} keeps this code's other keys in {companion}, which is missing; copy that "
                               f"file beside it (it is written with config.yaml)")
         return values, path
-    extra, _ = _read_yaml(companion)
+    extra = _read_yaml(companion)[0] or {}
     if not isinstance(extra, dict):
         raise ConfigError(f"{companion}: expected a mapping of keys to values, got {type(extra).__name__}")
     shared = sorted(set(values) & set(extra))
@@ -383,7 +389,7 @@ def _write_yaml(path, values, header=""):
         with open(tmp, "w") as f:
             f.write(header)
             yaml.safe_dump(values, f, sort_keys=False)
-    _atomic_write(path, write)
+    atomic_write(path, write, "config")
 
 
 def save_config(cfg, path):
@@ -392,6 +398,38 @@ def save_config(cfg, path):
     values = cfg.to_dict()
     _write_yaml(companion_path(path), {k: v for k, v in values.items() if k not in RELEASE_KEYS})
     _write_yaml(path, {k: values[k] for k in RELEASE_KEYS}, header=_companion_note(path))
+
+
+# On resume, every key that differs from the run's config.yaml is one of three kinds. The model's and the data's
+# refuse (the checkpoint's weights and the batch order depend on them); the optimizer's are applied to the
+# optimizer (train.py); the others are logged, and those below change nothing of the training's numbers.
+RESUME_REFUSED = ("dataset_type", "dataset_path", "data_size", "data_channels", "num_classes", "latent_scale",
+                  "augment_p", "model_type", "noising_type", "coefficient_type", "cfg_drop_rate", "dropout",
+                  *_UNET_SIZES, *_DIT_SIZES, "optimizer", "seed")
+RESUME_OPTIMIZER = ("learning_rate", "betas", "weight_decay")
+RESUME_NO_EFFECT = ("working_dir", "num_workers", "prefetch_factor", "download", "load_into_memory", "vae",
+                    "logging_steps", "eval_demo_steps", "eval_demo_shape", "ckpt_saving_steps", "eval_steps",
+                    "eval_batch_size", "eval_NFE", "num_eval_samples", "fid_ref_batch", "fid_inception_graph",
+                    "eval_save_samples", "ckpt_keep_last", "ckpt_keep_every", "tracker", "wandb_project")
+
+
+def changed_keys(old, new):
+    """[(key, old value, new value)] of the keys whose values differ between two Configs."""
+    a, b = old.to_dict(), new.to_dict()
+    return [(k, a.get(k), b[k]) for k in b if a.get(k) != b[k]]
+
+
+def check_resume(old, new, old_source, new_source):
+    """The changes from the run's config `old` to `new`, split as (optimizer, others); raises ConfigError listing
+    every model or data key that changed, with both values."""
+    changes = changed_keys(old, new)
+    refused = [c for c in changes if c[0] in RESUME_REFUSED]
+    if refused:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused)
+        raise ConfigError(f"{new_source} changes model or data settings of the run recorded in {old_source}: "
+                          f"{listed}. These cannot change on resume (the checkpoints' weights and the order of the "
+                          f"batches depend on them): restore them, or start a new run with another working_dir")
+    return ([c for c in changes if c[0] in RESUME_OPTIMIZER], [c for c in changes if c[0] not in RESUME_OPTIMIZER])
 
 
 # --- the key reference (docs/config_keys.md is this output: python config.py --keys > docs/config_keys.md) ---

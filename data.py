@@ -5,6 +5,7 @@ the training device, that turns a stored batch into model inputs (latent samplin
 returns (samples, augment_labels). The order of samples is a pure function of (seed, step), so a resumed
 run reads exactly the batches an uninterrupted one would.
 """
+import codecs
 import os
 import pickle
 
@@ -41,6 +42,55 @@ class TensorDataset:
         return self.augment(x, generator=generator)
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: containers, strings, numbers and NumPy arrays. A CIFAR-10 batch names
+    numpy's array reconstructor, ndarray and dtype (and, written by Python 3 at protocol 2, _codecs.encode for
+    bytes); any other global (os.system, builtins.exec, ...) is refused before it can be called, so a planted
+    batch file cannot run code."""
+
+    _RECONSTRUCT = np.zeros(0).__reduce__()[0]  # this numpy's multiarray._reconstruct
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+               ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        return self.ALLOWED[(module, name)]
+
+
+def read_cifar_batch(path):
+    """One CIFAR-10 python batch as (uint8 images [N, 3, 32, 32], labels [N] int64), read without running code;
+    ValueError naming the file when it is unsafe or not such a batch."""
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} is unsafe or not a CIFAR-10 python batch ({e}): it was not loaded, and nothing in "
+                         f"it ran; replace it with the file of the official archive") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise ValueError(f"{path} is not a readable CIFAR-10 python batch ({type(e).__name__}: {e})") from None
+    try:
+        data, labels = batch[b"data"], batch[b"labels"]
+        images = np.asarray(data).astype(np.uint8, casting="safe").reshape(-1, 3, 32, 32)
+        labels = np.asarray(labels).astype(np.int64, casting="safe")
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
+    if labels.shape != (len(images),):
+        raise ValueError(f"{path}: {len(images)} images but labels of shape {labels.shape}")
+    return images, labels
+
+
+def check_labels(labels, num_classes, source):
+    """Labels of a class-conditional data set must lie in [0, num_classes): label num_classes is the null class of
+    classifier-free guidance, and larger ones index past the label table."""
+    if num_classes and len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        low, high = int(labels.min()), int(labels.max())
+        raise ValueError(f"{source}: labels lie in [{low}, {high}] but num_classes is {num_classes}, so they must lie "
+                         f"in [0, {num_classes - 1}] ({num_classes} is the guidance's null class); set num_classes: "
+                         f"{high + 1} if the data really have that many classes, or use the data made for this config")
+
+
 def load_cifar10(root, download=False):
     """The 50,000 CIFAR-10 training images as [-1, 1] floats, read from the python-format batches."""
     folder = os.path.join(root, CIFAR_FOLDER)
@@ -53,17 +103,11 @@ def load_cifar10(root, download=False):
         raise FileNotFoundError(
             f"CIFAR-10 not found: {missing[0]} is missing. Point dataset_path at the folder that contains "
             f"'{CIFAR_FOLDER}', or set 'download: true' in the config to fetch it with torchvision.")
-    images, labels = [], []
-    for path in files:
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        try:
-            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(batch[b"labels"])
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"{path} is not a CIFAR-10 python batch ({e})") from None
+    images, labels = zip(*(read_cifar_batch(path) for path in files))
+    labels = np.concatenate(labels)
+    check_labels(labels, 10, folder)
     images = torch.from_numpy(np.concatenate(images)).float() / 127.5 - 1
-    return images, torch.tensor(labels, dtype=torch.long)
+    return images, torch.from_numpy(labels)
 
 
 def load_digits(data_size=8, channels=1):
@@ -290,6 +334,8 @@ def build_dataset(cfg):
         if dataset.dataset.latent_size != cfg.data_size:
             raise ValueError(f"{cfg.dataset_path}: latents are {dataset.dataset.latent_size} x "
                              f"{dataset.dataset.latent_size} but data_size is {cfg.data_size}")
+        if cfg.conditional:
+            check_labels(dataset.dataset.labels, cfg.num_classes, dataset.dataset.path)
         return dataset
     if cfg.dataset_type == "CIFAR10":
         images, labels = load_cifar10(cfg.dataset_path, cfg.download)

@@ -81,6 +81,14 @@ def all_gather_objects(obj):
     return out
 
 
+def first_error(error):
+    """The first rank's error text when any rank has one (else None): a collective that every rank calls at the
+    same point after work that may fail on some ranks only, so that all of them stop together instead of the
+    others waiting in the next collective until the process group's timeout."""
+    errors = [e for e in all_gather_objects(error) if e]
+    return errors[0] if errors else None
+
+
 class _TqdmHandler(logging.Handler):
     """Console lines through tqdm.write, so that progress bars stay intact."""
 
@@ -114,7 +122,8 @@ def crash_hook(point, count, rank):
     """Test-only fault injection: SOFLOW_TEST_CRASH="POINT:N[@RANK][=ACTION]" (rank 0 by default) acts when this
     process reaches `point` N: train.py's "step" (the start of step N), "ckpt" (the middle of writing checkpoint
     N), latent_dataset.py's "chunk" (after flushing its N-th chunk). ACTION: SIGKILL (default), SIGTERM or
-    SIGUSR1 (sent to this process), ENOSPC or EACCES (an OSError raised here, as a full or read-only disk would).
+    SIGUSR1 (sent to this process), ENOSPC or EACCES (an OSError raised here, as a full or read-only disk would),
+    ERROR (a RuntimeError, the type torch.save raises when its write fails).
     Only the first incarnation of a torchrun group acts, so that a restarted group can run through."""
     spec = os.environ.get("SOFLOW_TEST_CRASH")
     if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
@@ -126,6 +135,8 @@ def crash_hook(point, count, rank):
         return
     action = action or "SIGKILL"
     print(f"SOFLOW_TEST_CRASH={spec}: {action} on rank {rank} at {point} {count}", file=sys.stderr, flush=True)
+    if action == "ERROR":
+        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file (test)")
     if action in ("ENOSPC", "EACCES"):
         code = getattr(errno, action)
         raise OSError(code, os.strerror(code))

@@ -40,6 +40,7 @@ import os
 import sys
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from urllib.request import urlopen
 
@@ -47,6 +48,8 @@ import numpy as np
 import scipy.linalg
 from scipy.special import xlogy
 from tqdm import tqdm
+
+from safe_io import Claim, ClaimError, WriteError, check_writable
 
 log = logging.getLogger("evaluator")
 
@@ -146,8 +149,17 @@ def check_batch(path, role="sample batch", min_images=MIN_IMAGES):
 def load_images(path, role="sample batch", min_images=MIN_IMAGES):
     """Validated uint8 images [N, H, W, 3] of an .npz batch (opened read-only)."""
     check_batch(path, role, min_images)
-    with np.load(path, allow_pickle=False) as batch:
-        return batch["arr_0"]
+    return _read_images(path, role)
+
+
+def _read_images(path, role):
+    """`arr_0` of an .npz whose headers were checked; BadInputError naming the file when its data are corrupt
+    behind a valid header (a bad CRC, data shorter than the header says)."""
+    try:
+        with np.load(path, allow_pickle=False) as batch:
+            return batch["arr_0"]
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as err:
+        raise BadInputError(f"{role} {path}: corrupt: its images cannot be read ({type(err).__name__}: {err})") from err
 
 
 def load_reference_stats(path):
@@ -815,6 +827,67 @@ def evaluated_files(results_path):
         return {line.split(" # ", 1)[0] for line in f if " # " in line}
 
 
+class UnreadableSamplesError(BadInputError):
+    """Some sample files were corrupt and not scored (the others were); `results` holds those scored."""
+
+    def __init__(self, message, results):
+        super().__init__(message)
+        self.results = results
+
+
+def check_results_writable(results_path):
+    """Before any computation: the results file can be appended to (or created in its folder)."""
+    try:
+        if results_path.exists():
+            with open(results_path, "a"):
+                pass
+        else:
+            check_writable(results_path.parent, "results folder")
+    except (OSError, WriteError) as err:
+        detail = str(err) if isinstance(err, WriteError) else f"{type(err).__name__}: {err}"
+        raise BadInputError(f"results file {results_path} cannot be written ({detail}); nothing was computed. "
+                            f"Make the sample folder writable, or evaluate a writable copy of it") from None
+
+
+def check_cache_writable(ref_batch, features, cache_dir):
+    """Before the reference activations are computed: their cache folder can be written (when they are not
+    cached yet)."""
+    cache_path, key = reference_cache_path(ref_batch, features.graph_path, cache_dir,
+                                           getattr(features, "backend", "tf"))
+    if key in _REFERENCE_MEMO or cache_path.is_file():
+        return
+    try:
+        check_writable(cache_path.parent, "reference-activation cache folder")
+    except WriteError as err:
+        raise BadInputError(f"{err}; nothing was computed. Pass --cache-dir (or set SOFLOW_CACHE_DIR) to a "
+                            f"writable folder") from None
+
+
+def _score_files(pending, reference, features, batch_size, results_path, pr_float32):
+    """Scores each file, appending its line as it finishes; a corrupt file is reported by name and skipped (it is
+    not listed, so a re-run tries it again). Returns (results, [error messages])."""
+    results, unreadable = [], []
+    for i, path in enumerate(pending, 1):
+        log.info("evaluating %s (%d/%d)", path.name, i, len(pending))
+        try:
+            images = _read_images(path, "sample batch")
+        except BadInputError as err:
+            log.error("skipping %s", err)
+            unreadable.append(str(err))
+            continue
+        pool, spatial, probs = features.compute(images, batch_size, desc=path.name)
+        result = {"file": path.name, "path": str(path),
+                  **compute_metrics(reference, pool, spatial, probs, pr_float32=pr_float32)}
+        line = format_result(result)
+        with open(results_path, "a") as f:
+            f.write(line + "\n")
+            f.flush()  # one line per finished file: a later crash loses nothing already computed
+            os.fsync(f.fileno())
+        log.info("%s", line)
+        results.append(result)
+    return results, unreadable
+
+
 def evaluate_folder(ref_batch, sample_dir, graph_path=None, batch_size=64, cache_dir=None,
                     inception_sha256=None, features=None, backend="auto", device=None, tf_check=True,
                     pr_float32=False):
@@ -844,29 +917,31 @@ def evaluate_folder(ref_batch, sample_dir, graph_path=None, batch_size=64, cache
         return []
     for path in pending:
         check_batch(path, role="sample batch")
+    check_results_writable(results_path)
+    claim = Claim(f"{results_path}.lock", sample_dir, "sample folder", "another --sample_batch_dir")
+    try:
+        claim.acquire()  # a second evaluator of the same folder is refused (it would score the files twice)
+    except (ClaimError, WriteError, OSError) as err:
+        raise BadInputError(str(err)) from None
 
     own_features = features is None
-    if own_features:
-        features = make_feature_extractor(backend, resolve_inception_graph(graph_path, cache_dir, inception_sha256),
-                                          device=device, tf_check=tf_check)
-    results = []
     try:
-        reference = load_reference(ref_batch, features, batch_size, cache_dir)
-        for i, path in enumerate(pending, 1):
-            log.info("evaluating %s (%d/%d)", path.name, i, len(pending))
-            pool, spatial, probs = features.compute(load_images(path), batch_size, desc=path.name)
-            result = {"file": path.name, "path": str(path),
-                      **compute_metrics(reference, pool, spatial, probs, pr_float32=pr_float32)}
-            line = format_result(result)
-            with open(results_path, "a") as f:
-                f.write(line + "\n")
-                f.flush()  # one line per finished file: a later crash loses nothing already computed
-                os.fsync(f.fileno())
-            log.info("%s", line)
-            results.append(result)
-    finally:
         if own_features:
+            features = make_feature_extractor(backend, resolve_inception_graph(graph_path, cache_dir,
+                                                                               inception_sha256),
+                                              device=device, tf_check=tf_check)
+        check_cache_writable(ref_batch, features, cache_dir)
+        reference = load_reference(ref_batch, features, batch_size, cache_dir)
+        results, unreadable = _score_files(pending, reference, features, batch_size, results_path, pr_float32)
+    finally:
+        if own_features and features is not None:
             features.close()
+        claim.release()
+    if unreadable:
+        raise UnreadableSamplesError(f"{len(unreadable)} of {len(pending)} sample file(s) could not be read and were "
+                                     f"not scored: " + "; ".join(unreadable) + f". The other {len(results)} were "
+                                     f"scored and appended to {results_path}; replace the unreadable files and "
+                                     f"re-run (they are tried again)", results)
     return results
 
 

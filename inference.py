@@ -13,18 +13,20 @@ that makes reproducible, and how exactly: docs/determinism.md. The same function
 sample grids of train.py and sample.py: every image goes through `sample_images`.
 """
 import argparse
+import errno
 import math
 import os
+import secrets
 import zipfile
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from distributed import (attention_context, cleanup_distributed, configure_backends, precision_context,
-                         setup_distributed, setup_logging)
+from distributed import (all_gather_objects, attention_context, cleanup_distributed, configure_backends, first_error,
+                         precision_context, setup_distributed, setup_logging)
 from models import to_uint8
+from safe_io import Claim, ClaimError, OutputError, WriteError, atomic_write
 
 # ----------------------------------------------------------------------------------------------------
 # Per-sample randomness
@@ -63,9 +65,11 @@ def sample_noise(indices, shape, nfe, seed):
 def load_sampling_model(cfg, ckpt, device="cpu"):
     """The config's model with the sampling (EMA) weights of checkpoint `ckpt` (a `.pt` or `.safetensors` file,
     or hf://ORG/REPO/PATH), strict, in eval mode."""
-    from checkpoints import load_checkpoint, model_state, resolve_checkpoint
+    from checkpoints import check_weights_fit, load_checkpoint, model_state, resolve_checkpoint
     model = cfg.build_model()
-    model.load_state_dict(model_state(load_checkpoint(resolve_checkpoint(ckpt))), strict=True)
+    weights = model_state(load_checkpoint(resolve_checkpoint(ckpt)))
+    check_weights_fit(model, weights, cfg.model_type, ckpt)
+    model.load_state_dict(weights, strict=True)
     return model.to(device).eval()
 
 
@@ -132,8 +136,7 @@ def _write_npz_streaming(path, parts, labels):
     """Writes `arr_0` (and `arr_1` labels) by streaming the parts, so no rank holds all images at once."""
     arrays = [np.load(p, mmap_mode="r") for p in parts]
     total = sum(len(a) for a in arrays)
-    tmp = f"{path}.tmp"
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
                       "shape": (total, *max(arrays, key=len).shape[1:])}
@@ -144,64 +147,116 @@ def _write_npz_streaming(path, parts, labels):
         if labels is not None:
             with zf.open("arr_1.npy", "w") as f:
                 np.lib.format.write_array(f, labels)
-    os.replace(tmp, path)
+
+
+def _open_part(path, shape):
+    """A memory-mapped uint8 .npy of `shape`, its blocks reserved now: a full disk then fails here, with an error,
+    instead of with SIGBUS when a page of the map is first written."""
+    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.path.getsize(path))
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without it: the map as it is
+            raise
+    finally:
+        os.close(fd)
+    return images
+
+
+def _sample_share(model, indices, part, nfe, seed, batch_size, device, decode, class_balanced, precision, bar,
+                  world_size, on_batch):
+    """Samples this rank's `indices`, writing the images into the .npy `part` as they come (None: not kept);
+    returns their labels."""
+    images = None
+    labels = np.zeros(len(indices), dtype=np.int64)
+    for lo in range(0, len(indices), batch_size):
+        batch = indices[lo:lo + batch_size]
+        x, y = generate(model, batch, nfe, seed, device, decode, class_balanced, precision)
+        if on_batch is not None:
+            on_batch(x.numpy())
+        if part is not None:
+            if images is None:
+                images = _open_part(part, (len(indices), *x.shape[1:]))
+            images[lo:lo + len(batch)] = x.numpy()
+        if y is not None:
+            labels[lo:lo + len(batch)] = y.numpy()
+        bar.update(len(batch) * world_size)  # tqdm's rate is then the images/s of all ranks
+    if part is not None and images is None:  # more ranks than samples
+        np.save(part, np.zeros((0, model.data_size, model.data_size, 3), np.uint8))
+    elif images is not None:
+        images.flush()
+    return labels
+
+
+def _failure(rank, error):
+    """One rank's failure, as the text every rank reports (safe_io.WriteError names the file and free space)."""
+    return f"rank {rank}: {error}" if isinstance(error, WriteError) else f"rank {rank}: {type(error).__name__}: {error}"
+
+
+def _claim_dump(out_path, rank):
+    """Rank 0 claims `out_path` (the lock `{out_path}.lock`); every rank learns the outcome and the name stem of
+    this dump's parts, unique to it. Raises ClaimError on every rank when another process writes `out_path`."""
+    claim, error = Claim(f"{out_path}.lock", out_path, "sample dump", "another --out"), None
+    if rank == 0:
+        try:
+            claim.acquire()
+        except (OutputError, OSError) as e:
+            error = str(e)
+    error = first_error(error)
+    if error:
+        raise ClaimError(error)
+    return claim, all_gather_objects(f"{out_path}.{secrets.token_hex(6)}")[0]
 
 
 def dump_samples(model, out_path, num_samples, nfe, seed, batch_size, device, rank=0, world_size=1, decode=None,
                  class_balanced=False, precision="fp32", progress=True, on_batch=None, write=True):
     """Samples `num_samples` images over all ranks (rank r its contiguous share) and writes them to `out_path`
     (ADM format); returns the path on rank 0. `on_batch(images)` sees every uint8 NHWC batch of this rank as it
-    is sampled (in-training FID); with write=False nothing is written."""
+    is sampled (in-training FID); with write=False nothing is written.
+
+    The output is claimed first (a second writer of the same file is refused, safe_io.ClaimError), the ranks'
+    parts carry names unique to this dump, and the file appears complete or not at all. A failure on any rank
+    stops every rank with the same OutputError (nobody waits for the process group's timeout)."""
     if class_balanced and model.num_classes > 0 and num_samples % model.num_classes:
         raise ValueError(f"--class-balanced needs num_samples ({num_samples}) divisible by the number of "
                          f"classes ({model.num_classes})")
-    if write:
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    part = f"{out_path}.part{rank:05d}.npy"
     indices = rank_slice(num_samples, rank, world_size)
-    images = None  # this rank's images, written to disk as they come (a memory-mapped .npy)
-    labels = np.zeros(len(indices), dtype=np.int64)
     bar = tqdm(total=num_samples, desc=f"sampling {os.path.basename(out_path)}", unit="img",
                disable=not progress or rank != 0, dynamic_ncols=True)
-    for lo in range(0, len(indices), batch_size):
-        batch = indices[lo:lo + batch_size]
-        x, y = generate(model, batch, nfe, seed, device, decode, class_balanced, precision)
-        if on_batch is not None:
-            on_batch(x.numpy())
-        if write:
-            if images is None:
-                images = np.lib.format.open_memmap(part, mode="w+", dtype=np.uint8,
-                                                   shape=(len(indices), *x.shape[1:]))
-            images[lo:lo + len(batch)] = x.numpy()
-        if y is not None:
-            labels[lo:lo + len(batch)] = y.numpy()
-        bar.update(len(batch) * world_size)  # tqdm's rate is then the images/s of all ranks
-    bar.close()
+    args = (nfe, seed, batch_size, device, decode, class_balanced, precision, bar, world_size, on_batch)
     if not write:
+        _sample_share(model, indices, None, *args)
+        bar.close()
         return None
-    if images is None:  # more ranks than samples
-        np.save(part, np.zeros((0, model.data_size, model.data_size, 3), np.uint8))
-    else:
-        images.flush()
-        del images
-    label_part = None
-    if model.num_classes > 0:
-        label_part = f"{out_path}.labels{rank:05d}.npy"
-        np.save(label_part, labels)
-    if world_size > 1:
-        dist.barrier()
-    if rank == 0:
-        parts = [f"{out_path}.part{r:05d}.npy" for r in range(world_size)]
-        all_labels = None
-        if label_part is not None:
-            all_labels = np.concatenate([np.load(f"{out_path}.labels{r:05d}.npy") for r in range(world_size)])
-        _write_npz_streaming(out_path, parts, all_labels)
-        for r in range(world_size):
-            for f in (f"{out_path}.part{r:05d}.npy", f"{out_path}.labels{r:05d}.npy"):
-                if os.path.exists(f):
-                    os.remove(f)
-    if world_size > 1:
-        dist.barrier()
+    claim, stem = _claim_dump(out_path, rank)
+    part, label_part = f"{stem}.part{rank:05d}.npy", f"{stem}.labels{rank:05d}.npy"
+    try:
+        error = None
+        try:
+            labels = _sample_share(model, indices, part, *args)
+            if model.num_classes > 0:
+                np.save(label_part, labels)
+        except Exception as e:
+            error = _failure(rank, e)
+        bar.close()
+        error = first_error(error)
+        if error is None and rank == 0:
+            try:
+                all_labels = (np.concatenate([np.load(f"{stem}.labels{r:05d}.npy") for r in range(world_size)])
+                              if model.num_classes > 0 else None)
+                parts = [f"{stem}.part{r:05d}.npy" for r in range(world_size)]
+                atomic_write(out_path, lambda tmp: _write_npz_streaming(tmp, parts, all_labels), "sample dump")
+            except Exception as e:
+                error = _failure(rank, e)
+        error = first_error(error)
+        if error:
+            raise OutputError(f"sample dump {out_path} not written: {error}")
+    finally:
+        for f in (part, label_part):
+            if os.path.exists(f):
+                os.remove(f)
+        claim.release()
     return out_path if rank == 0 else None
 
 
@@ -231,15 +286,9 @@ def save_grid(images, rows, path, scale=None, gap=GRID_GAP):
         r, col = divmod(i, cols)
         y, x = r * (th + gap), col * (tw + gap)
         canvas[y:y + th, x:x + tw] = img.repeat(scale, axis=0).repeat(scale, axis=1)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
     image_format = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
-    try:
-        Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas).save(tmp, format=image_format)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    image = Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas)
+    atomic_write(path, lambda tmp: image.save(tmp, format=image_format), "sample grid")
 
 
 def grid_labels(rows, cols, num_classes, classes=None):
@@ -278,11 +327,13 @@ def export(cfg, ckpt, out_dir):
     `out_dir/config.yaml` with its companion `out_dir/config.soflow.yaml` (the full config, as training writes
     it), each atomically: the folder to upload to the Hub, read back as `--ckpt out_dir/model.safetensors` or
     `--ckpt hf://ORG/REPO/model.safetensors`. Returns the weights' and the config's paths."""
-    from checkpoints import load_checkpoint, model_state, resolve_checkpoint, save_weights
+    from checkpoints import check_weights_fit, load_checkpoint, model_state, resolve_checkpoint, save_weights
     from config import save_config
     state = load_checkpoint(resolve_checkpoint(ckpt))
     weights = model_state(state)
-    cfg.build_model().load_state_dict(weights, strict=True)  # fails here, before writing, on a wrong config
+    model = cfg.build_model()
+    check_weights_fit(model, weights, cfg.model_type, ckpt)  # fails here, before writing, on a wrong config
+    model.load_state_dict(weights, strict=True)
     metadata = {"format": "pt", "weights": "ema_model" if "ema_model" in state else "model",
                 "source": os.path.basename(str(ckpt))}
     if "finished_steps" in state:
@@ -350,7 +401,10 @@ def main(argv=None):
     if args.export:
         log = setup_logging("inference", int(os.environ.get("RANK", 0)))
         if int(os.environ.get("RANK", 0)) == 0:
-            paths = export(cfg, ckpt, args.export)
+            try:
+                paths = export(cfg, ckpt, args.export)
+            except (ValueError, OutputError) as e:
+                raise SystemExit(f"error: {e}") from None
             log.info(f"exported the EMA weights of {source} and its config to {' and '.join(paths)}")
         return
     if args.eval_NFE < 1 or args.num_samples < 1 or args.eval_batch_size < 1:
@@ -363,7 +417,10 @@ def main(argv=None):
     log = setup_logging("inference", rank)
     configure_backends(device, cfg.tf32)
     try:
-        model = load_sampling_model(cfg, ckpt, device)
+        try:
+            model = load_sampling_model(cfg, ckpt, device)
+        except ValueError as e:  # unreadable, unsafe or not this config's checkpoint: the message says which
+            raise SystemExit(f"error: {e}") from None
         decode = None
         if cfg.dataset_type == "Imagenet":
             decode = build_decoder(args.vae or cfg.vae, cfg.latent_scale, device)
@@ -372,9 +429,12 @@ def main(argv=None):
         out = os.path.join(out_dir, f"{name}_{args.eval_NFE}NFE_{args.seed}.npz")
         log.info(f"sampling {args.num_samples} images at {args.eval_NFE} NFE from the EMA weights of {source} "
                  f"on {world_size} rank(s) -> {out}")
-        with attention_context(cfg.attention, device):
-            dump_samples(model, out, args.num_samples, args.eval_NFE, args.seed, args.eval_batch_size, device, rank,
-                         world_size, decode, args.class_balanced, args.precision or cfg.precision)
+        try:
+            with attention_context(cfg.attention, device):
+                dump_samples(model, out, args.num_samples, args.eval_NFE, args.seed, args.eval_batch_size, device,
+                             rank, world_size, decode, args.class_balanced, args.precision or cfg.precision)
+        except OutputError as e:  # claimed by another writer, or a failed write: nothing written under `out`
+            raise SystemExit(f"error: {e}") from None
         log.info(f"wrote {out}")
     finally:
         cleanup_distributed()

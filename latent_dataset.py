@@ -78,13 +78,42 @@ def scan_image_folder(root):
     order and files sorted by name, keeping files with a known image extension.
     """
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    samples = []
+    samples, skipped = [], []
+    class_dirs = [os.path.realpath(os.path.join(root, name)) for name in classes]
     for label, name in enumerate(classes):
-        for dirpath, _, filenames in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+        for dirpath, _, filenames in _walk_class(root, name, class_dirs[label], class_dirs, skipped):
             reldir = os.path.relpath(dirpath, root)  # once per folder: 1.28M relpath calls take seconds
             samples.extend((os.path.join(reldir, filename), label) for filename in sorted(filenames)
                            if filename.lower().endswith(IMG_EXTENSIONS))
+    if skipped:
+        log.warning('skipped %d linked folder(s) that would repeat images or give them another class\'s label '
+                    '(a symlink loop, a link to a folder already walked, to the data root or into another class): '
+                    '%s', len(skipped), ', '.join(skipped[:10]) + (' ...' if len(skipped) > 10 else ''))
     return samples, classes
+
+
+def _walk_class(root, name, own, class_dirs, skipped):
+    """os.walk of one class folder in sorted order, following symlinks (as ImageFolder) but never into a folder
+    already walked (a loop), the data root or a folder above it, or another class folder; each such folder is
+    appended to `skipped`, relative to the root."""
+    root_real = os.path.realpath(root)
+    others = [d for d in class_dirs if d != own]
+    visited = set()
+    walk = []
+    for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=True):
+        visited.add(os.path.realpath(dirpath))
+        keep = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            inside_other = any(real == o or real.startswith(o + os.sep) for o in others)
+            if real in visited or root_real == real or root_real.startswith(real + os.sep) or inside_other:
+                skipped.append(os.path.relpath(os.path.join(dirpath, d), root))
+            else:
+                keep.append(d)
+                visited.add(real)
+        dirnames[:] = keep
+        walk.append((dirpath, dirnames, filenames))
+    return sorted(walk)
 
 
 def center_crop_arr(pil_image, image_size):

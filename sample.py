@@ -18,6 +18,7 @@ import torch
 
 from distributed import attention_context, configure_backends, setup_logging
 from inference import GRID_GAP, DecoderError, build_decoder, grid_labels, load_run, load_sampling_model, sample_grid
+from safe_io import WriteError
 
 
 def parse_args(argv=None):
@@ -63,16 +64,22 @@ def main(argv=None):
     rows = len(classes) if classes else rows
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     configure_backends(device, cfg.tf32)
-    model = load_sampling_model(cfg, ckpt, device)
+    try:
+        model = load_sampling_model(cfg, ckpt, device)
+    except ValueError as e:  # unreadable, unsafe or not this config's checkpoint: the message says which
+        raise SystemExit(f"error: {e}") from None
     decode = None
     if cfg.dataset_type == "Imagenet":
         try:
             decode = build_decoder(args.vae or cfg.vae, cfg.latent_scale, device)
         except DecoderError as e:
             raise SystemExit(str(e))
-    with attention_context(cfg.attention, device):
-        images = sample_grid(model, (rows, per_class), nfe, seed, device, args.out, decode,
-                             args.precision or cfg.precision, classes, args.scale, args.gap)
+    try:
+        with attention_context(cfg.attention, device):
+            images = sample_grid(model, (rows, per_class), nfe, seed, device, args.out, decode,
+                                 args.precision or cfg.precision, classes, args.scale, args.gap)
+    except WriteError as e:
+        raise SystemExit(f"error: {e}") from None
     what = f"classes {' '.join(map(str, classes))}" if classes else "unconditional"
     log.info(f"wrote {args.out}: {rows} x {per_class} samples ({what}) at {nfe} NFE, seed {seed}, from the EMA "
              f"weights of {args.ckpt} on {device}")

@@ -13,7 +13,6 @@ import copy
 import logging
 import os
 import resource
-import shutil
 import signal
 import sys
 import time
@@ -25,14 +24,16 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoints import latest_checkpoint, list_checkpoints, save_checkpoint
-from config import ConfigError, check_world_size, load_config, save_config
+from checkpoints import (CheckpointMismatchError, check_weights_fit, latest_checkpoint, list_checkpoints,
+                         save_checkpoint)
+from config import RESUME_NO_EFFECT, ConfigError, check_resume, check_world_size, load_config, save_config
 from data import batch_loader, build_dataset
 from distributed import (all_gather_objects, attention_context, barrier, cleanup_distributed, configure_backends,
-                         crash_hook, get_rng_state, guidance_dtype, precision_context, set_rng_state,
+                         crash_hook, first_error, get_rng_state, guidance_dtype, precision_context, set_rng_state,
                          setup_distributed, setup_logging)
 from inference import build_decoder, dump_samples, sample_grid
 from models import draw_training_times
+from safe_io import Claim, OutputError, free_space
 from tracking import Tracker
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; re-run the command to resume
@@ -79,7 +80,7 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(OutputError):
     pass
 
 
@@ -197,11 +198,11 @@ def is_due(step, period, total_steps):
     return step % period == 0 or (step == total_steps and period <= total_steps)
 
 
-def decoder_needed(cfg, start_step):
-    """An Imagenet run decodes latents only for grids and dumps; none falls in the run when both periods
-    exceed total_steps or nothing is left to do."""
-    return (cfg.dataset_type == "Imagenet" and start_step < cfg.total_steps
-            and min(cfg.eval_demo_steps, cfg.eval_steps) <= cfg.total_steps)
+def decoder_needed(cfg, start_step, owed=False):
+    """An Imagenet run decodes latents only for grids and dumps: those `owed` by the resumed step, and those of
+    the steps left to do (none when both periods exceed total_steps or nothing is left to do)."""
+    return cfg.dataset_type == "Imagenet" and (owed or start_step < cfg.total_steps
+                                               and min(cfg.eval_demo_steps, cfg.eval_steps) <= cfg.total_steps)
 
 
 def parse_args(argv=None):
@@ -257,6 +258,152 @@ def train_step(ddp, model, optimizer, batch, objective, step, cfg, device):
 # Training
 
 
+# ----------------------------------------------------------------------------------------------------
+# Before anything is written: the working_dir's lock, the resume's checks
+
+
+LOCK_NAME = "train.lock"
+
+
+def claim_working_dir(work, rank):
+    """Rank 0 claims `work` (the lock file working_dir/train.lock, naming its host and pid) before anything is
+    written there; every rank learns the outcome. Returns (claim, note on a stale lock taken over); SystemExit on
+    every rank, with the other run's host and pid, when another live run holds it."""
+    claim, error, note = Claim(os.path.join(work, LOCK_NAME), work, "working_dir", "another working_dir"), None, None
+    if rank == 0:
+        try:
+            note = claim.acquire()
+        except (OutputError, OSError) as e:
+            error = str(e)
+    error = first_error(error)
+    if error:
+        raise SystemExit(f"error: {error}")
+    return claim, note
+
+
+def recorded_changes(cfg, config_path, work):
+    """The keys of `cfg` that differ from the run's own config.yaml, except the optimizer's (which the optimizer
+    state decides, see apply_optimizer_settings); SystemExit naming each model or data key that changed."""
+    recorded = os.path.join(work, "config.yaml")
+    if not os.path.isfile(recorded):
+        return []
+    try:
+        return check_resume(load_config(recorded), cfg, recorded, config_path)[1]
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}. (The run's config.yaml is its record: fix or restore it if it cannot "
+                         f"be read.)") from None
+
+
+def apply_optimizer_settings(optimizer, cfg):
+    """The config's learning_rate, betas and weight_decay replace those a loaded optimizer state brought back.
+    Returns [(key, checkpoint's value, config's value)] of those that changed."""
+    wanted = {"lr": cfg.learning_rate, "betas": tuple(cfg.betas), "weight_decay": cfg.weight_decay}
+    names = {"lr": "learning_rate", "betas": "betas", "weight_decay": "weight_decay"}
+    changes = []
+    for group in optimizer.param_groups:
+        for key, value in wanted.items():
+            old = tuple(group[key]) if key == "betas" else group[key]
+            if old != value:
+                if (names[key], old, value) not in changes:
+                    changes.append((names[key], old, value))
+                group[key] = value
+    return changes
+
+
+def load_training_state(model, ema, optimizer, state, cfg, ckpt_path):
+    """The checkpoint's weights (checked to fit the config's model first: SystemExit naming the sizes that differ)
+    and optimizer state, with the config's optimizer settings applied; returns those that changed."""
+    try:
+        for key, module in (("model", model), ("ema_model", ema.model)):
+            check_weights_fit(module, state[key], cfg.model_type, ckpt_path)
+    except CheckpointMismatchError as e:
+        raise SystemExit(f"error: {e}") from None
+    model.load_state_dict(state["model"])
+    ema.model.load_state_dict(state["ema_model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return apply_optimizer_settings(optimizer, cfg)
+
+
+def weights_finite(*modules):
+    """A device bool: every parameter of `modules` is finite (no host synchronisation)."""
+    return torch.stack([torch.isfinite(p).all() for m in modules for p in m.parameters()]).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Grids and dumps
+
+
+class PeriodicOutputs:
+    """The EMA sample grid (figs/{step}.png, drawn on rank 0) and dump (evals/{step}.npz, all ranks) of a step.
+    The checkpoint of a step is written before them, so a run stopped in between (a failed write, a kill, a
+    preemption) owes them, and the resumed run draws them first. A failure on any rank stops every rank."""
+
+    def __init__(self, cfg, device, rank, world_size, work, decode, fid, tracker):
+        self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
+        self.fig_dir, self.eval_dir = os.path.join(work, "figs"), os.path.join(work, "evals")
+        self.decode, self.fid, self.tracker = decode, fid, tracker
+
+    def due(self, step):
+        return is_due(step, self.cfg.eval_demo_steps, self.cfg.total_steps), is_due(step, self.cfg.eval_steps,
+                                                                                  self.cfg.total_steps)
+
+    def owed(self, step):
+        """(grid, dump) due at `step` and not on disk."""
+        grid, dump = self.due(step)
+        return grid and not os.path.isfile(os.path.join(self.fig_dir, f"{step}.png")), dump and not self.dumped(step)
+
+    def dumped(self, step):
+        name = f"{step}.npz"
+        if self.cfg.fid_ref_batch:
+            from evaluator import RESULTS_FILENAME, evaluated_files
+            if name not in evaluated_files(os.path.join(self.eval_dir, RESULTS_FILENAME)):
+                return False
+        return not self.cfg.eval_save_samples or os.path.isfile(os.path.join(self.eval_dir, name))
+
+    def write(self, ema_model, step, which, log):
+        grid, dump = which
+        if grid:
+            self.grid(ema_model, step)
+        if dump:
+            self.dump(ema_model, step, log)
+
+    def grid(self, ema_model, step):
+        cfg, error = self.cfg, None
+        if self.rank == 0:
+            path = os.path.join(self.fig_dir, f"{step}.png")
+            try:
+                with attention_context(cfg.attention, self.device):
+                    sample_grid(ema_model, cfg.eval_demo_shape, cfg.eval_NFE, cfg.seed, self.device, path,
+                                self.decode, cfg.precision)
+                if self.tracker.kind != "none":
+                    self.tracker.image(step, "samples/ema_grid", np.asarray(Image.open(path).convert("RGB")))
+            except Exception as e:
+                error = str(e) if isinstance(e, OutputError) else f"grid {path}: {type(e).__name__}: {e}"
+        error = first_error(error)
+        if error:
+            raise OutputError(error)
+
+    def dump(self, ema_model, step, log):
+        cfg = self.cfg
+        out = os.path.join(self.eval_dir, f"{step}.npz")
+        if self.fid is not None:
+            self.fid.start()
+        with attention_context(cfg.attention, self.device):
+            dump_samples(ema_model, out, cfg.num_eval_samples, cfg.eval_NFE, cfg.seed, cfg.eval_batch_size,
+                         self.device, self.rank, self.world_size, self.decode, precision=cfg.precision, progress=True,
+                         on_batch=self.fid.add if self.fid is not None else None, write=cfg.eval_save_samples)
+        if cfg.eval_save_samples:
+            log(f"wrote {cfg.num_eval_samples} EMA samples ({cfg.eval_NFE} NFE) to {out}")
+        if self.fid is not None:
+            line = self.fid.finish(os.path.basename(out), self.world_size)
+            if line:
+                log(line)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -266,26 +413,30 @@ def main(argv=None):
         raise SystemExit(f"config error: {e}")
     rank, world_size, device = setup_distributed()
     preemption = Preemption(world_size)
-    tracker = None
+    tracker = claim = None
+    work = cfg.working_dir
+    created = not os.path.isdir(work)
     try:
         configure_backends(device, cfg.tf32)
-        work = cfg.working_dir
         ckpt_dir, eval_dir, fig_dir = (os.path.join(work, d) for d in ("ckpts", "evals", "figs"))
-        if rank == 0:
-            for d in (ckpt_dir, eval_dir, fig_dir):
-                os.makedirs(d, exist_ok=True)
-            save_config(cfg, os.path.join(work, "config.yaml"))
-        barrier()
-        log = setup_logging("train", rank, os.path.join(work, "log.txt")).info
+        # Nothing is written into working_dir (config.yaml, log.txt, ckpts/) before the lock and the checks.
+        claim, note = claim_working_dir(work, rank)
+        deferred = [note] if note else []  # messages for log.txt, which is opened once the checks have passed
+        log = setup_logging("train", rank).info
 
-        dataset = build_dataset(cfg)  # fails early, with a clear message, when data are missing
-        ckpt_path, state = latest_checkpoint(ckpt_dir, log=logging.getLogger("train").warning)
+        dataset = build_dataset(cfg)  # fails early, with a clear message, when data are missing or mislabelled
+        ckpt_path, state = latest_checkpoint(ckpt_dir, log=deferred.append)
         if state is not None and args.no_resume:
             raise SystemExit(f"{ckpt_dir} holds checkpoints and --no-resume was given")
+        changes = recorded_changes(cfg, args.config, work) if state is not None else []
         finished_steps = int(state["finished_steps"]) if state is not None else 0
-        dumps_due = finished_steps < cfg.total_steps and cfg.eval_steps <= cfg.total_steps
+        outputs = PeriodicOutputs(cfg, device, rank, world_size, work, None, None, None)
+        # A checkpoint of this code whose step's grid or dump is missing: drawn before the next step.
+        owed = outputs.owed(finished_steps) if state is not None and "rng_states" in state else (False, False)
+        dumps_due = owed[1] or finished_steps < cfg.total_steps and cfg.eval_steps <= cfg.total_steps
         # The SD-VAE is loaded (before step 1) only when something will be decoded.
-        decode = build_decoder(cfg.vae, cfg.latent_scale, device) if decoder_needed(cfg, finished_steps) else None
+        decode = (build_decoder(cfg.vae, cfg.latent_scale, device) if decoder_needed(cfg, finished_steps, any(owed))
+                  else None)
 
         torch.manual_seed(cfg.seed + rank)  # the release's seeding; DDP then broadcasts rank 0's weights
         model = cfg.build_model().to(device)
@@ -300,15 +451,35 @@ def main(argv=None):
         if cfg.compile:
             model.network.compile()  # in place (state-dict keys stay the release's); the EMA copy stays eager
         optimizer = build_optimizer(cfg, model)
+        applied = load_training_state(model, ema, optimizer, state, cfg, ckpt_path) if state is not None else []
+
+        # The checks passed: the run's record is written now.
+        error = None
+        if rank == 0:
+            try:
+                for d in (ckpt_dir, eval_dir, fig_dir):
+                    os.makedirs(d, exist_ok=True)
+                save_config(cfg, os.path.join(work, "config.yaml"))
+            except (OSError, OutputError) as e:
+                error = f"{e}; {free_space(work)}" if isinstance(e, OSError) else str(e)
+        error = first_error(error)
+        if error:
+            raise SystemExit(f"error: {error}")
+        log = setup_logging("train", rank, os.path.join(work, "log.txt")).info
+        for message in deferred:
+            logging.getLogger("train").warning(message)
 
         if state is not None:
-            model.load_state_dict(state["model"])
-            ema.model.load_state_dict(state["ema_model"])
-            optimizer.load_state_dict(state["optimizer"])
             rng = state.get("rng_states")
+            for key, old, new in changes:
+                log(f"changed since the run's config.yaml: {key}: {old!r} -> {new!r}")
+            for key, old, new in applied:
+                log(f"applied to the optimizer: {key} {old!r} -> {new!r} (the checkpoint's value)")
+            altered = [k for k, _, _ in changes if k not in RESUME_NO_EFFECT] + [k for k, _, _ in applied]
             if rng is not None and len(rng) == world_size:
                 set_rng_state(rng[rank], device)
-                exact = "bit-exact continuation"
+                exact = ("bit-exact continuation" if not altered else
+                         f"continued with changed settings ({', '.join(altered)}), not a bit-exact continuation")
             else:
                 torch.manual_seed(cfg.seed + rank + 1_000_003 * finished_steps)
                 exact = ("random states reseeded: a checkpoint without them, e.g. the release's" if rng is None else
@@ -327,6 +498,7 @@ def main(argv=None):
             log(f"TensorBoard: tensorboard --logdir {tracker.path}")
 
         fid = TrainingFID(cfg, device, rank, eval_dir) if cfg.fid_ref_batch and dumps_due else None
+        outputs = PeriodicOutputs(cfg, device, rank, world_size, work, decode, fid, tracker)
         loader, steps_per_epoch = batch_loader(dataset, cfg.batch_size, rank, world_size, cfg.seed, finished_steps,
                                                cfg.total_steps, cfg.num_workers, pin_memory=device.type == "cuda",
                                                prefetch_factor=cfg.prefetch_factor)
@@ -344,16 +516,16 @@ def main(argv=None):
                                      "optimizer": optimizer.state_dict(), "finished_steps": step,
                                      "finished_epochs": step // steps_per_epoch, "rng_states": rng_states}, path,
                                     before_rename=lambda tmp: crash_hook("ckpt", step, rank))
-                except OSError as e:
-                    free = shutil.disk_usage(ckpt_dir).free / 2 ** 30
-                    error = (f"could not write checkpoint {path} ({e.strerror or e}); {free:.2f} GiB free on its "
-                             f"file system. Earlier checkpoints are intact (newest: {last_good or 'none'}); free "
-                             f"space or fix the permissions, then re-run the same command to resume")
+                except Exception as e:  # any type: torch.save raises RuntimeError on a full or read-only disk
+                    reason = str(e) if isinstance(e, OutputError) else (f"could not write checkpoint {path} "
+                                                                         f"({type(e).__name__}: {e})")
+                    error = (f"{reason}. Earlier checkpoints are intact (newest: {last_good or 'none'}); free space "
+                             f"or fix the permissions, then re-run the same command to resume")
                 else:
                     log(f"saved checkpoint {path}")
                     for old in prune_checkpoints(ckpt_dir, cfg.ckpt_keep_last, cfg.ckpt_keep_every, path):
                         log(f"removed {old} (ckpt_keep_last={cfg.ckpt_keep_last})")
-            error = all_gather_objects(error)[0]
+            error = first_error(error)
             if error:
                 raise CheckpointWriteError(error)
             last_good = path
@@ -369,13 +541,33 @@ def main(argv=None):
                    dynamic_ncols=True)
 
         def check_finite(step):
-            flag = first_bad_step.clone()
+            """Stops every rank when a loss or gradient was non-finite since the start, or the weights are now."""
+            flag = torch.stack([first_bad_step, torch.where(weights_finite(model, ema.model), -1, step)])
             if world_size > 1:
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() >= 0:
-                raise NonFiniteLoss(f"non-finite loss or gradient at step {flag.item() + 1}; stopped at step {step} "
+            bad_loss, bad_weights = flag.tolist()
+            if bad_loss >= 0:
+                raise NonFiniteLoss(f"non-finite loss or gradient at step {bad_loss + 1}; stopped at step {step} "
                                     f"without writing these weights. Last good checkpoint: {last_good or 'none'}")
+            if bad_weights >= 0:
+                raise NonFiniteLoss(f"non-finite weights after step {step} although the losses and gradients were "
+                                    f"finite (an update too large: learning_rate {cfg.learning_rate}?); stopped "
+                                    f"without writing them. Last good checkpoint: {last_good or 'none'}")
 
+        def write_outputs(step, which):
+            """The grid and dump of `step` (its checkpoint already written, or written now if one fails)."""
+            if not any(which):
+                return
+            check_finite(step)
+            try:
+                outputs.write(ema.model, step, which, log)
+            except OutputError as e:
+                if last_good != os.path.join(ckpt_dir, f"{step}.pt"):
+                    save(step)
+                raise OutputError(f"{e}. Checkpoint {last_good} holds step {step}: fix the cause, then re-run the "
+                                  f"same command; it resumes there and draws this step's grid and dump first") from None
+
+        write_outputs(finished_steps, owed)
         model.train()
         for x, labels in loader:
             step = finished_steps
@@ -416,15 +608,7 @@ def main(argv=None):
                 bar.set_postfix(loss=f"{values['Vel_MSE'] + values['Con_MSE']:.4f}")
                 window.zero_()
                 window_start, window_steps = time.time(), 0
-            if is_due(finished_steps, cfg.eval_demo_steps, cfg.total_steps):
-                check_finite(finished_steps)
-                if rank == 0:
-                    path = os.path.join(fig_dir, f"{finished_steps}.png")
-                    with attention_context(cfg.attention, device):
-                        sample_grid(ema.model, cfg.eval_demo_shape, cfg.eval_NFE, cfg.seed, device, path, decode,
-                                    cfg.precision)
-                    if tracker.kind != "none":
-                        tracker.image(finished_steps, "samples/ema_grid", np.asarray(Image.open(path).convert("RGB")))
+            # The checkpoint first: a grid or dump that fails, or a stop, loses no training.
             if finished_steps % cfg.ckpt_saving_steps == 0 or last or signum:
                 check_finite(finished_steps)
                 save(finished_steps)
@@ -433,27 +617,17 @@ def main(argv=None):
                     f"written; re-run the same command to resume (exit status {PREEMPTED_EXIT_CODE})")
                 bar.close()
                 return PREEMPTED_EXIT_CODE
-            if is_due(finished_steps, cfg.eval_steps, cfg.total_steps):
-                check_finite(finished_steps)
-                out = os.path.join(eval_dir, f"{finished_steps}.npz")
-                if fid is not None:
-                    fid.start()
-                with attention_context(cfg.attention, device):
-                    dump_samples(ema.model, out, cfg.num_eval_samples, cfg.eval_NFE, cfg.seed, cfg.eval_batch_size,
-                                 device, rank, world_size, decode, precision=cfg.precision, progress=True,
-                                 on_batch=fid.add if fid is not None else None, write=cfg.eval_save_samples)
-                if cfg.eval_save_samples:
-                    log(f"wrote {cfg.num_eval_samples} EMA samples ({cfg.eval_NFE} NFE) to {out}")
-                if fid is not None:
-                    line = fid.finish(os.path.basename(out), world_size)
-                    if line:
-                        log(line)
+            write_outputs(finished_steps, outputs.due(finished_steps))
         bar.close()
         log(f"finished {finished_steps} steps")
         return 0
     finally:
         if tracker is not None:
             tracker.close()
+        if claim is not None:
+            claim.release()
+        if created and rank == 0 and os.path.isdir(work) and not os.listdir(work):
+            os.rmdir(work)  # a run refused before it wrote anything leaves no folder behind
         preemption.close()
         cleanup_distributed()
 
@@ -461,6 +635,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (NonFiniteLoss, CheckpointWriteError) as e:
+    except (NonFiniteLoss, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -108,7 +108,7 @@ def test_export_from_ckpt_steps_and_a_wrong_config(run, tmp_path):
         inference.main(["--export", str(tmp_path / "b"), "--ckpt-steps", "2"])
     # weights that do not fit the config are refused before anything is written
     write_variant(cfg, tmp_path / "wide.yaml", hidden_size=64)  # the written config and its companion, widened
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(SystemExit, match=r"does not fit the config: the config describes DiT-B-4 with hidden 64, the checkpoint hidden 32"):
         inference.main(["--export", str(tmp_path / "c"), "--config", str(tmp_path / "wide.yaml"),
                         "--ckpt-steps", "2"])
     assert not os.path.exists(tmp_path / "c")
@@ -200,3 +200,26 @@ def test_hub_checkpoint_with_the_environment_only(run, hub_cache, tmp_path):
     cmd[3] = f"hf://{REPO}/other.safetensors"
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "offline mode is on" in proc.stderr and str(hub_cache) in proc.stderr
+
+
+class _Planted:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def test_a_malicious_checkpoint_is_called_unsafe_and_runs_nothing(tmp_path):
+    marker = tmp_path / "marker"
+    torch.save({"model": {"w": torch.ones(1)}, "payload": _Planted(str(marker))}, tmp_path / "2.pt")
+    with pytest.raises(ValueError, match=r"2.pt is unsafe or not a weights-only checkpoint") as refused:
+        load_checkpoint(tmp_path / "2.pt")
+    assert "truncated" not in str(refused.value) and not marker.exists()
+
+
+def test_hub_path_traversal_is_refused_without_a_download_hint():
+    for bad in ("hf://org/repo/../../etc/passwd", "hf://org/repo/a/./b.pt", "hf://org/repo/a//b.pt"):
+        with pytest.raises(CheckpointSourceError, match="is refused: it must name a file inside the repository") as e:
+            resolve_checkpoint(bad)
+        assert "hf download" not in str(e.value)

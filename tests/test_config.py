@@ -136,6 +136,10 @@ def base():
     ({"use_fp16": True}, "unknown key"),
     ({"betas": [0.9, 1.2]}, "betas"),
     ({"betas": [0.9]}, "'betas' must be a list of 2"),
+    ({"learning_rate": float("inf")}, "'learning_rate' must be a finite number, got inf"),
+    ({"eps": float("nan")}, "'eps' must be a finite number, got nan"),
+    ({"weight_decay": float("nan")}, "'weight_decay' must be a finite number"),
+    ({"time_mean": [0.0, float("-inf"), 0.0]}, "'time_mean' must be a finite number"),
     ({"precision": "auto"}, "'precision' is 'auto'; accepted: fp32, bf16, bf16-guidance"),
     ({"eval_demo_shape": [4, "x"]}, "'eval_demo_shape' must be a list of ints"),
 ])
@@ -214,3 +218,14 @@ def test_keys_command_prints_the_page(capsys):
     main(["--keys"])
     with open(os.path.join(ROOT, "docs", "config_keys.md")) as f:
         assert capsys.readouterr().out == f.read()
+
+
+def test_non_finite_numbers_and_empty_files_are_refused(tmp_path):
+    """YAML's .inf / .nan (and "inf" written as a string) are floats to PyYAML: refused for every key."""
+    for text in ("learning_rate: .inf", "eps: .nan", "cfg_scale: 'inf'"):
+        (tmp_path / "c.yaml").write_text(f"dataset_type: Imagenet\n{text}\n")
+        with pytest.raises(ConfigError, match="must be a finite number"):
+            load_config(str(tmp_path / "c.yaml"))
+    (tmp_path / "empty.yaml").write_text("# nothing\n")
+    with pytest.raises(ConfigError, match="empty.yaml is empty"):
+        load_config(str(tmp_path / "empty.yaml"))

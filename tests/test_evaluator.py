@@ -10,6 +10,8 @@ import hashlib
 import io
 import math
 import re
+import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -686,3 +688,61 @@ def test_resolve_inception_graph_downloads_once(tmp_path, monkeypatch):
         ev.resolve_inception_graph(path, None, sha256="f" * 64)
     with pytest.raises(ValueError, match="missing.pb.*not found"):
         ev.resolve_inception_graph(tmp_path / "missing.pb")
+
+
+def corrupt_copies(samples):
+    """Two sample files whose headers are valid but whose data are not: a flipped byte in the image data (bad
+    CRC) and fewer bytes than the header announces (a short write, with a matching CRC)."""
+    good = (samples / "a_copy.npz").read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF
+    (samples / "c_bad_crc.npz").write_bytes(bytes(flipped))
+    images = np.load(samples / "a_copy.npz")["arr_0"]
+    header = {"descr": "|u1", "fortran_order": False, "shape": images.shape}
+    with zipfile.ZipFile(samples / "d_short.npz", "w") as archive:
+        with archive.open("arr_0.npy", "w") as member:
+            np.lib.format.write_array_header_1_0(member, header)
+            member.write(images.tobytes()[: images.nbytes // 2])
+
+
+def test_corrupt_sample_files_are_named_and_the_others_scored(folder, tmp_path, toy_features):
+    ref, samples = folder
+    corrupt_copies(samples)
+    with pytest.raises(ev.UnreadableSamplesError, match=r"2 of 4 sample file\(s\) could not be read.*c_bad_crc.npz: "
+                                                        r"corrupt.*Bad CRC.*d_short.npz: corrupt.*The other 2 were "
+                                                        r"scored") as raised:
+        ev.evaluate_folder(ref, samples, cache_dir=tmp_path / "cache", features=toy_features)
+    assert [r["file"] for r in raised.value.results] == ["a_copy.npz", "b_shifted.npz"]
+    listed = (samples / "eval_results.txt").read_text().splitlines()
+    assert [line.split(" # ")[0] for line in listed] == ["a_copy.npz", "b_shifted.npz"]  # the bad ones retried later
+    assert sorted(p.name for p in samples.iterdir() if "lock" in p.name) == []
+
+
+def test_unwritable_results_or_cache_stop_before_any_computation(folder, tmp_path, monkeypatch, toy_features):
+    ref, samples = folder
+    calls = count_compute_calls(monkeypatch, toy_features)
+    (samples / "eval_results.txt").mkdir()  # cannot be appended to, whoever runs the evaluator
+    with pytest.raises(ValueError, match=r"results file .*eval_results.txt cannot be written .*nothing was computed"):
+        ev.evaluate_folder(ref, samples, cache_dir=tmp_path / "cache", features=toy_features)
+    (samples / "eval_results.txt").rmdir()
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match=r"could not write reference-activation cache folder .*a_file.*nothing was "
+                                         r"computed. Pass --cache-dir"):
+        ev.evaluate_folder(ref, samples, cache_dir=tmp_path / "a_file" / "cache", features=toy_features)
+    assert calls == [] and not (samples / "eval_results.txt").exists()
+
+
+def test_a_second_evaluator_of_the_same_folder_is_refused(folder, tmp_path, toy_features):
+    import json
+    import socket
+    import subprocess
+    ref, samples = folder
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (samples / "eval_results.txt.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid}))
+        with pytest.raises(ValueError, match=rf"sample folder {samples} is in use by another process: pid {other.pid}"):
+            ev.evaluate_folder(ref, samples, cache_dir=tmp_path / "cache", features=toy_features)
+    finally:
+        other.kill()
+        other.wait()
+    assert not (samples / "eval_results.txt").exists()

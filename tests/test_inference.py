@@ -203,3 +203,37 @@ def test_per_sample_inputs_depend_on_seed_and_index_only():
     assert np.bincount(many_labels.numpy(), minlength=10).min() > 150
     with pytest.raises(ValueError, match="seed"):
         inference.sample_inputs([0], 10, False, shape, 1, seed=-1)
+
+
+def test_a_second_writer_of_the_same_dump_is_refused(trained, tmp_path):
+    """A second dump to the same file while the first is under way (as a re-submitted job would be) is refused
+    with the writer's pid and host; the first completes, whole, and leaves nothing beside its file."""
+    from config import load_config
+    from safe_io import ClaimError
+    cfg, _ = trained
+    model = inference.load_sampling_model(load_config(cfg), os.path.join(load_config(cfg).working_dir, "ckpts",
+                                                                         "2.pt"))
+    out = str(tmp_path / "dump.npz")
+    refusals = []
+
+    def second_writer(images):
+        if not refusals:
+            with pytest.raises(ClaimError, match=rf"sample dump {out} is in use by another process: pid "
+                                                 rf"{os.getpid()} on this host .*use another --out") as refused:
+                inference.dump_samples(model, out, 4, 1, 5, 2, torch.device("cpu"), progress=False)
+            refusals.append(refused)
+    inference.dump_samples(model, out, 6, 1, 3, 2, torch.device("cpu"), progress=False, on_batch=second_writer)
+    alone = inference.dump_samples(model, str(tmp_path / "alone.npz"), 6, 1, 3, 2, torch.device("cpu"),
+                                   progress=False)
+    assert len(refusals) == 1 and np.array_equal(load(out)["arr_0"], load(alone)["arr_0"])
+    assert sorted(os.listdir(tmp_path)) == ["alone.npz", "dump.npz"]
+
+
+def test_a_failed_dump_write_is_reported_and_leaves_nothing(trained, tmp_path, monkeypatch):
+    cfg, _ = trained
+    monkeypatch.setattr(inference, "_write_npz_streaming", lambda *a: (_ for _ in ()).throw(
+        RuntimeError("disk quota exceeded")))
+    with pytest.raises(SystemExit, match=r"error: sample dump .*2_1NFE_3.npz not written: rank 0: could not write "
+                                         r"sample dump .* \(RuntimeError: disk quota exceeded\); .*GiB free"):
+        run_inference(cfg, tmp_path, "--num-samples", "4")
+    assert os.listdir(tmp_path) == []

@@ -364,3 +364,24 @@ def test_dataset_validation_file_errors(tmp_path):
     good = tmp_path / 'good.hdf5'
     write_latent_file(good)
     assert len(datasets.LatentDataset(good)) == 4 and datasets.LatentDataset(good).num_classes == 4
+
+
+def test_scan_follows_no_symlink_loops_and_names_what_it_skipped(tmp_path, caplog):
+    """Links back to the class folder, to the data root and into another class would repeat the images under
+    wrong labels (6 images became 246 latents); they are skipped, counted and named. A link to a folder of
+    images outside the tree is followed, as ImageFolder does."""
+    make_image_folder(tmp_path / 'images')
+    images = tmp_path / 'images'
+    expected, _ = ld.scan_image_folder(str(images))
+    os.symlink('..', images / 'cat' / 'loop_to_root')
+    os.symlink('.', images / 'dog' / 'loop_to_itself')
+    os.symlink(str(images / 'cat'), images / 'emu' / 'into_cat')
+    (tmp_path / 'extra').mkdir()
+    Image.new('RGB', (9, 9)).save(tmp_path / 'extra' / 'x.png')
+    os.symlink(str(tmp_path / 'extra'), images / 'dog' / 'more')
+    with caplog.at_level(logging.WARNING, logger='latent_dataset'):
+        samples, classes = ld.scan_image_folder(str(images))
+    assert sorted(samples) == sorted(expected + [(os.path.join('dog', 'more', 'x.png'), 1)])
+    assert 'skipped 3 linked folder(s)' in caplog.text
+    for name in ('cat/loop_to_root', 'dog/loop_to_itself', 'emu/into_cat'):
+        assert name in caplog.text

@@ -1,0 +1,82 @@
+"""data.py: CIFAR-10 batches read without running code, and labels checked against num_classes on opening."""
+import os
+import pickle
+
+import h5py
+import numpy as np
+import pytest
+
+import data
+from config import from_dict
+from helpers import TINY_DIT, make_cifar_folder
+
+
+class Planted:
+    """Unpickling this runs code: it writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def test_a_planted_cifar_batch_runs_nothing(tmp_path):
+    root = make_cifar_folder(str(tmp_path))
+    marker = tmp_path / "marker"
+    batch = os.path.join(root, data.CIFAR_FOLDER, "data_batch_3")
+    with open(batch, "wb") as f:
+        pickle.dump({b"data": Planted(str(marker)), b"labels": [0]}, f)
+    with pytest.raises(ValueError, match=r"data_batch_3 is unsafe or not a CIFAR-10 python batch \(refused global "
+                                         r"builtins.exec\)"):
+        data.load_cifar10(root)
+    assert not marker.exists()
+
+
+def test_cifar_batches_of_either_numpy_load(tmp_path):
+    root = make_cifar_folder(str(tmp_path))
+    images, labels = data.load_cifar10(root)
+    assert images.shape == (40, 3, 32, 32) and labels.dtype.is_floating_point is False
+    # The official files name numpy.core.multiarray (NumPy 1); written here by NumPy 2 as numpy._core.
+    path = os.path.join(root, data.CIFAR_FOLDER, "data_batch_1")
+    raw = open(path, "rb").read()
+    with open(path, "rb") as f:
+        expected = pickle.load(f, encoding="bytes")
+    old = pickle.dumps(expected, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    open(path, "wb").write(old)
+    again, _ = data.load_cifar10(root)
+    assert np.array_equal(again.numpy(), images.numpy()) and raw != old
+
+
+def test_cifar_labels_out_of_range_are_refused(tmp_path):
+    root = make_cifar_folder(str(tmp_path))
+    path = os.path.join(root, data.CIFAR_FOLDER, "data_batch_5")
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    batch[b"labels"][0] = 10
+    with open(path, "wb") as f:
+        pickle.dump(batch, f)
+    with pytest.raises(ValueError, match=r"labels lie in \[0, 10\] but num_classes is 10"):
+        data.load_cifar10(root)
+
+
+def write_latents(path, labels, size=8):
+    n = len(labels)
+    with h5py.File(path, "w") as f:
+        f["latents"] = np.random.default_rng(0).standard_normal((n, 8, size, size)).astype(np.float32)
+        f["labels"] = np.asarray(labels, dtype=np.int64)
+        f["amount"] = np.int64(n)
+        f["latent_size"] = np.int64(size)
+
+
+@pytest.mark.parametrize("top", [3, 7])
+def test_latent_labels_reaching_num_classes_are_refused_on_opening(tmp_path, top):
+    """Label 3 with num_classes 3 would train as the guidance's null class; 7 would index past the table."""
+    write_latents(tmp_path / data.LATENT_FILE, [0, 1, 2, top])
+    cfg = from_dict({"dataset_type": "Imagenet", "dataset_path": str(tmp_path), "data_size": 8, "num_classes": 3,
+                     "cfg_scale": 2.0, "cfg_drop_rate": 0.1, **TINY_DIT})
+    with pytest.raises(ValueError, match=rf"imagenet_latent.hdf5: labels lie in \[0, {top}\] but num_classes is 3.*"
+                                         rf"set num_classes: {top + 1}"):
+        data.build_dataset(cfg)
+    write_latents(tmp_path / data.LATENT_FILE, [0, 1, 2, 2])
+    assert len(data.build_dataset(cfg)) == 4

@@ -1,0 +1,211 @@
+"""train.py against careless or hostile use: two runs on one working_dir, changed configs on resume, failed
+writes at any moment, non-finite weights. Tiny CIFAR recipe, on 2 CPU ranks (gloo) where ranks are involved."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from checkpoints import list_checkpoints, load_checkpoint
+from helpers import make_cifar_folder, torchrun, write_config
+from safe_io import OutputError
+
+
+@pytest.fixture(autouse=True)
+def single_process(monkeypatch):
+    """In-process runs as one single-threaded process (the 2-core machine is shared; torchrun's ranks get
+    OMP_NUM_THREADS=1 from helpers.torchrun)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def no_torchrun_variables(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def steps_of(run):
+    return [s for s, _ in list_checkpoints(run / "ckpts")]
+
+
+def resumable_copy(reference_run, run, step):
+    """A run folder holding the reference run's config.yaml and its checkpoint of `step` (the reference run stays
+    untouched)."""
+    os.makedirs(run / "ckpts")
+    shutil.copy(reference_run / "config.yaml", run / "config.yaml")
+    shutil.copy(reference_run / "ckpts" / f"{step}.pt", run / "ckpts" / f"{step}.pt")
+    return run
+
+
+def config(tmp_path, cifar_root, run, name="cfg.yaml", **changes):
+    return write_config("tiny_cifar_cpu.yaml", tmp_path / name, dataset_path=cifar_root, working_dir=str(run),
+                        **{"tracker": "none", **changes})
+
+
+# ----------------------------------------------------------------------------------------------------
+# One working_dir, one run
+
+
+def test_a_second_run_on_a_working_dir_is_refused_on_every_rank(cifar_root, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = config(tmp_path, cifar_root, run, total_steps=2, eval_steps=100, eval_demo_steps=100)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # "the other run"
+    try:
+        (run / train.LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid,
+                                                       "since": "10:00", "command": "train.py --config a.yaml"}))
+        began = time.time()
+        proc = torchrun("train.py", ["--config", cfg], check=False)
+        assert proc.returncode != 0 and time.time() - began < 120
+        assert f"working_dir {run} is in use by another process: pid {other.pid} on this host" in proc.stderr
+        assert os.listdir(run) == [train.LOCK_NAME]  # no log.txt, config.yaml or ckpts/ of the refused run
+    finally:
+        other.kill()
+        other.wait()
+    # the other run is gone (killed): its lock is stale, taken over and noted
+    assert train.main(["--config", cfg]) == 0
+    log = (run / "log.txt").read_text()
+    assert f"took over the stale lock {run / train.LOCK_NAME} of pid {other.pid}" in log
+    assert steps_of(run) == [0, 2] and not (run / train.LOCK_NAME).exists()  # released at the end
+
+
+# ----------------------------------------------------------------------------------------------------
+# config.yaml, the run's record, is written only after the checks
+
+
+def test_refused_resumes_leave_the_runs_config_untouched(reference_run, cifar_root, tmp_path, monkeypatch):
+    import sample
+    run = resumable_copy(reference_run, tmp_path / "run", 2)
+    record = (run / "config.yaml").read_bytes()
+    wider = config(tmp_path, cifar_root, run, "wide.yaml", model_channels=32)
+    with pytest.raises(SystemExit, match=r"model or data settings .*model_channels: 16 -> 32"):
+        train.main(["--config", wider])
+    with pytest.raises(SystemExit, match="--no-resume"):
+        train.main(["--config", config(tmp_path, cifar_root, run), "--no-resume"])
+    assert (run / "config.yaml").read_bytes() == record and not (run / "log.txt").exists()
+    sample.main(["--ckpt", str(run / "ckpts" / "2.pt"), "--out", str(tmp_path / "grid.png")])  # still its model
+    # without the run's record (a checkpoint copied in): the weights' shapes tell the sizes
+    (run / "config.yaml").unlink()
+    with pytest.raises(SystemExit, match=r"2\.pt does not fit the config: the config describes UNet with "
+                                         r"model_channels 32, .*the checkpoint model_channels 16"):
+        train.main(["--config", wider])
+    assert sorted(os.listdir(run)) == ["ckpts"]
+    # an empty config is no "all defaults" run in ./results/run
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(SystemExit, match="empty.yaml is empty"):
+        train.main(["--config", str(tmp_path / "empty.yaml")])
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("key", ["noising_type", "seed", "dataset_path"])
+def test_a_changed_model_or_data_key_refuses_to_resume(key, reference_run, cifar_root, tmp_path):
+    run = resumable_copy(reference_run, tmp_path / "run", 4)
+    new = {"noising_type": "Trig", "seed": 1, "dataset_path": make_cifar_folder(str(tmp_path / "other"), seed=1)}
+    old = {"noising_type": "'Linear'", "seed": "0", "dataset_path": repr(cifar_root)}
+    cfg = write_config("tiny_cifar_cpu.yaml", tmp_path / "cfg.yaml", **{"dataset_path": cifar_root,
+                                                                        "working_dir": str(run), key: new[key]})
+    with pytest.raises(SystemExit, match=rf"{key}: {old[key]} -> {new[key]!r}\. These cannot change on resume"):
+        train.main(["--config", cfg])
+
+
+def test_changed_optimizer_settings_are_applied_and_logged(cifar_root, tmp_path):
+    run = tmp_path / "run"
+    quiet = dict(eval_steps=100, eval_demo_steps=100)
+    assert train.main(["--config", config(tmp_path, cifar_root, run, total_steps=2, **quiet)]) == 0
+    cfg = config(tmp_path, cifar_root, run, "more.yaml", total_steps=4, learning_rate=5e-5, logging_steps=1, **quiet)
+    assert train.main(["--config", cfg]) == 0
+    log = (run / "log.txt").read_text()
+    assert "changed since the run's config.yaml: logging_steps: 2 -> 1" in log
+    assert "changed since the run's config.yaml: total_steps: 2 -> 4" in log
+    assert "applied to the optimizer: learning_rate 0.0001 -> 5e-05" in log
+    assert "(continued with changed settings (total_steps, learning_rate), not a bit-exact continuation)" in log
+    assert "(bit-exact continuation)" not in log
+    state = load_checkpoint(run / "ckpts" / "4.pt")
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [5e-5]
+    assert "learning_rate: 5.0e-05" in (run / "config.yaml").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Nothing called good that is not
+
+
+def test_non_finite_weights_are_never_checkpointed(cifar_root, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    cfg = config(tmp_path, cifar_root, run, ckpt_saving_steps=1, logging_steps=1, eval_demo_steps=100)
+    step = torch.optim.RAdam.step
+
+    def overflowing(self, *args, **kwargs):  # what learning_rate 1e38 does: finite loss, then inf weights
+        out = step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][3].fill_(float("inf"))
+        return out
+    monkeypatch.setattr(torch.optim.RAdam, "step", overflowing)
+    with pytest.raises(train.NonFiniteLoss, match=r"non-finite weights after step 1 .*Last good checkpoint: .*0\.pt"):
+        train.main(["--config", cfg])
+    assert steps_of(run) == [0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Failed writes: reported with the path and free space, nothing lost, the owed outputs redone
+
+
+def test_failed_checkpoint_write_of_any_type_stops_both_ranks_at_once(cifar_root, tmp_path):
+    run = tmp_path / "run"
+    cfg = config(tmp_path, cifar_root, run, eval_steps=100, eval_demo_steps=100)
+    began = time.time()
+    proc = torchrun("train.py", ["--config", cfg], env={"SOFLOW_TEST_CRASH": "ckpt:4=ERROR"}, check=False)
+    assert proc.returncode != 0 and time.time() - began < 180  # not the process group's 60-minute timeout
+    assert proc.stderr.count("error: could not write checkpoint") == 2  # both ranks say why
+    assert "4.pt (RuntimeError: " in proc.stderr and "GiB free on its file system" in proc.stderr
+    assert steps_of(run) == [0, 2] and sorted(os.listdir(run / "ckpts")) == ["0.pt", "2.pt"]
+
+
+def test_a_failed_grid_keeps_its_step_and_is_drawn_on_resume(cifar_root, tmp_path, monkeypatch):
+    """A grid (figs/ read-only) fails at step 2, where no checkpoint is due: the step is checkpointed before the
+    run stops, and the resumed run draws the grid it owes first."""
+    from PIL import Image
+    run = tmp_path / "run"
+    cfg = config(tmp_path, cifar_root, run, total_steps=4, eval_demo_steps=2, ckpt_saving_steps=100, eval_steps=100)
+    save = Image.Image.save
+
+    def read_only(self, fp, *args, **kwargs):
+        if "2.png" in str(fp):
+            raise OSError(30, "Read-only file system")
+        return save(self, fp, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "save", read_only)
+    with pytest.raises(OutputError, match=r"could not write sample grid .*2\.png \(OSError: .*Read-only.*GiB free.*"
+                                          r"Checkpoint .*2\.pt holds step 2"):
+        train.main(["--config", cfg])
+    assert steps_of(run) == [0, 2] and os.listdir(run / "figs") == []  # step 2 not lost
+    monkeypatch.setattr(Image.Image, "save", save)
+    assert train.main(["--config", cfg]) == 0
+    assert sorted(os.listdir(run / "figs")) == ["2.png", "4.png"]
+
+
+def test_a_failed_last_dump_is_redone_on_rerun(cifar_root, tmp_path, monkeypatch):
+    import inference
+    run = tmp_path / "run"
+    cfg = config(tmp_path, cifar_root, run, total_steps=2, eval_steps=2, eval_demo_steps=100, num_eval_samples=4)
+    write = inference._write_npz_streaming
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(inference, "_write_npz_streaming", full_disk)
+    with pytest.raises(OutputError, match=r"sample dump .*2\.npz not written: rank 0: could not write sample dump "
+                                          r".*No space left.*GiB free"):
+        train.main(["--config", cfg])
+    assert steps_of(run) == [0, 2] and os.listdir(run / "evals") == []  # no part, lock or temporary left
+    monkeypatch.setattr(inference, "_write_npz_streaming", write)
+    assert train.main(["--config", cfg]) == 0
+    log = (run / "log.txt").read_text()
+    assert log.rindex("wrote 4 EMA samples") > log.rindex("resumed from") and os.listdir(run / "evals") == ["2.npz"]
