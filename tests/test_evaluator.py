@@ -14,6 +14,7 @@ import re
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
 from scipy.spatial.distance import cdist
 
 import evaluator as ev
@@ -319,7 +320,10 @@ def test_float16_block_falls_back_to_float32_when_not_finite():
     want16 = adm_sq_distances_scalar(u, v)
     rows = slice(7, 14)
     np.testing.assert_array_equal(np.delete(got, range(7, 14), axis=0), np.delete(want16, range(7, 14), axis=0))
-    np.testing.assert_array_equal(got[rows], ev._fp32_block(u[rows], v))
+    for c0 in (0, 7, 14):  # each block recomputed in float32 from the uncast features
+        cols = slice(c0, c0 + 7)
+        want32 = ev._fp32_block(torch.from_numpy(u[rows]), torch.from_numpy(v[cols])).numpy()
+        np.testing.assert_array_equal(got[rows, cols], want32)
     np.testing.assert_allclose(got[rows], cdist(u[rows], v) ** 2, rtol=1e-5)
     assert np.isinf(want16[rows]).any() or not np.isfinite(want16[9]).all()
     np.testing.assert_array_equal(ev.adm_pairwise_sq_distances(u, v, batch_size=7), got)
@@ -350,7 +354,7 @@ def test_adm_distances_against_tensorflow_graph(tf):
                 {"rr": (ref, ref), "ss": (sample, sample), "rs": (ref, sample)}.items()}
     ours = ev.adm_pairwise_sq_distances(ref, sample)
     # One float16 unit of each norm, and one of the result.
-    norms = [ev._fp16_norms(x.astype(np.float16)) for x in (ref, sample)]
+    norms = [ev._fp16_norms(torch.from_numpy(x.astype(np.float16))).numpy() for x in (ref, sample)]
     bound = np.spacing(norms[0])[:, None] + np.spacing(norms[1])[None, :] + np.spacing(ours.astype(np.float16))
     assert np.all(np.abs(ours - tf_d["rs"]) <= bound.astype(np.float32))
     assert np.mean(ours == tf_d["rs"]) > 0.3
