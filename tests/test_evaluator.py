@@ -329,6 +329,54 @@ def test_float16_block_falls_back_to_float32_when_not_finite():
     np.testing.assert_array_equal(ev.adm_pairwise_sq_distances(u, v, batch_size=7), got)
 
 
+SHARE_SCRIPT = """
+import sys
+import numpy as np
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import evaluator as ev
+from distributed import RowShare
+
+dist.init_process_group("gloo")
+share = RowShare()
+data = np.load(sys.argv[2])
+ref, sample = data["ref"], data["sample"]
+radii = ev.manifold_radii(sample, 3, adm_batch_size=7, share=share)
+pr = ev.precision_recall(ref, sample, 3, adm_batch_size=7, share=share)
+reference = ev.Reference(None, ref, ref, *ev.feature_statistics(ref), *ev.feature_statistics(ref))
+metrics = ev.compute_metrics(reference, sample, sample, data["probs"], share=share)
+if share.rank == 0:
+    np.savez(sys.argv[3], radii=radii, pr=np.array(pr), metrics=np.array([metrics[key] for key in sorted(metrics)]))
+else:
+    assert metrics is None
+dist.destroy_process_group()
+"""
+
+
+def test_precision_recall_split_over_two_ranks(tmp_path):
+    """Two gloo ranks, each computing its rows: the same radii, precision/recall and metrics as one process.
+    With ADM blocks of 7 rows the share boundaries (19 of 38 samples, 22 of 45 references) cut a block, and
+    an overflow on one rank's side of it sends the whole block to the float32 fallback on both."""
+    from helpers import torchrun
+    rng = np.random.default_rng(6)
+    ref, sample = pool_like(rng, 45, 16), pool_like(rng, 38, 16, shift=0.05)
+    sample[20, 3] = ref[26, 5] = 300.0  # squares past float16's range, in rows 14-20 and 21-27
+    probs = rng.dirichlet(np.ones(CLASSES), size=38).astype(np.float32)
+    np.savez(tmp_path / "features.npz", ref=ref, sample=sample, probs=probs)
+    script = tmp_path / "share.py"
+    script.write_text(SHARE_SCRIPT)
+    torchrun(str(script), [str(ev.Path(ev.__file__).parent), str(tmp_path / "features.npz"), str(tmp_path / "out.npz")])
+    got = np.load(tmp_path / "out.npz")
+    np.testing.assert_array_equal(got["radii"], ev.manifold_radii(sample, K, adm_batch_size=7))
+    distances = ev._ADMDistances(sample, sample, batch_size=7)
+    list(distances.blocks())
+    assert (14, 0) in distances.fallback_blocks and (0, 0) not in distances.fallback_blocks
+    assert tuple(got["pr"]) == ev.precision_recall(ref, sample, K, adm_batch_size=7)
+    reference = ev.Reference(None, ref, ref, *ev.feature_statistics(ref), *ev.feature_statistics(ref))
+    want = ev.compute_metrics(reference, sample, sample, probs)
+    np.testing.assert_array_equal(got["metrics"], [want[key] for key in sorted(want)])
+
+
 def test_adm_distances_against_tensorflow_graph(tf):
     """ADM's own float16 DistanceBlock graph, rebuilt here in TensorFlow and run on the CPU: its matrix
     product accumulates in float32 and Eigen sums the squares in float16 packets, so part of its norms
