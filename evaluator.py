@@ -397,13 +397,14 @@ class TensorFlowCheck:
 
 
 def make_feature_extractor(backend="auto", graph_path=None, device=None, tf_check=True,
-                           spatial_channels=SPATIAL_CHANNELS):
+                           spatial_channels=SPATIAL_CHANNELS, fold=True):
     """The Inception feature extractor of `backend` ('auto', 'tf' or 'torch') for the graph at
     `graph_path` (see resolve_inception_graph). Both have compute(images, batch_size) and
     features_of(images) returning float32 (pool, spatial, probs), and close().
 
-    torch: runs on `device` (default: CUDA when available). With tf_check and TensorFlow importable, its
-    first batch is checked against TensorFlow (TensorFlowCheck)."""
+    torch: runs on `device` (default: CUDA when available), with its conv units folded unless fold=False
+    (inception_torch.fold_conv_units). With tf_check and TensorFlow importable, its first batch is checked
+    against TensorFlow (TensorFlowCheck)."""
     backend = resolve_backend(backend)
     if backend == "tf":
         return InceptionFeatures(graph_path, spatial_channels)
@@ -411,7 +412,7 @@ def make_feature_extractor(backend="auto", graph_path=None, device=None, tf_chec
     check = TensorFlowCheck(graph_path, spatial_channels) if tf_check and tensorflow_available() else None
     try:
         return inception_torch.TorchInception(graph_path, device=device, spatial_channels=spatial_channels,
-                                              first_batch_check=check)
+                                              first_batch_check=check, fold=fold)
     except inception_torch.GraphError as err:
         raise BadInputError(str(err)) from err
 

@@ -46,10 +46,8 @@ def synthetic_graph(path):
 
 
 def make_extractor(backend, graph, device):
-    if backend == "torch-unfolded":
-        import inception_torch
-        return inception_torch.TorchInception(graph, device=device, fold=False)
-    return evaluator.make_feature_extractor(backend, graph, device=device, tf_check=False)
+    return evaluator.make_feature_extractor(backend.split("-")[0], graph, device=device, tf_check=False,
+                                            fold=backend != "torch-unfolded")
 
 
 def time_backends(backends, graph, images, batch_size, device, rounds):
@@ -103,7 +101,8 @@ def thread_note(backends):
 
 
 def print_table(rows):
-    print(f"{'backend':<15} {'images/s':>9} {'x tf':>6}  per round (images/s)   max rel. diff to tf (pool, spatial, probs)")
+    print(f"{'backend':<15} {'images/s':>9} {'x tf':>6}  {'per round (images/s)':<22} "
+          f"max rel. diff to tf (pool, spatial, probs)")
     for backend, (speeds, out) in rows.items():
         ratio, diff = "-", "-"
         if "tf" in rows:

@@ -736,8 +736,9 @@ def test_folding_follows_what_the_op_sequence_allows():
                                 gamma=rng.uniform(0.5, 2, 3)).items():
             g.const(f"{name}{i}", value.astype(np.float32))
         g.node(f"conv{i}", "Conv2D", ["x", f"w{i}"], T=Type(FLOAT), strides=[1, 1, 1, 1], padding="SAME")
-        g.node(f"bn{i}", "BatchNormWithGlobalNormalization", [f"conv{i}", f"mean{i}", f"var{i}", f"beta{i}", f"gamma{i}"],
-               T=Type(FLOAT), variance_epsilon=0.001, scale_after_normalization=True)
+        g.node(f"bn{i}", "BatchNormWithGlobalNormalization",
+               [f"conv{i}", f"mean{i}", f"var{i}", f"beta{i}", f"gamma{i}"], T=Type(FLOAT), variance_epsilon=0.001,
+               scale_after_normalization=True)
         g.node(f"relu{i}", "Relu", [f"bn{i}"], T=Type(FLOAT))
     g.node("twice", "Add", ["conv1", "conv1"], T=Type(FLOAT))
     fetches = ["relu0:0", "bn0:0", "relu1:0", "twice:0", "relu2:0"]
