@@ -1226,8 +1226,11 @@ def _run_conv_unit(ctx, inputs, attrs):
     y = conv2d_nhwc(unit.conv_ctx, unit.conv_attrs, inputs[0], unit.weight, unit.bias)
     if unit.check is not None:
         check_ctx, check_attrs = unit.check
-        check_ctx.deferred = ctx.deferred
-        _check_numerics(check_ctx, [y], check_attrs)
+        check_ctx.deferred = ctx.deferred  # the run's list of pending checks (None: check at once)
+        try:
+            _check_numerics(check_ctx, [y], check_attrs)
+        finally:
+            check_ctx.deferred = None
     return [y.relu_() if unit.relu else y]
 
 
