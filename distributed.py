@@ -12,6 +12,7 @@ import signal
 import sys
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -87,6 +88,34 @@ def first_error(error):
     others waiting in the next collective until the process group's timeout."""
     errors = [e for e in all_gather_objects(error) if e]
     return errors[0] if errors else None
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (the others' argument is ignored; `obj` itself in a single process)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class RowShare:
+    """This rank's part of work split by rows over the process group: the `share` of evaluator's
+    precision/recall. Rank r of R computes rows [n r / R, n (r + 1) / R) of n."""
+
+    def __init__(self):
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    def bounds(self, n):
+        return n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+
+    def gather(self, array):
+        """Every rank's rows, concatenated in rank order."""
+        return np.concatenate(all_gather_objects(array))
+
+    def any(self, array):
+        """Element-wise OR of every rank's boolean array."""
+        return np.logical_or.reduce(all_gather_objects(array))
 
 
 class _TqdmHandler(logging.Handler):

@@ -409,13 +409,14 @@ class TensorFlowCheck:
 
 
 def make_feature_extractor(backend="auto", graph_path=None, device=None, tf_check=True,
-                           spatial_channels=SPATIAL_CHANNELS):
+                           spatial_channels=SPATIAL_CHANNELS, fold=True):
     """The Inception feature extractor of `backend` ('auto', 'tf' or 'torch') for the graph at
     `graph_path` (see resolve_inception_graph). Both have compute(images, batch_size) and
     features_of(images) returning float32 (pool, spatial, probs), and close().
 
-    torch: runs on `device` (default: CUDA when available). With tf_check and TensorFlow importable, its
-    first batch is checked against TensorFlow (TensorFlowCheck)."""
+    torch: runs on `device` (default: CUDA when available), with its conv units folded unless fold=False
+    (inception_torch.fold_conv_units). With tf_check and TensorFlow importable, its first batch is checked
+    against TensorFlow (TensorFlowCheck)."""
     backend = resolve_backend(backend)
     if backend == "tf":
         return InceptionFeatures(graph_path, spatial_channels)
@@ -423,7 +424,7 @@ def make_feature_extractor(backend="auto", graph_path=None, device=None, tf_chec
     check = TensorFlowCheck(graph_path, spatial_channels) if tf_check and tensorflow_available() else None
     try:
         return inception_torch.TorchInception(graph_path, device=device, spatial_channels=spatial_channels,
-                                              first_batch_check=check)
+                                              first_batch_check=check, fold=fold)
     except inception_torch.GraphError as err:
         raise BadInputError(str(err)) from err
 
@@ -501,100 +502,196 @@ def _prepare(features, center, dtype):
 # (row_batch_size = col_batch_size = 10000). The k-NN radius of a feature is the (k+1)-th smallest squared
 # distance in its row (itself included), and a point is inside a ball when distance <= radius.
 #
-# Here each float16 operation rounds once to float16 as in ADM's graph; the two reductions (the sums of
-# squares and the dot products) are accumulated exactly (float64) and rounded once to float16. ADM's
-# TensorFlow kernels accumulate them in an implementation-specific order (on the CPU Eigen sums the
-# squares in float16 packets, the matrix product accumulates in float32; on the GPU cub sums in float16),
-# so ADM's own figures differ between its CPU and GPU runs by one float16 unit in part of the norms; the
-# correctly rounded value used here is the one both approximate.
+# Here each float16 operation rounds once to float16 as in ADM's graph, with torch on the metrics device
+# (metrics_device: CUDA when present, else the CPU); the two reductions are accumulated in float64 and
+# rounded once to float16: the sums of squares exactly (every float16 square is a multiple of 2^-24 below
+# 2^16, so partial sums of up to 8192 of them stay below 2^53 units), the dot products to float64's rounding
+# (the correctly rounded float16 value unless the exact one lies within ~1e-13 relative of a float16 rounding
+# boundary). ADM's TensorFlow kernels accumulate them in an implementation-specific order (on the CPU Eigen
+# sums the squares in float16 packets, the matrix product accumulates in float32; on the GPU cub sums in
+# float16), so ADM's own figures differ between its CPU and GPU runs by one float16 unit in part of the norms;
+# the correctly rounded value used here is the one both approximate.
+#
+# Work split over processes (`share`, e.g. distributed.RowShare in training): an object with `rank`,
+# `bounds(n)` -> (lo, hi), the rows of n this process computes, `gather(array)` -> the arrays of every
+# process concatenated in rank order, and `any(bool array)` -> their element-wise OR. Each process computes
+# the rows of its share of ADM's blocks; a block's float32 fallback is still decided by the whole block.
 
 ADM_BATCH_SIZE = 10000  # ADM's ManifoldEstimator row_batch_size = col_batch_size
 _ROW_CHUNK = 1024       # rows per float64 product, to bound the memory of one step
+_FP16_MAX = 65504.0
+
+
+def _torch():
+    import torch
+    return torch
+
+
+def metrics_device(device=None):
+    """The torch device of the precision/recall distance blocks: `device`, else CUDA when available, else
+    the CPU."""
+    torch = _torch()
+    return torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _fp16_norms(x16):
-    """||x||^2 per row of float16 features as ADM computes it: the squares rounded to float16, their sum
-    rounded once to float16."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        return np.square(x16).astype(np.float64).sum(axis=1).astype(np.float16)
+    """||x||^2 per row of float16 features (torch) as ADM computes it: the squares rounded to float16 (a
+    float16 product, exact in float32 and rounded once), their sum rounded once to float16."""
+    return (x16 * x16).double().sum(dim=1).half()
 
 
 def _fp16_block(u16, u_norm, v16, v_norm):
     """Float16 squared distances of ADM's _batch_pairwise_distances for float16 rows u16, v16 and their
-    float16 norms: max((|u|^2 - 2 u.v) + |v|^2, 0), each operation rounded to float16."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        dot = (u16.astype(np.float64) @ v16.astype(np.float64).T).astype(np.float16)
-        d = u_norm[:, None] - np.float16(2) * dot
-        d += v_norm[None, :]
-        return np.maximum(d, np.float16(0), out=d)
+    float16 norms: max((|u|^2 - 2 u.v) + |v|^2, 0), each operation rounded to float16 (torch computes a
+    float16 operation in float32 and rounds: float32's 24 bits make that double rounding exact)."""
+    torch = _torch()
+    dot = (u16.double() @ v16.double().T).half()
+    d = u_norm[:, None] - 2 * dot
+    d += v_norm[None, :]
+    return torch.maximum(d, d.new_zeros(()))  # NaN stays NaN (and sends the block to the fallback)
 
 
 def _fp32_block(u, v):
-    """ADM's float32 fallback: the same formula on the uncast float32 features."""
-    u, v = np.asarray(u, np.float32), np.asarray(v, np.float32)
-    with np.errstate(over="ignore", invalid="ignore"):
-        d = np.einsum("ij,ij->i", u, u)[:, None] - np.float32(2) * (u @ v.T)
-        d += np.einsum("ij,ij->i", v, v)[None, :]
-        return np.maximum(d, np.float32(0), out=d)
+    """ADM's float32 fallback: the same formula on the uncast float32 features (torch tensors); no TF32."""
+    torch = _torch()
+    from inception_torch import exact_fp32
+    with exact_fp32(u.device):
+        d = (u * u).sum(dim=1)[:, None] - 2 * (u @ v.T)
+        d += (v * v).sum(dim=1)[None, :]
+    return torch.maximum(d, d.new_zeros(()))
 
 
 class _ADMDistances:
-    """Squared distances between the rows of `u` and of `v` (float32 [N, D] features) as ADM's
-    DistanceBlock computes them, block by block (see above)."""
+    """Squared distances between the rows of `u` and of `v` (float32 [N, D] features) as ADM's DistanceBlock
+    computes them, block by block (see above), as torch tensors on `device`."""
 
-    def __init__(self, u, v, batch_size=ADM_BATCH_SIZE):
-        self.u = np.asarray(u, dtype=np.float32)
-        self.v = self.u if v is u else np.asarray(v, dtype=np.float32)
-        with np.errstate(over="ignore"):
-            self.u16 = self.u.astype(np.float16)
-            self.v16 = self.u16 if v is u else self.v.astype(np.float16)
+    def __init__(self, u, v, batch_size=ADM_BATCH_SIZE, device=None):
+        torch = _torch()
+        self.device = metrics_device(device)
+        self.u = torch.as_tensor(np.asarray(u, np.float32), device=self.device)
+        self.v = self.u if v is u else torch.as_tensor(np.asarray(v, np.float32), device=self.device)
+        self.u16 = self.u.half()  # values past 65504 become inf, as in NumPy's and TensorFlow's casts
+        self.v16 = self.u16 if v is u else self.v.half()
         self.u_norm = _fp16_norms(self.u16)
         self.v_norm = self.u_norm if v is u else _fp16_norms(self.v16)
         self.batch_size = batch_size
         self.fallback_blocks = []  # (row start, column start) of the blocks redone in float32
 
-    def blocks(self):
-        """Yields (row start, column start, float32 squared distances of the block) for ADM's blocks,
-        rows outer, columns inner."""
+    def _fp16_rows(self, r0, r1, c0, c1):
+        torch = _torch()
+        out = torch.empty((r1 - r0, c1 - c0), dtype=torch.float16, device=self.device)
+        for s0 in range(r0, r1, _ROW_CHUNK):
+            s1 = min(s0 + _ROW_CHUNK, r1)
+            out[s0 - r0:s1 - r0] = _fp16_block(self.u16[s0:s1], self.u_norm[s0:s1], self.v16[c0:c1],
+                                               self.v_norm[c0:c1])
+        return out
+
+    def _certainly_finite(self, rows, cols):
+        """Whether no float16 distance of the block can overflow, from the norms alone: with finite norms
+        (hence finite features), |u.v| <= |u| |v| and each float16 rounding (< 2^-9 relative here) keeps
+        (|u|^2 + 2 |u| |v|) + |v|^2 below 65504."""
+        u_sq, v_sq = self.u_norm[rows].double(), self.v_norm[cols].double()
+        if not (bool(u_sq.isfinite().all()) and bool(v_sq.isfinite().all())):
+            return False
+        u_len = self.u16[rows].double().square().sum(dim=1).sqrt().max()
+        v_len = self.v16[cols].double().square().sum(dim=1).sqrt().max()
+        grow = 1 + 2.0 ** -9
+        bound = ((u_sq.max() + 2 * u_len * v_len * grow) * grow + v_sq.max()) * grow
+        return float(bound) < _FP16_MAX
+
+    def _block_finite(self, part, block_rows, share_rows, cols):
+        """Whether ADM's whole block (block_rows x cols) holds only finite float16 distances, given `part`, its
+        rows `share_rows`; the other rows are computed only when the norms cannot rule out an overflow."""
+        torch = _torch()
+        if not bool(torch.isfinite(part).all()):
+            return False
+        if share_rows == block_rows or self._certainly_finite(slice(*block_rows), slice(*cols)):
+            return True
+        others = [(block_rows[0], share_rows[0]), (share_rows[1], block_rows[1])]
+        return all(bool(torch.isfinite(self._fp16_rows(a, b, *cols)).all()) for a, b in others if a < b)
+
+    def blocks(self, lo=0, hi=None):
+        """Yields (first row, column start, squared distances) for ADM's blocks, rows outer, columns inner,
+        restricted to the rows [lo, hi) (default: all): float16, or float32 when ADM's block holds a
+        non-finite float16 value."""
         n, m, b = len(self.u), len(self.v), self.batch_size
-        for r0 in range(0, n, b):
-            r1 = min(r0 + b, n)
+        hi = n if hi is None else hi
+        for r0 in range(lo - lo % b, hi, b):
+            block_rows, share_rows = (r0, min(r0 + b, n)), (max(r0, lo), min(r0 + b, n, hi))
             for c0 in range(0, m, b):
-                c1 = min(c0 + b, m)
-                block = np.empty((r1 - r0, c1 - c0), dtype=np.float16)
-                finite = True
-                for s0 in range(r0, r1, _ROW_CHUNK):
-                    s1 = min(s0 + _ROW_CHUNK, r1)
-                    part = _fp16_block(self.u16[s0:s1], self.u_norm[s0:s1], self.v16[c0:c1], self.v_norm[c0:c1])
-                    finite = finite and bool(np.isfinite(part).all())
-                    block[s0 - r0:s1 - r0] = part
-                if finite:
-                    yield r0, c0, block
+                cols = (c0, min(c0 + b, m))
+                part = self._fp16_rows(*share_rows, *cols)
+                if self._block_finite(part, block_rows, share_rows, cols):
+                    yield share_rows[0], c0, part
                 else:
                     self.fallback_blocks.append((r0, c0))
                     log.info("non-finite float16 distances in block (%d, %d): recomputed in float32", r0, c0)
-                    yield r0, c0, _fp32_block(self.u[r0:r1], self.v[c0:c1])
+                    yield share_rows[0], c0, _fp32_block(self.u[slice(*share_rows)], self.v[slice(*cols)])
 
 
-def adm_pairwise_sq_distances(u, v, batch_size=ADM_BATCH_SIZE):
-    """Full matrix [len(u), len(v)] (float32) of ADM's squared distances (float16 blocks, float32 where a
-    block overflows). For tests and small sets; the metrics below never hold the whole matrix."""
-    distances = _ADMDistances(u, v, batch_size)
+def adm_pairwise_sq_distances(u, v, batch_size=ADM_BATCH_SIZE, device=None):
+    """Full matrix [len(u), len(v)] (float32 NumPy) of ADM's squared distances (float16 blocks, float32 where
+    a block overflows). For tests and small sets; the metrics below never hold the whole matrix."""
     out = np.empty((len(u), len(v)), dtype=np.float32)
-    for r0, c0, block in distances.blocks():
-        out[r0:r0 + block.shape[0], c0:c0 + block.shape[1]] = block
+    for r0, c0, block in _ADMDistances(u, v, batch_size, device).blocks():
+        out[r0:r0 + block.shape[0], c0:c0 + block.shape[1]] = block.float().cpu().numpy()
     return out
 
 
-def _adm_radii(features, k, batch_size):
+def _row_chunks(block, first_row):
+    """(rows of the whole matrix, rows of the block) of `block` in _ROW_CHUNK pieces."""
+    for s0 in range(0, len(block), _ROW_CHUNK):
+        s1 = min(s0 + _ROW_CHUNK, len(block))
+        yield slice(first_row + s0, first_row + s1), slice(s0, s1)
+
+
+def _adm_radii(features, k, batch_size, device=None, share=None):
+    torch = _torch()
     n = len(features)
-    best = np.full((n, k + 1), np.inf, dtype=np.float32)  # the k+1 smallest squared distances per row
-    for r0, _, block in _ADMDistances(features, features, batch_size).blocks():
-        for s0 in range(0, len(block), _ROW_CHUNK):
-            rows = slice(r0 + s0, r0 + min(s0 + _ROW_CHUNK, len(block)))
-            merged = np.concatenate([best[rows], block[s0:s0 + _ROW_CHUNK].astype(np.float32)], axis=1)
-            best[rows] = np.partition(merged, k, axis=1)[:, :k + 1]
-    return np.sqrt(best[:, k].astype(np.float64))
+    lo, hi = share.bounds(n) if share is not None else (0, n)
+    distances = _ADMDistances(features, features, batch_size, device)
+    best = torch.full((hi - lo, k + 1), float("inf"), dtype=torch.float32, device=distances.device)
+    for r0, _, block in distances.blocks(lo, hi):
+        for rows, part in _row_chunks(block, r0 - lo):
+            merged = torch.cat([best[rows], block[part].float()], dim=1)
+            best[rows] = torch.topk(merged, k + 1, dim=1, largest=False).values
+    radii = best[:, k].double().sqrt().cpu().numpy()
+    return share.gather(radii) if share is not None else radii
+
+
+def _squared_thresholds(radii):
+    """For each radius r (float64), the largest float32 t with sqrt(t) <= r in float64. A float16 or float32
+    squared distance d is then <= t exactly when sqrt(d) <= r (float64's sqrt is strictly increasing on
+    float32 values), so the comparisons stay on the squares, as ADM makes them."""
+    r = np.asarray(radii, np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = (r * r).astype(np.float32)
+        for _ in range(3):  # r*r rounded to float32 is within one float32 step of the answer
+            t = np.where(np.sqrt(t.astype(np.float64)) > r, np.nextafter(t, np.float32(-np.inf)), t)
+            up = np.nextafter(t, np.float32(np.inf))
+            t = np.where(np.sqrt(up.astype(np.float64)) <= r, up, t)
+    return t
+
+
+def _adm_precision_recall(ref, sample, ref_radii, sample_radii, batch_size, device=None, share=None):
+    """ADM's evaluate_pr on float16 distances: reference rows x sample columns."""
+    torch = _torch()
+    distances = _ADMDistances(ref, sample, batch_size, device)
+    ref_t, sample_t = (torch.as_tensor(_squared_thresholds(r), device=distances.device)
+                       for r in (ref_radii, sample_radii))
+    lo, hi = share.bounds(len(ref)) if share is not None else (0, len(ref))
+    ref_in_sample = torch.zeros(hi - lo, dtype=torch.bool, device=distances.device)
+    sample_in_ref = torch.zeros(len(sample), dtype=torch.bool, device=distances.device)
+    for r0, c0, block in distances.blocks(lo, hi):
+        cols = slice(c0, c0 + block.shape[1])
+        for rows, part in _row_chunks(block, r0):
+            d = block[part]
+            ref_in_sample[rows.start - lo:rows.stop - lo] |= (d <= sample_t[None, cols]).any(dim=1)
+            sample_in_ref[cols] |= (d <= ref_t[rows, None]).any(dim=0)
+    ref_in_sample, sample_in_ref = ref_in_sample.cpu().numpy(), sample_in_ref.cpu().numpy()
+    if share is not None:
+        ref_in_sample, sample_in_ref = share.gather(ref_in_sample), share.any(sample_in_ref)
+    return float(sample_in_ref.mean()), float(ref_in_sample.mean())
 
 
 def _float32_radii(features, k, block_size, dtype):
@@ -613,61 +710,53 @@ def _float32_radii(features, k, block_size, dtype):
 
 
 def manifold_radii(features, k=NEAREST_K, block_size=1000, dtype=np.float32, float32=False,
-                   adm_batch_size=ADM_BATCH_SIZE):
+                   adm_batch_size=ADM_BATCH_SIZE, device=None, share=None):
     """Distance of every feature [N, D] to its k-th nearest neighbour in the same set (itself excluded,
     i.e. the (k+1)-th smallest distance counting 0 to itself), as float64.
 
-    Default: ADM's float16 squared distances (see above), in its 10,000 x 10,000 blocks (`adm_batch_size`).
-    float32=True: the exact version: centred features, distances in `dtype` (float32) in
-    block_size x block_size blocks. Either way only the k+1 smallest per row are kept, so no N x N matrix
+    Default: ADM's float16 squared distances (see above), in its 10,000 x 10,000 blocks (`adm_batch_size`),
+    with torch on `device` (metrics_device), the rows split over processes with `share` (see above).
+    float32=True: the exact version (NumPy, never split): centred features, distances in `dtype` (float32)
+    in block_size x block_size blocks. Either way only the k+1 smallest per row are kept, so no N x N matrix
     exists."""
     n = len(features)
     if n <= k:
         raise ValueError(f"need more than k={k} features for k-NN radii, got {n}")
     if float32:
         return _float32_radii(features, k, block_size, dtype)
-    return _adm_radii(features, k, adm_batch_size)
+    return _adm_radii(features, k, adm_batch_size, device, share)
 
 
 def precision_recall(ref, sample, k=NEAREST_K, block_size=1000, dtype=np.float32, ref_radii=None,
-                     sample_radii=None, float32=False, adm_batch_size=ADM_BATCH_SIZE):
+                     sample_radii=None, float32=False, adm_batch_size=ADM_BATCH_SIZE, device=None, share=None):
     """Improved precision and recall (Kynkaanniemi et al. 2019) of features [N, D].
 
     precision: fraction of samples within the k-NN ball of at least one reference feature;
     recall: fraction of reference features within the k-NN ball of at least one sample
     (distance <= radius). Default: ADM's float16 distances, reference rows x sample columns as ADM's
-    evaluate_pr orders them; float32=True: the exact float32 version (see manifold_radii). Radii (from
-    manifold_radii with the same settings) may be passed in when already known (the reference radii are
-    reused across sample files)."""
+    evaluate_pr orders them, on `device`, split over processes with `share`; float32=True: the exact
+    float32 version (see manifold_radii). Radii (from manifold_radii with the same settings) may be passed
+    in when already known (the reference radii are reused across sample files)."""
     if ref_radii is None:
-        ref_radii = manifold_radii(ref, k, block_size, dtype, float32, adm_batch_size)
+        ref_radii = manifold_radii(ref, k, block_size, dtype, float32, adm_batch_size, device, share)
     if sample_radii is None:
-        sample_radii = manifold_radii(sample, k, block_size, dtype, float32, adm_batch_size)
+        sample_radii = manifold_radii(sample, k, block_size, dtype, float32, adm_batch_size, device, share)
     ref_radii, sample_radii = np.asarray(ref_radii, np.float64), np.asarray(sample_radii, np.float64)
+    if not float32:
+        return _adm_precision_recall(ref, sample, ref_radii, sample_radii, adm_batch_size, device, share)
     sample_in_ref = np.zeros(len(sample), dtype=bool)
     ref_in_sample = np.zeros(len(ref), dtype=bool)
-    if float32:
-        center = np.mean(ref, axis=0)
-        r, r_sq = _prepare(ref, center, dtype)
-        s, s_sq = _prepare(sample, center, dtype)
-        # One pass over the sample x reference distance blocks answers both questions.
-        for s0 in range(0, len(s), block_size):
-            srows = slice(s0, s0 + block_size)
-            for r0 in range(0, len(r), block_size):
-                rrows = slice(r0, r0 + block_size)
-                d = np.sqrt(_squared_distances(s[srows], s_sq[srows], r[rrows], r_sq[rrows]).astype(np.float64))
-                sample_in_ref[srows] |= (d <= ref_radii[None, rrows]).any(axis=1)
-                ref_in_sample[rrows] |= (d <= sample_radii[srows, None]).any(axis=0)
-        return float(sample_in_ref.mean()), float(ref_in_sample.mean())
-    # The square root (float64) of float32 squared distances is strictly increasing, so comparing
-    # distances with the radii decides exactly as ADM's comparison of the squared float32 values.
-    for r0, s0, block in _ADMDistances(ref, sample, adm_batch_size).blocks():
-        for c0 in range(0, len(block), _ROW_CHUNK):
-            rrows = slice(r0 + c0, r0 + min(c0 + _ROW_CHUNK, len(block)))
-            scols = slice(s0, s0 + block.shape[1])
-            d = np.sqrt(block[c0:c0 + _ROW_CHUNK].astype(np.float64))
-            ref_in_sample[rrows] |= (d <= sample_radii[None, scols]).any(axis=1)
-            sample_in_ref[scols] |= (d <= ref_radii[rrows, None]).any(axis=0)
+    center = np.mean(ref, axis=0)
+    r, r_sq = _prepare(ref, center, dtype)
+    s, s_sq = _prepare(sample, center, dtype)
+    # One pass over the sample x reference distance blocks answers both questions.
+    for s0 in range(0, len(s), block_size):
+        srows = slice(s0, s0 + block_size)
+        for r0 in range(0, len(r), block_size):
+            rrows = slice(r0, r0 + block_size)
+            d = np.sqrt(_squared_distances(s[srows], s_sq[srows], r[rrows], r_sq[rrows]).astype(np.float64))
+            sample_in_ref[srows] |= (d <= ref_radii[None, rrows]).any(axis=1)
+            ref_in_sample[rrows] |= (d <= sample_radii[srows, None]).any(axis=0)
     return float(sample_in_ref.mean()), float(ref_in_sample.mean())
 
 
@@ -686,14 +775,23 @@ class Reference:
     mu_s: np.ndarray
     sigma_s: np.ndarray
     _radii: dict = dataclasses.field(default_factory=dict)
+    cache: tuple = None  # (path, key) of the disk cache of the activations, which then holds the radii too
 
-    def radii(self, k=NEAREST_K, float32=False):
-        """k-NN radii of the reference pool features, computed once and reused for every sample file."""
-        if (k, float32) not in self._radii:
+    def radii(self, k=NEAREST_K, float32=False, device=None, share=None):
+        """k-NN radii of the reference pool features, computed once (rows split with `share`) and reused
+        for every sample file; stored with the activations in the disk cache."""
+        name = _radii_key(k, float32)
+        if name not in self._radii:
             log.info("computing reference manifold radii (k=%d, %s distances)", k,
                      "float32" if float32 else "ADM float16")
-            self._radii[(k, float32)] = manifold_radii(self.pool, k, float32=float32)
-        return self._radii[(k, float32)]
+            self._radii[name] = manifold_radii(self.pool, k, float32=float32, device=device, share=share)
+            if self.cache is not None and (share is None or share.rank == 0):
+                _save_cached_activations(*self.cache, self.pool, self.spatial, self._radii)
+        return self._radii[name]
+
+
+def _radii_key(k, float32):
+    return f"radii_k{k}_{'float32' if float32 else 'adm'}"
 
 
 # In-process memo of the last reference (one entry: the activations of 50k images take ~800 MB).
@@ -719,27 +817,29 @@ def reference_cache_path(ref_batch, graph_path, cache_dir=None, backend="tf"):
 
 
 def _load_cached_activations(path, key, n_images):
+    """(pool, spatial, {radii name: radii}) from the cache file, or None when it does not match."""
     try:
         with np.load(path, allow_pickle=False) as cached:
             if str(cached["key"]) != key:
                 return None
             pool, spatial = cached["pool"], cached["spatial"]
+            radii = {name: cached[name] for name in cached.files if name.startswith("radii_")}
     except Exception as err:  # a corrupt or foreign cache file is recomputed, not fatal
         log.warning("ignoring unreadable reference cache %s (%s)", path, err)
         return None
     if pool.ndim != 2 or spatial.ndim != 2 or len(pool) != n_images or len(spatial) != n_images:
         log.warning("ignoring reference cache %s with unexpected shapes", path)
         return None
-    return pool, spatial
+    return pool, spatial, {name: r for name, r in radii.items() if r.shape == (n_images,)}
 
 
-def _save_cached_activations(path, key, pool, spatial):
+def _save_cached_activations(path, key, pool, spatial, radii=None):
     """Atomic write (temporary file + rename) so a crash never leaves a truncated cache behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, key=np.array(key), pool=pool, spatial=spatial)
+            np.savez(f, key=np.array(key), pool=pool, spatial=spatial, **(radii or {}))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -762,9 +862,10 @@ def load_reference(ref_batch, features, batch_size=64, cache_dir=None):
         return _REFERENCE_MEMO[key]
 
     cached = _load_cached_activations(cache_path, key, n_images) if cache_path.is_file() else None
+    radii = {}
     if cached is not None:
         log.info("using cached reference activations %s", cache_path)
-        pool, spatial = cached
+        pool, spatial, radii = cached
     else:
         log.info("computing reference activations of %s (cached to %s)", ref_batch, cache_path)
         pool, spatial, _ = features.compute(load_images(ref_batch, role="reference batch"), batch_size,
@@ -785,20 +886,26 @@ def load_reference(ref_batch, features, batch_size=64, cache_dir=None):
         mu_s, sigma_s = stats["mu_s"], stats["sigma_s"]
     else:
         mu_s, sigma_s = feature_statistics(spatial)
-    reference = Reference(ref_batch, pool, spatial, mu, sigma, mu_s, sigma_s)
+    reference = Reference(ref_batch, pool, spatial, mu, sigma, mu_s, sigma_s, radii, (cache_path, key))
     _REFERENCE_MEMO.clear()
     _REFERENCE_MEMO[key] = reference
     return reference
 
 
-def compute_metrics(reference, pool, spatial, probs, k=NEAREST_K, pr_float32=False):
+def compute_metrics(reference, pool, spatial, probs, k=NEAREST_K, pr_float32=False, device=None, share=None):
     """IS, FID, sFID, precision and recall of one sample set's features against `reference`.
-    Precision/recall use ADM's float16 distances, or exact float32 ones with pr_float32."""
+    Precision/recall use ADM's float16 distances on `device` (metrics_device), or exact float32 ones with
+    pr_float32. With `share` (see above) every process calls this with the same arguments: the
+    precision/recall rows are split over them, with the same result, and IS, FID and sFID are computed on
+    rank 0 only, which gets the dict (the others get None)."""
+    log.info("computing precision/recall (k=%d)", k)
+    ref_radii = reference.radii(k, pr_float32, device, share)
+    precision, recall = precision_recall(reference.pool, pool, k, ref_radii=ref_radii, float32=pr_float32,
+                                         device=device, share=share)
+    if share is not None and share.rank != 0:
+        return None
     mu, sigma = feature_statistics(pool)
     mu_s, sigma_s = feature_statistics(spatial)
-    log.info("computing precision/recall (k=%d)", k)
-    precision, recall = precision_recall(reference.pool, pool, k, ref_radii=reference.radii(k, pr_float32),
-                                         float32=pr_float32)
     return {
         "IS": inception_score(probs),
         "FID": frechet_distance(reference.mu, reference.sigma, mu, sigma),
@@ -863,7 +970,7 @@ def check_cache_writable(ref_batch, features, cache_dir):
                             f"writable folder") from None
 
 
-def _score_files(pending, reference, features, batch_size, results_path, pr_float32):
+def _score_files(pending, reference, features, batch_size, results_path, pr_float32, device):
     """Scores each file, appending its line as it finishes; a corrupt file is reported by name and skipped (it is
     not listed, so a re-run tries it again). Returns (results, [error messages])."""
     results, unreadable = [], []
@@ -877,7 +984,7 @@ def _score_files(pending, reference, features, batch_size, results_path, pr_floa
             continue
         pool, spatial, probs = features.compute(images, batch_size, desc=path.name)
         result = {"file": path.name, "path": str(path),
-                  **compute_metrics(reference, pool, spatial, probs, pr_float32=pr_float32)}
+                  **compute_metrics(reference, pool, spatial, probs, pr_float32=pr_float32, device=device)}
         line = format_result(result)
         with open(results_path, "a") as f:
             f.write(line + "\n")
@@ -932,7 +1039,8 @@ def evaluate_folder(ref_batch, sample_dir, graph_path=None, batch_size=64, cache
                                               device=device, tf_check=tf_check)
         check_cache_writable(ref_batch, features, cache_dir)
         reference = load_reference(ref_batch, features, batch_size, cache_dir)
-        results, unreadable = _score_files(pending, reference, features, batch_size, results_path, pr_float32)
+        results, unreadable = _score_files(pending, reference, features, batch_size, results_path, pr_float32,
+                                           device)
     finally:
         if own_features and features is not None:
             features.close()

@@ -910,26 +910,35 @@ def _check_4d(ctx, x, what="input"):
                "explicit_paddings": Attr("list(i)", []), "data_format": _DATA_FORMAT,
                "dilations": Attr("list(i)", [1, 1, 1, 1], check=_ones_except_hw("dilations"))}, n_inputs=2)
 def _conv2d(ctx, inputs, attrs):
-    torch = _torch()
-    F = torch.nn.functional
     x, w = inputs
-    _check_4d(ctx, x)
     if w.dim() != 4:
         ctx.fail(f"filter must be 4-D [h, w, in, out], got shape {list(w.shape)}")
-    if w.shape[2] != x.shape[3]:
-        ctx.fail(f"filter has {w.shape[2]} input channels but the input has {x.shape[3]} (grouped "
+    weight = ctx.derived("weight", [1], lambda: torch_conv_weight(w))
+    return [conv2d_nhwc(ctx, attrs, x, weight)]
+
+
+def torch_conv_weight(w):
+    """A TensorFlow filter [h, w, in, out] as PyTorch's [out, in, h, w], in channels-last memory to match the
+    NHWC activations."""
+    return w.permute(3, 2, 0, 1).contiguous(memory_format=_torch().channels_last)
+
+
+def conv2d_nhwc(ctx, attrs, x, weight, bias=None):
+    """Conv2D of the NHWC tensor `x` with the PyTorch filter `weight` (torch_conv_weight) and an optional bias
+    added inside the convolution, with the padding, strides and dilations of the node's attributes."""
+    F = _torch().nn.functional
+    _check_4d(ctx, x)
+    if weight.shape[1] != x.shape[3]:
+        ctx.fail(f"filter has {weight.shape[1]} input channels but the input has {x.shape[3]} (grouped "
                  f"convolutions are not implemented)")
     strides, dilations = attrs["strides"][1:3], attrs["dilations"][1:3]
-    (top, bottom), (left, right) = _spatial_padding(ctx, attrs, x, w.shape[:2], strides, dilations)
-    # [h, w, in, out] -> [out, in, h, w] in channels-last memory, to match the NHWC activations.
-    weight = ctx.derived("weight", [1], lambda: w.permute(3, 2, 0, 1).contiguous(
-        memory_format=torch.channels_last))
+    (top, bottom), (left, right) = _spatial_padding(ctx, attrs, x, weight.shape[2:], strides, dilations)
     xc = x.permute(0, 3, 1, 2)  # NCHW view of the NHWC tensor (channels-last strides, no copy)
     if top == bottom and left == right:
-        y = F.conv2d(xc, weight, stride=strides, padding=(top, left), dilation=dilations)
+        y = F.conv2d(xc, weight, bias, stride=strides, padding=(top, left), dilation=dilations)
     else:
-        y = F.conv2d(F.pad(xc, (left, right, top, bottom)), weight, stride=strides, dilation=dilations)
-    return [y.permute(0, 2, 3, 1)]
+        y = F.conv2d(F.pad(xc, (left, right, top, bottom)), weight, bias, stride=strides, dilation=dilations)
+    return y.permute(0, 2, 3, 1)
 
 
 def _pool_attrs(explicit=False):
@@ -981,19 +990,21 @@ def _avg_pool(ctx, inputs, attrs):
 @op("BatchNormWithGlobalNormalization", {"T": _types(DT_FLOAT), "variance_epsilon": Attr("f"),
                                          "scale_after_normalization": Attr("b")}, n_inputs=5)
 def _batch_norm_global(ctx, inputs, attrs):
-    torch = _torch()
     x, mean, var, beta, gamma = inputs
     depth = x.shape[-1]
     if any(t.dim() != 1 or t.shape[0] != depth for t in (mean, var, beta, gamma)):
         ctx.fail(f"mean, variance, beta and gamma must be vectors of the last dimension {depth}")
 
-    def scale():
-        # As TensorFlow: rsqrt(var + eps), times gamma when scale_after_normalization, computed per
-        # channel first; then (x - mean) * scale + beta.
-        s = torch.rsqrt(var + attrs["variance_epsilon"])
-        return s * gamma if attrs["scale_after_normalization"] else s
-    factor = ctx.derived("scale", [2, 4], scale)
+    # As TensorFlow: the per-channel scale first, then (x - mean) * scale + beta.
+    factor = ctx.derived("scale", [2, 4], lambda: batch_norm_scale(attrs, var, gamma))
     return [(x - mean).mul_(factor).add_(beta)]
+
+
+def batch_norm_scale(attrs, var, gamma):
+    """BatchNormWithGlobalNormalization's per-channel factor as TensorFlow computes it (float32):
+    rsqrt(var + eps), times gamma when scale_after_normalization."""
+    s = _torch().rsqrt(var + attrs["variance_epsilon"])
+    return s * gamma if attrs["scale_after_normalization"] else s
 
 
 _FUSED_BN = {"T": _types(DT_FLOAT), "epsilon": Attr("f", 0.0001), "data_format": _DATA_FORMAT,
@@ -1187,15 +1198,154 @@ def exact_fp32(device):
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+# ==================================================================================================
+# Folding conv units (the fast path)
+# ==================================================================================================
+#
+# Every conv unit of the Inception graph is Conv2D -> BatchNormWithGlobalNormalization -> CheckNumerics /
+# Identity(^check) -> Relu, with static filters and batch-norm statistics. `fold_conv_units` rewrites a plan
+# so that each such unit is one step: a convolution whose weights carry the batch norm's scale and whose bias
+# is beta - mean * scale (the same affine map, rounded differently: conv(x, w) * s vs conv(x, w * s)), then
+# the unit's CheckNumerics on that output (so a non-finite batch-norm output still stops the run, naming
+# that check) and its Relu in place. Only what the op sequence allows is folded: a Conv2D whose output is
+# read by the batch norm alone, a batch norm whose statistics are static and whose outputs are not fetched;
+# the check and the Relu join the step only when nothing else reads the values between them.
+
+class ConvUnit:
+    """What one folded step computes (see above)."""
+
+    def __init__(self, conv_ctx, conv_attrs, weight, bias, check=None, relu=False):
+        self.conv_ctx, self.conv_attrs = conv_ctx, conv_attrs
+        self.weight, self.bias = weight, bias   # PyTorch layout (torch_conv_weight), float32
+        self.check = check                      # (ctx, attrs) of the unit's CheckNumerics, or None
+        self.relu = relu
+
+
+def _run_conv_unit(ctx, inputs, attrs):
+    unit = attrs["unit"]
+    y = conv2d_nhwc(unit.conv_ctx, unit.conv_attrs, inputs[0], unit.weight, unit.bias)
+    if unit.check is not None:
+        check_ctx, check_attrs = unit.check
+        check_ctx.deferred = ctx.deferred  # the run's list of pending checks (None: check at once)
+        try:
+            _check_numerics(check_ctx, [y], check_attrs)
+        finally:
+            check_ctx.deferred = None
+    return [y.relu_() if unit.relu else y]
+
+
+CONV_UNIT = OpSpec(_run_conv_unit, {}, n_inputs=1)
+
+
+def folded_conv_weights(w, bn_attrs, mean, var, beta, gamma):
+    """(weight, bias) of Conv2D with filter `w` [h, w, in, out] followed by the batch norm: the scale as
+    TensorFlow computes it (float32), the products and the bias in float64, rounded once to float32."""
+    torch = _torch()
+    scale = batch_norm_scale(bn_attrs, var, gamma).double()
+    weight = torch_conv_weight((w.double() * scale).float())
+    bias = (beta.double() - mean.double() * scale).float()
+    return weight, bias
+
+
+class _Readers:
+    """Who reads what in a plan: the steps reading each (node, index) as data, and the steps naming each node
+    as a control input."""
+
+    def __init__(self, plan, fetches):
+        self.data, self.control, self.fetched = {}, {}, set(fetches)
+        self.step_of = {step[0].name: i for i, step in enumerate(plan)}
+        for i, (node, _, _, data, _) in enumerate(plan):
+            for ref in data:
+                self.data.setdefault(ref, []).append(i)
+            for name in node.inputs:
+                if name.startswith("^"):
+                    self.control.setdefault(name[1:], []).append(i)
+
+    def only_reader(self, name, plan, op):
+        """The step of the one node reading `name`:0 (op `op`, nothing else reads it, it is not fetched and
+        nothing waits on it), or None."""
+        steps = self.data.get((name, 0), [])
+        if len(steps) != 1 or self.control.get(name) or (name, 0) in self.fetched:
+            return None
+        return steps[0] if plan[steps[0]][0].op == op else None
+
+
+def _unit_tail(plan, bn_step, readers):
+    """Steps after the batch norm that join its folded step: (check step or None, identity step or None,
+    relu step or None)."""
+    bn = plan[bn_step][0].name
+    if readers.control.get(bn) or (bn, 0) in readers.fetched:
+        return None, None, None
+    relu = readers.only_reader(bn, plan, "Relu")
+    if relu is not None:
+        return None, None, relu
+    steps = readers.data.get((bn, 0), [])
+    by_op = {plan[i][0].op: i for i in steps}
+    check, identity = by_op.get("CheckNumerics"), by_op.get("Identity")
+    if len(steps) != 2 or check is None or identity is None:
+        return None, None, None
+    check_name = plan[check][0].name
+    if readers.data.get((check_name, 0)) or (check_name, 0) in readers.fetched or \
+            readers.control.get(check_name) != [identity] or plan[identity][3] != [(bn, 0)]:
+        return None, None, None
+    relu = readers.only_reader(plan[identity][0].name, plan, "Relu")
+    return (check, identity, relu) if relu is not None else (None, None, None)
+
+
+def _foldable_conv(plan, bn_step, readers, static):
+    """The step of the Conv2D feeding the batch norm at `bn_step` when the pair can be folded, or None."""
+    bn, ctx, _, data, _ = plan[bn_step]
+    if bn.op != "BatchNormWithGlobalNormalization" or ctx.static_inputs != [False, True, True, True, True]:
+        return None
+    conv_name, conv_step = data[0][0], readers.step_of.get(data[0][0])
+    if data[0][1] != 0 or conv_step is None or readers.only_reader(conv_name, plan, bn.op) != bn_step:
+        return None
+    conv, conv_ctx, _, conv_data, _ = plan[conv_step]
+    if conv.op != "Conv2D" or not conv_ctx.static_inputs[1]:
+        return None
+    w = static[conv_data[1][0]][conv_data[1][1]]
+    stats = [static[n][i] for n, i in data[1:]]
+    if w.dim() != 4 or any(t.dim() != 1 or t.shape[0] != w.shape[3] for t in stats):
+        return None  # left to the ops themselves, which report the problem
+    return conv_step
+
+
+def fold_conv_units(plan, static, fetches):
+    """`plan` (GraphFunction's steps) with every foldable conv unit replaced by one CONV_UNIT step, placed
+    where the unit's last node was (see the comment above)."""
+    torch = _torch()
+    readers = _Readers(plan, fetches)
+    replaced, removed = {}, set()
+    for bn_step in range(len(plan)):
+        conv_step = _foldable_conv(plan, bn_step, readers, static)
+        if conv_step is None:
+            continue
+        conv, conv_ctx, conv_attrs, conv_data, _ = plan[conv_step]
+        bn, _, bn_attrs, bn_data, _ = plan[bn_step]
+        with torch.no_grad():
+            weight, bias = folded_conv_weights(static[conv_data[1][0]][conv_data[1][1]], bn_attrs,
+                                               *(static[n][i] for n, i in bn_data[1:]))
+        check, identity, relu = _unit_tail(plan, bn_step, readers)
+        unit = ConvUnit(conv_ctx, conv_attrs, weight, bias, relu=relu is not None,
+                        check=(plan[check][1], plan[check][2]) if check is not None else None)
+        steps = [s for s in (conv_step, bn_step, check, identity, relu) if s is not None]
+        last = plan[max(steps)][0]
+        removed.update(steps)
+        ctx = Context(last, conv_ctx.device, conv_ctx.static_inputs[:1])
+        replaced[max(steps)] = (last, ctx, {"unit": unit}, [conv_data[0]], CONV_UNIT)
+    return [replaced.get(i, step) for i, step in enumerate(plan) if i in replaced or i not in removed]
+
+
 class GraphFunction:
     """The sub-graph of `graph` that computes the tensors `fetches` from the tensors `feeds`, as a callable
     f(*feed_values) -> [fetched tensors] (torch tensors).
 
     Built once: the nodes that have to run are found (data and control inputs, stopping at fed tensors),
     checked (ops and attributes, see `node_attrs`), ordered, and those that do not depend on a feed
-    (constants and what is computed from them only) are evaluated once and kept on the device."""
+    (constants and what is computed from them only) are evaluated once and kept on the device. With `fold`,
+    conv units are folded (fold_conv_units): faster, and equal to the unfolded run up to float32 rounding."""
 
-    def __init__(self, graph, feeds, fetches, device="cpu"):
+    def __init__(self, graph, feeds, fetches, device="cpu", fold=False):
         torch = _torch()
         self.graph = graph
         self.device = torch.device(device)
@@ -1206,7 +1356,7 @@ class GraphFunction:
                 raise GraphError(f"tensor {node}:{index}: no node {node!r} in the graph")
         fed = set(self.feeds)
         order = self._order(fed)
-        self._plan = []  # (node, ctx, attrs, input refs)
+        self._plan = []  # (node, ctx, attrs, input refs, op spec)
         static = {}      # node name -> outputs (list), for nodes computed at build time
         dynamic = set()
         for node in order:
@@ -1230,6 +1380,8 @@ class GraphFunction:
                                      f"{', '.join(f'{n}:{i}' for n, i in self.fetches)}")
                 with torch.no_grad(), exact_fp32(self.device):
                     static[node.name] = self._run_node(spec, ctx, attrs, [static[n][i] for n, i in data])
+        if fold:
+            self._plan = fold_conv_units(self._plan, static, self.fetches)
         # Keep only the static values the dynamic part or the fetches read.
         needed = {ref for _, _, _, data, _ in self._plan for ref in data} | set(self.fetches)
         self._static = {(n, i): static[n][i] for n, i in needed if n in static and (n, i) not in fed}
@@ -1307,7 +1459,8 @@ class GraphFunction:
                     ctx.deferred = checks
                     outputs = self._run_node(spec, ctx, attrs, [values[ref] for ref in data])
                     for index, value in enumerate(outputs):
-                        values[(node.name, index)] = value
+                        if (node.name, index) in self._last_use:  # an output nobody reads is freed at once
+                            values[(node.name, index)] = value
                     for ref in data:
                         if self._last_use.get(ref) == step and ref not in self._static:
                             values.pop(ref, None)
@@ -1339,15 +1492,20 @@ class TorchInception:
 
     The graph is parsed and the function built on first use, so constructing this object is cheap.
     `first_batch_check`, when given, is called once with the first batch (float32 NHWC images) and the
-    three outputs computed for it (NumPy); the evaluator uses it to compare with TensorFlow."""
+    three outputs computed for it (NumPy); the evaluator uses it to compare with TensorFlow.
+
+    `fold` (default): conv units run folded (fold_conv_units), within float32 rounding of the unfolded run
+    (fold=False), which executes every node as TensorFlow's op sequence has it."""
 
     backend = "torch"
 
-    def __init__(self, graph_path, device=None, spatial_channels=SPATIAL_CHANNELS, first_batch_check=None):
+    def __init__(self, graph_path, device=None, spatial_channels=SPATIAL_CHANNELS, first_batch_check=None,
+                 fold=True):
         self.graph_path = Path(graph_path)
         if not self.graph_path.is_file():
             raise GraphError(f"Inception graph {self.graph_path}: file not found")
         self.device = device
+        self.fold = fold
         self.spatial_channels = spatial_channels
         self.first_batch_check = first_batch_check
         self._function = None
@@ -1364,7 +1522,7 @@ class TorchInception:
         if len(matmul.inputs) < 2 or matmul.inputs[1].startswith("^"):
             raise GraphError(f"Inception graph {self.graph_path}: {LOGITS_MATMUL_OP} has no weights input")
         device = self.device or default_device()
-        self._function = GraphFunction(graph, [INPUT_TENSOR], [POOL_TENSOR, SPATIAL_TENSOR], device)
+        self._function = GraphFunction(graph, [INPUT_TENSOR], [POOL_TENSOR, SPATIAL_TENSOR], device, self.fold)
         weights = GraphFunction(graph, [], [matmul.inputs[1]], device)()[0]
         if not weights.is_floating_point() or weights.dim() != 2:
             raise GraphError(f"Inception graph {self.graph_path}: the weights of {LOGITS_MATMUL_OP} are not "

@@ -10,6 +10,7 @@ kills a job) makes every rank finish its step, write a checkpoint and exit with 
 import argparse
 import contextlib
 import copy
+import dataclasses
 import logging
 import os
 import resource
@@ -28,9 +29,9 @@ from checkpoints import (CheckpointMismatchError, check_weights_fit, latest_chec
                          save_checkpoint)
 from config import RESUME_NO_EFFECT, ConfigError, check_resume, check_world_size, load_config, save_config
 from data import batch_loader, build_dataset
-from distributed import (all_gather_objects, attention_context, barrier, cleanup_distributed, configure_backends,
-                         crash_hook, first_error, get_rng_state, guidance_dtype, precision_context, set_rng_state,
-                         setup_distributed, setup_logging)
+from distributed import (RowShare, all_gather_objects, attention_context, barrier, broadcast_object,
+                         cleanup_distributed, configure_backends, crash_hook, first_error, get_rng_state,
+                         guidance_dtype, precision_context, set_rng_state, setup_distributed, setup_logging)
 from inference import build_decoder, dump_samples, sample_grid
 from models import draw_training_times
 from safe_io import Claim, OutputError, free_space
@@ -134,9 +135,11 @@ def peak_memory_gib(device):
 
 class TrainingFID:
     """Scores the periodic dumps in the training processes with the evaluator's PyTorch Inception backend:
-    each rank computes the features of its share as it is sampled; rank 0 gathers them (through files next to
-    the dump) and writes the evaluator's line to log.txt and evals/eval_results.txt. The reference batch is
-    checked, and its statistics computed (or read from the evaluator's cache), before step 1."""
+    each rank computes the features of its share as it is sampled and writes them next to the dump; every rank
+    reads them all and computes its rows of the precision/recall work (evaluator.compute_metrics with a
+    RowShare); rank 0 computes IS, FID and sFID and writes the evaluator's line to log.txt and
+    evals/eval_results.txt. The reference batch is checked, and its statistics and radii computed (or read
+    from the evaluator's cache), before step 1."""
 
     def __init__(self, cfg, device, rank, eval_dir):
         import evaluator
@@ -149,6 +152,14 @@ class TrainingFID:
         # The TensorFlow self-check of the first batch runs on rank 0 when TensorFlow is importable.
         self.features = evaluator.make_feature_extractor("torch", graph, device=device, tf_check=rank == 0)
         self.reference = evaluator.load_reference(cfg.fid_ref_batch, self.features) if rank == 0 else None
+        # The precision/recall rows are split over the ranks, which all need the reference pool features (and
+        # their radii, computed here the same way unless the evaluator's cache holds them).
+        self.device = device
+        self.share = RowShare() if dist.is_initialized() else None
+        if self.share is not None:
+            received = broadcast_object(dataclasses.replace(self.reference, spatial=None) if rank == 0 else None)
+            self.reference = self.reference if rank == 0 else received
+        self.reference.radii(device=device, share=self.share)
         self.parts = None
 
     def start(self):
@@ -165,11 +176,13 @@ class TrainingFID:
                                              for p in self.parts))
         barrier()
         line = None
+        loaded = [np.load(f"{stem}{r}.npz") for r in range(world_size)]
+        pool, spatial, probs = (np.concatenate([f[f"arr_{i}"] for f in loaded if f[f"arr_{i}"].size])
+                                for i in range(3))
+        # Every rank takes part (its rows of the precision/recall work); rank 0 gets the result.
+        result = self.evaluator.compute_metrics(self.reference, pool, spatial, probs, device=self.device,
+                                                share=self.share)
         if self.rank == 0:
-            loaded = [np.load(f"{stem}{r}.npz") for r in range(world_size)]
-            pool, spatial, probs = (np.concatenate([f[f"arr_{i}"] for f in loaded if f[f"arr_{i}"].size])
-                                    for i in range(3))
-            result = self.evaluator.compute_metrics(self.reference, pool, spatial, probs)
             line = self.evaluator.format_result({"file": name, **result})
             with open(os.path.join(self.eval_dir, "eval_results.txt"), "a") as f:
                 f.write(line + "\n")

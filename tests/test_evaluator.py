@@ -16,6 +16,7 @@ import zipfile
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
 from scipy.spatial.distance import cdist
 
 import evaluator as ev
@@ -321,10 +322,61 @@ def test_float16_block_falls_back_to_float32_when_not_finite():
     want16 = adm_sq_distances_scalar(u, v)
     rows = slice(7, 14)
     np.testing.assert_array_equal(np.delete(got, range(7, 14), axis=0), np.delete(want16, range(7, 14), axis=0))
-    np.testing.assert_array_equal(got[rows], ev._fp32_block(u[rows], v))
+    for c0 in (0, 7, 14):  # each block recomputed in float32 from the uncast features
+        cols = slice(c0, c0 + 7)
+        want32 = ev._fp32_block(torch.from_numpy(u[rows]), torch.from_numpy(v[cols])).numpy()
+        np.testing.assert_array_equal(got[rows, cols], want32)
     np.testing.assert_allclose(got[rows], cdist(u[rows], v) ** 2, rtol=1e-5)
     assert np.isinf(want16[rows]).any() or not np.isfinite(want16[9]).all()
     np.testing.assert_array_equal(ev.adm_pairwise_sq_distances(u, v, batch_size=7), got)
+
+
+SHARE_SCRIPT = """
+import sys
+import numpy as np
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import evaluator as ev
+from distributed import RowShare
+
+dist.init_process_group("gloo")
+share = RowShare()
+data = np.load(sys.argv[2])
+ref, sample = data["ref"], data["sample"]
+radii = ev.manifold_radii(sample, 3, adm_batch_size=7, share=share)
+pr = ev.precision_recall(ref, sample, 3, adm_batch_size=7, share=share)
+reference = ev.Reference(None, ref, ref, *ev.feature_statistics(ref), *ev.feature_statistics(ref))
+metrics = ev.compute_metrics(reference, sample, sample, data["probs"], share=share)
+if share.rank == 0:
+    np.savez(sys.argv[3], radii=radii, pr=np.array(pr), metrics=np.array([metrics[key] for key in sorted(metrics)]))
+else:
+    assert metrics is None
+dist.destroy_process_group()
+"""
+
+
+def test_precision_recall_split_over_two_ranks(tmp_path):
+    """Two gloo ranks, each computing its rows: the same radii, precision/recall and metrics as one process.
+    With ADM blocks of 7 rows the share boundaries (19 of 38 samples, 22 of 45 references) cut a block, and
+    an overflow on one rank's side of it sends the whole block to the float32 fallback on both."""
+    from helpers import torchrun
+    rng = np.random.default_rng(6)
+    ref, sample = pool_like(rng, 45, 16), pool_like(rng, 38, 16, shift=0.05)
+    sample[20, 3] = ref[26, 5] = 300.0  # squares past float16's range, in rows 14-20 and 21-27
+    probs = rng.dirichlet(np.ones(CLASSES), size=38).astype(np.float32)
+    np.savez(tmp_path / "features.npz", ref=ref, sample=sample, probs=probs)
+    script = tmp_path / "share.py"
+    script.write_text(SHARE_SCRIPT)
+    torchrun(str(script), [str(ev.Path(ev.__file__).parent), str(tmp_path / "features.npz"), str(tmp_path / "out.npz")])
+    got = np.load(tmp_path / "out.npz")
+    np.testing.assert_array_equal(got["radii"], ev.manifold_radii(sample, K, adm_batch_size=7))
+    distances = ev._ADMDistances(sample, sample, batch_size=7)
+    list(distances.blocks())
+    assert (14, 0) in distances.fallback_blocks and (0, 0) not in distances.fallback_blocks
+    assert tuple(got["pr"]) == ev.precision_recall(ref, sample, K, adm_batch_size=7)
+    reference = ev.Reference(None, ref, ref, *ev.feature_statistics(ref), *ev.feature_statistics(ref))
+    want = ev.compute_metrics(reference, sample, sample, probs)
+    np.testing.assert_array_equal(got["metrics"], [want[key] for key in sorted(want)])
 
 
 def test_adm_distances_against_tensorflow_graph(tf):
@@ -352,7 +404,7 @@ def test_adm_distances_against_tensorflow_graph(tf):
                 {"rr": (ref, ref), "ss": (sample, sample), "rs": (ref, sample)}.items()}
     ours = ev.adm_pairwise_sq_distances(ref, sample)
     # One float16 unit of each norm, and one of the result.
-    norms = [ev._fp16_norms(x.astype(np.float16)) for x in (ref, sample)]
+    norms = [ev._fp16_norms(torch.from_numpy(x.astype(np.float16))).numpy() for x in (ref, sample)]
     bound = np.spacing(norms[0])[:, None] + np.spacing(norms[1])[None, :] + np.spacing(ours.astype(np.float16))
     assert np.all(np.abs(ours - tf_d["rs"]) <= bound.astype(np.float32))
     assert np.mean(ours == tf_d["rs"]) > 0.3
