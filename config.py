@@ -38,6 +38,7 @@ DATASETS = {
     "Imagenet": dict(data_channels=4, num_classes=1000, model_type="DiT-B-4", optimizer="AdamW", ema_steps=1),
     "CIFAR10": dict(data_channels=3, num_classes=0, model_type="UNet", optimizer="RAdam", ema_steps=16),
     "Digits": dict(data_channels=1, num_classes=10, model_type="DiT-B-4", optimizer="AdamW", ema_steps=1),
+    "MNIST": dict(data_channels=1, num_classes=10, model_type="DiT-B-4", optimizer="AdamW", ema_steps=1),
 }
 OPTIMIZERS = ("AdamW", "RAdam")
 # fp32: the release's numerics (float32, TF32 on CUDA with `tf32`). bf16: autocast everywhere (training,
@@ -64,6 +65,7 @@ class Config(Objective):
     # --- data ---
     dataset_type: str = "Imagenet"
     dataset_path: str = "./imagenet_latent"  # folder of imagenet_latent.hdf5 (or the file), or the CIFAR-10 root
+                                            # (unused by Digits and MNIST, which installed packages ship)
     data_size: int = 32
     data_channels: Optional[int] = None     # DATASETS
     num_classes: Optional[int] = None       # DATASETS; 0 = unconditional
@@ -234,6 +236,28 @@ def _check_model_and_data(cfg):
     if cfg.dataset_type == "Digits" and (cfg.data_channels not in (1, 3) or cfg.num_classes not in (0, 10)
                                          or cfg.data_size < 8):
         fail("dataset_type 'Digits' needs data_channels 1 or 3, num_classes 10 (or 0) and data_size >= 8")
+    if cfg.dataset_type == "MNIST" and (cfg.data_channels not in (1, 3) or cfg.num_classes not in (0, 10)
+                                        or cfg.data_size < 8):
+        fail("dataset_type 'MNIST' needs data_channels 1 or 3, num_classes 10 (or 0) and data_size >= 8 "
+             "(28: the digits as they are; larger sizes pad them, smaller ones resize them)")
+    _check_meanflow(cfg)
+
+
+def _check_meanflow(cfg):
+    """`method: meanflow`: the model and speed settings its loss supports."""
+    if cfg.method != "meanflow":
+        return
+    if cfg.noising_type != "Linear" or cfg.coefficient_type != "Euler":
+        raise ConfigError(f"method 'meanflow' needs noising_type: Linear and coefficient_type: Euler "
+                          f"(z_r = z_t - (t - r) u), got {cfg.noising_type} / {cfg.coefficient_type}")
+    if cfg.meanflow_guided and (not cfg.conditional or cfg.cfg_drop_rate <= 0):
+        raise ConfigError(f"meanflow_cfg_scale={cfg.meanflow_cfg_scale} / meanflow_cfg_kappa={cfg.meanflow_cfg_kappa} "
+                          f"(guided) needs a class-conditional model with cfg_drop_rate > 0 (MeanFlow's: 0.1); "
+                          f"set cfg_drop_rate or meanflow_cfg_scale: 1.0 and meanflow_cfg_kappa: 0.0")
+    unsupported = [k for k in ("compile", "grad_checkpointing") if getattr(cfg, k)]
+    if unsupported or cfg.precision != "fp32":
+        raise ConfigError(f"method 'meanflow' runs its torch.func.jvp on the eager float32 network: remove "
+                          f"{unsupported + (['precision'] if cfg.precision != 'fp32' else [])} from the config")
 
 
 def _coerce(name, value):

@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from models import to_uint8  # noqa: E402
+from models import Soflow, to_uint8  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "digits_demo.yaml")
 SOFLOW_NFES = (1, 2)
@@ -120,14 +120,10 @@ class RealReference:
 # Sampling
 
 
-@torch.no_grad()
 def euler_sample(model, noise, labels, steps):
-    """Flow-matching baseline sampler: x <- x + (t_{i+1} - t_i) v(x, t_i), uniform steps from t = 1 to 0."""
-    x = noise
-    times = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
-    for t, t_next in zip(times[:-1], times[1:]):
-        x = x + (t_next - t) * model.predict_velocity(x, t, labels)
-    return x
+    """Flow-matching baseline sampler: x <- x + (t_{i+1} - t_i) v(x, t_i), uniform steps from t = 1 to 0
+    (`Soflow.sample` with sampler 'euler'; it needs only the model's predict_velocity)."""
+    return Soflow.sample(model, noise, labels, nfe=steps, sampler="euler")
 
 
 def batched_samples(draw, num_samples, batch_size):

@@ -58,7 +58,8 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from config import load_config  # noqa: E402
-from models import Soflow, draw_training_times, logit_normal  # noqa: E402
+from models import (Objective, Soflow, average_velocity_jvp, draw_meanflow_times, draw_training_times,  # noqa: E402
+                    logit_normal)
 from train import build_optimizer  # noqa: E402
 
 VARIANTS = ("fm", "soflow", "reference", "meanflow")
@@ -69,11 +70,11 @@ NUM_CLASSES = 1000
 CFG_DROP_RATE = 0.1
 DATA_CHANNELS = 4
 IMAGENET_CONFIG = os.path.join(ROOT, "configs", "imagenet_B4.yaml")  # the release's imagenet.yaml
-# MeanFlow defaults (Geng et al. 2025): 25% of the rows with r != t, logit-normal(-0.4, 1) times,
-# adaptive weight 1 / (mse + 1e-3)^p with p = 1.
-MEANFLOW_RATIO = 0.25
-MEANFLOW_TIME_MEAN, MEANFLOW_TIME_STD = -0.4, 1.0
-MEANFLOW_P, MEANFLOW_EPS = 1.0, 1e-3
+# MeanFlow defaults (Geng et al. 2025), the meanflow_* defaults of models.Objective: 25% of the rows with
+# r != t, logit-normal(-0.4, 1) times, adaptive weight 1 / (mse + 1e-3)^p with p = 1.
+MEANFLOW_RATIO = Objective.meanflow_ratio
+MEANFLOW_TIME_MEAN, MEANFLOW_TIME_STD = Objective.meanflow_time_mean, Objective.meanflow_time_std
+MEANFLOW_P, MEANFLOW_EPS = Objective.meanflow_p, Objective.meanflow_eps
 # `--malloc retain`: glibc keeps freed memory (fixed 32 MiB mmap threshold, no heap trimming), the way a
 # caching allocator does, so that steps stop paying page faults for memory handed back to the kernel.
 RETAIN_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**44)}
@@ -202,47 +203,31 @@ def reference_loss(model, x, labels, step=0, objective=None):
 
 
 # ------------------------------------------------------------------------------------------------------
-# 4. MeanFlow
+# 4. MeanFlow: the loss of models.py (`method: meanflow`), with MeanFlow's settings (Objective defaults)
 def meanflow_jvp(network, z, r, t, v, labels):
-    """(u(z, r, t), d/dt u(z_t, r, t)) with z moving along v: one forward-mode pass of u = network(z, t, s=r).
-
-    Our network conditions on t and t - s, which with s = r is MeanFlow's (t, t - r) conditioning.
-    The math attention kernel is the one with forward-mode derivatives."""
-    def u_fn(z_, r_, t_):
-        return network(z_, t_, r_, labels)
-
-    with sdpa_kernel(SDPBackend.MATH):
-        return torch.func.jvp(u_fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+    """(u(z, r, t), d/dt u) along (v, 0, 1): models.average_velocity_jvp (kept under this name)."""
+    return average_velocity_jvp(network, z, t, r, v, labels)
 
 
-def sample_meanflow_times(batch_size, device, dtype=torch.float32):
-    """t >= r, both logit-normal; the first MEANFLOW_RATIO of the rows keep r != t, the others r = t."""
-    a = logit_normal(batch_size, MEANFLOW_TIME_MEAN, MEANFLOW_TIME_STD, device).to(dtype)
-    b = logit_normal(batch_size, MEANFLOW_TIME_MEAN, MEANFLOW_TIME_STD, device).to(dtype)
-    t, r = torch.maximum(a, b), torch.minimum(a, b)
-    n_neq = int(MEANFLOW_RATIO * batch_size)
-    r = torch.cat([r[:n_neq], t[n_neq:]])
-    return t, r
+def sample_meanflow_times(batch_size, device, dtype=torch.float32, objective=None):
+    """(t, r) as `method: meanflow` draws them (the first rows r = t, the last MEANFLOW_RATIO of them r < t)."""
+    draws = draw_meanflow_times(objective or Objective(), batch_size, device)
+    return draws.t.to(dtype), draws.s.to(dtype)
 
 
 def meanflow_losses(model, x, labels, t, r, cfg_mask, noise, p=MEANFLOW_P, eps=MEANFLOW_EPS):
-    """MeanFlow loss for fixed inputs. Returns (loss, u, u_tgt)."""
-    if model.scheduler.noising_type != "Linear":
-        raise ValueError("MeanFlow is defined for the Linear noising path")
-    z, v = model.scheduler.add_noise(x, noise, t)  # z_t = (1 - t) x + t e, v = e - x
-    network = getattr(model.network, "_orig_mod", model.network)  # the JVP runs on the eager module
-    u, dudt = meanflow_jvp(network, z, r, t, v, _with_null(model, labels, cfg_mask))
-    u_tgt = (v - _bcast(t - r, x) * dudt).detach()
-    delta = u - u_tgt
-    mse = delta.square().flatten(1).mean(1)
-    weight = 1 / (mse.detach() + eps) ** p
+    """MeanFlow loss for fixed inputs (`Soflow.meanflow_rows`, unguided). Returns (loss, u, u_tgt)."""
+    mse, weight, u, u_tgt = model.meanflow_rows(x, t, r, labels=labels, cfg_mask=cfg_mask, p=p, eps=eps,
+                                                noise=noise)
     return (weight * mse).mean(), u, u_tgt
 
 
 def meanflow_loss(model, x, labels, step=0, objective=None):
-    t, r = sample_meanflow_times(x.shape[0], x.device)
-    mask = _cfg_mask(model, x.shape[0], x.device)
-    return meanflow_losses(model, x, labels, t, r, mask, torch.randn_like(x))[0]
+    """One `Soflow.get_meanflow_loss` with the meanflow_* settings of `objective` (default: MeanFlow's)."""
+    o = objective or Objective()
+    d = draw_meanflow_times(o, x.shape[0], x.device, model.cfg_drop_rate, conditional=labels is not None)
+    return model.get_meanflow_loss(x, d.t, d.s, labels, d.cfg_mask, cfg_scale=o.meanflow_cfg_scale,
+                                   cfg_kappa=o.meanflow_cfg_kappa, p=o.meanflow_p, eps=o.meanflow_eps)[0]
 
 
 LOSSES = {"fm": fm_loss, "soflow": soflow_loss, "reference": reference_loss, "meanflow": meanflow_loss}
