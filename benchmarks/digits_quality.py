@@ -163,9 +163,6 @@ def train_command(nproc, config_path):
 
 def run_training(config_path, nproc, log):
     """train.py on `config_path` (in this process for nproc 1); returns (newest checkpoint, wall-clock seconds)."""
-    from checkpoints import list_checkpoints
-    from config import load_config
-    cfg = load_config(config_path)
     start = time.time()
     if nproc == 1:
         import train
@@ -175,10 +172,18 @@ def run_training(config_path, nproc, log):
         log(f"$ {' '.join(cmd)}")
         subprocess.run(cmd, cwd=ROOT, check=True, env={"OMP_NUM_THREADS": "1", **os.environ})
     seconds = time.time() - start
+    return finished_checkpoint(config_path), seconds
+
+
+def finished_checkpoint(config_path):
+    """The checkpoint of the last step of the run of `config_path`; SystemExit when the run did not reach it."""
+    from checkpoints import list_checkpoints
+    from config import load_config
+    cfg = load_config(config_path)
     found = list_checkpoints(os.path.join(cfg.working_dir, "ckpts"))
     if not found or found[-1][0] != cfg.total_steps:
         raise SystemExit(f"training {config_path} did not reach step {cfg.total_steps} (checkpoints: {found})")
-    return found[-1][1], seconds
+    return found[-1][1]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -340,6 +340,21 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def worker_inputs(args):
+    """(model, batch, labels, objective) of a worker: the latent DiT on random latents and the ImageNet
+    objective, or with `--config` that config's model, random data of its shape and its objective."""
+    g = torch.Generator().manual_seed(args.seed + 1)
+    if args.config is None:
+        model = build_model(args.model_type, args.data_size)
+        x = torch.randn(args.batch_size, DATA_CHANNELS, args.data_size, args.data_size, generator=g)
+        return model, x, torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=g), None
+    cfg = load_config(args.config)
+    model = cfg.build_model()
+    x = torch.randn(args.batch_size, cfg.data_channels, cfg.data_size, cfg.data_size, generator=g)
+    labels = torch.randint(0, cfg.num_classes, (args.batch_size,), generator=g) if cfg.conditional else None
+    return model, x, labels, cfg.objective()
+
+
 def worker(args):
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything else printed goes to stderr; stdout carries the protocol only
@@ -352,11 +367,9 @@ def worker(args):
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
-    model = build_model(args.model_type, args.data_size).to(device).train()
+    model, x, labels, objective = worker_inputs(args)
+    model, x, labels = model.to(device).train(), x.to(device), labels.to(device) if labels is not None else None
     model.network.set_grad_checkpointing(grad_checkpointing)
-    g = torch.Generator().manual_seed(args.seed + 1)
-    x = torch.randn(args.batch_size, DATA_CHANNELS, args.data_size, args.data_size, generator=g).to(device)
-    labels = torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=g).to(device)
     optimizer = make_optimizer(model, args.adamw)
     # Allocate gradients and AdamW moments now (a zero-gradient step leaves the weights unchanged when
     # weight_decay = 0), so that the memory baseline holds everything that lives between steps.
@@ -364,7 +377,7 @@ def worker(args):
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
     optimizer.step()
-    passes = count_passes(model, variant, x, labels, dtype)
+    passes = count_passes(model, variant, x, labels, dtype, objective)
     if args.compile:
         model.network = torch.compile(model.network)
     torch.manual_seed(args.seed + 2)
@@ -379,7 +392,7 @@ def worker(args):
         if cmd == "step":
             _sync(device)
             r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-            loss = train_step(model, optimizer, variant, x, labels, step, dtype)
+            loss = train_step(model, optimizer, variant, x, labels, step, dtype, objective)
             _sync(device)
             elapsed = time.perf_counter() - t0
             r1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -452,7 +465,7 @@ class Worker:
 def _forward_args(args):
     out = ["--model-type", args.model_type, "--batch-size", str(args.batch_size), "--dtype", args.dtype,
            "--data-size", str(args.data_size), "--threads", str(args.threads), "--seed", str(args.seed),
-           "--adamw", args.adamw]
+           "--adamw", args.adamw] + (["--config", args.config] if args.config else [])
     return out + (["--compile"] if args.compile else [])
 
 
@@ -600,6 +613,8 @@ def parse_args(argv=None):
     ap.add_argument("--grad-checkpointing", action="store_true",
                     help="also run every named variant where it applies (fm, soflow, reference) with activation "
                          "checkpointing of the DiT blocks, as '<variant>+gc', and print the time and memory ratios")
+    ap.add_argument("--config", help="time the model, data shape and objective of this training config instead "
+                                     "of the latent DiT (--model-type and --data-size are then unused)")
     ap.add_argument("--worker", choices=WORKER_VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.warmup is None:
