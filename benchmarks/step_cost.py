@@ -3,10 +3,12 @@
     python benchmarks/step_cost.py [--model-type DiT-B-4] [--batch-size 8] [--dtype float32|bfloat16]
                                    [--compile] [--steps 10] [--warmup 2] [--data-size 32]
                                    [--malloc system|retain] [--sequential] [--max-minutes 8.5]
-                                   [--grad-checkpointing]
+                                   [--grad-checkpointing] [--config X.yaml]
 
 Every variant trains the same class-conditional DiT (1000 classes, cfg_drop_rate 0.1) on the same random
-latents [B, 4, S, S] and labels; one timed step is zero_grad + loss + backward + AdamW step.
+latents [B, 4, S, S] and labels; one timed step is zero_grad + loss + backward + AdamW step. With `--config`,
+the variants train that config's model on random data of its shape, with its objective (fm: its flow-matching
+settings; soflow: its loss; meanflow: its meanflow_* settings), e.g. benchmarks/paper_table.py's MNIST DiT.
 
   fm         plain flow matching, `Soflow.get_velocity_loss` with cfg_scale 1: one forward + backward.
   soflow     `Soflow.forward` with the ImageNet reference objective (SPEC section 7): the fused step of
@@ -14,8 +16,9 @@ latents [B, 4, S, S] and labels; one timed step is zero_grad + loss + backward +
   reference  the same loss computed the way the reference release does it: six separate network calls
              (FM: grad + no-grad unconditional; consistency: no-grad unconditional, no-grad conditional,
              grad F(x_t, t, s), no-grad F(x_l, l, s)), always fp32 and the math attention kernel.
-  meanflow   a MeanFlow step (Geng et al. 2025): u(z_t, r, t) and d/dt u by one `torch.func.jvp` along
-             (v, 0, 1), target v - (t - r) du/dt (stop-gradient), adaptive weight with p = 1.
+  meanflow   a MeanFlow step (Geng et al. 2025), `Soflow.get_meanflow_loss` (`method: meanflow` of models.py):
+             u(z_t, r, t) and d/dt u by one `torch.func.jvp` along (v, 0, 1), target v - (t - r) du/dt
+             (stop-gradient), adaptive weight with p = 1.
 
 `--grad-checkpointing` adds, for every named variant where it applies (fm, soflow, reference), the same
 variant with activation checkpointing of every DiT block (`DiT.set_grad_checkpointing`) as `<variant>+gc`,
