@@ -109,7 +109,8 @@ class Objective:
     total_steps: int = 400_000
     # --- MeanFlow (keys of this code; read only with `method: meanflow`, which ignores the SoFlow keys above
     # except the class-drop rate `cfg_drop_rate`, shared because it sizes the network's label table). Defaults:
-    # MeanFlow's ImageNet settings (Geng et al. 2025), as this code's step-cost benchmark used them.
+    # MeanFlow's ImageNet settings (Geng et al. 2025) as benchmarks/step_cost.py had them (MeanFlow's class-drop
+    # rate there, 0.1, is also the release's ImageNet `cfg_drop_rate`); eps is the least certain of them.
     method: str = "soflow"              # soflow (the paper's objective) or meanflow (the baseline)
     meanflow_ratio: float = 0.25        # share of rows with r != t (MeanFlow's ImageNet runs: 25%)
     meanflow_time_mean: float = -0.4    # (t, r) from two logit-normal draws: MeanFlow's ImageNet lognorm(-0.4, 1.0)
@@ -203,7 +204,8 @@ class TrainingDraws:
 def draw_training_times(objective, batch_size, finished_steps, device, cfg_drop_rate=0.0, conditional=False):
     """Rows [:n_fm]: t ~ logit-normal(0) (s = l = t, unused). Rows [n_fm:]: tau1 ~ logit-normal(1),
     tau2 ~ logit-normal(2), t = max(tau2, 1e-4), s = min(tau1, t - 1e-4), l between them by r(k, K).
-    The CFG mask (rand < cfg_drop_rate) marks the rows trained with the null label."""
+    The CFG mask (rand < cfg_drop_rate) marks the rows trained with the null label. Under `method: meanflow`:
+    draw_meanflow_times."""
     o = objective
     if o.method == "meanflow":
         return draw_meanflow_times(o, batch_size, device, cfg_drop_rate, conditional)
