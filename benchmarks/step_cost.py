@@ -3,10 +3,12 @@
     python benchmarks/step_cost.py [--model-type DiT-B-4] [--batch-size 8] [--dtype float32|bfloat16]
                                    [--compile] [--steps 10] [--warmup 2] [--data-size 32]
                                    [--malloc system|retain] [--sequential] [--max-minutes 8.5]
-                                   [--grad-checkpointing]
+                                   [--grad-checkpointing] [--config X.yaml]
 
 Every variant trains the same class-conditional DiT (1000 classes, cfg_drop_rate 0.1) on the same random
-latents [B, 4, S, S] and labels; one timed step is zero_grad + loss + backward + AdamW step.
+latents [B, 4, S, S] and labels; one timed step is zero_grad + loss + backward + AdamW step. With `--config`,
+the variants train that config's model on random data of its shape, with its objective (fm: its flow-matching
+settings; soflow: its loss; meanflow: its meanflow_* settings), e.g. benchmarks/paper_table.py's MNIST DiT.
 
   fm         plain flow matching, `Soflow.get_velocity_loss` with cfg_scale 1: one forward + backward.
   soflow     `Soflow.forward` with the ImageNet reference objective (SPEC section 7): the fused step of
@@ -14,8 +16,9 @@ latents [B, 4, S, S] and labels; one timed step is zero_grad + loss + backward +
   reference  the same loss computed the way the reference release does it: six separate network calls
              (FM: grad + no-grad unconditional; consistency: no-grad unconditional, no-grad conditional,
              grad F(x_t, t, s), no-grad F(x_l, l, s)), always fp32 and the math attention kernel.
-  meanflow   a MeanFlow step (Geng et al. 2025): u(z_t, r, t) and d/dt u by one `torch.func.jvp` along
-             (v, 0, 1), target v - (t - r) du/dt (stop-gradient), adaptive weight with p = 1.
+  meanflow   a MeanFlow step (Geng et al. 2025), `Soflow.get_meanflow_loss` (`method: meanflow` of models.py):
+             u(z_t, r, t) and d/dt u by one `torch.func.jvp` along (v, 0, 1), target v - (t - r) du/dt
+             (stop-gradient), adaptive weight with p = 1.
 
 `--grad-checkpointing` adds, for every named variant where it applies (fm, soflow, reference), the same
 variant with activation checkpointing of every DiT block (`DiT.set_grad_checkpointing`) as `<variant>+gc`,
@@ -58,7 +61,8 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from config import load_config  # noqa: E402
-from models import Soflow, draw_training_times, logit_normal  # noqa: E402
+from models import (Objective, Soflow, average_velocity_jvp, draw_meanflow_times, draw_training_times,  # noqa: E402
+                    logit_normal)
 from train import build_optimizer  # noqa: E402
 
 VARIANTS = ("fm", "soflow", "reference", "meanflow")
@@ -69,11 +73,11 @@ NUM_CLASSES = 1000
 CFG_DROP_RATE = 0.1
 DATA_CHANNELS = 4
 IMAGENET_CONFIG = os.path.join(ROOT, "configs", "imagenet_B4.yaml")  # the release's imagenet.yaml
-# MeanFlow defaults (Geng et al. 2025): 25% of the rows with r != t, logit-normal(-0.4, 1) times,
-# adaptive weight 1 / (mse + 1e-3)^p with p = 1.
-MEANFLOW_RATIO = 0.25
-MEANFLOW_TIME_MEAN, MEANFLOW_TIME_STD = -0.4, 1.0
-MEANFLOW_P, MEANFLOW_EPS = 1.0, 1e-3
+# MeanFlow defaults (Geng et al. 2025), the meanflow_* defaults of models.Objective: 25% of the rows with
+# r != t, logit-normal(-0.4, 1) times, adaptive weight 1 / (mse + 1e-3)^p with p = 1.
+MEANFLOW_RATIO = Objective.meanflow_ratio
+MEANFLOW_TIME_MEAN, MEANFLOW_TIME_STD = Objective.meanflow_time_mean, Objective.meanflow_time_std
+MEANFLOW_P, MEANFLOW_EPS = Objective.meanflow_p, Objective.meanflow_eps
 # `--malloc retain`: glibc keeps freed memory (fixed 32 MiB mmap threshold, no heap trimming), the way a
 # caching allocator does, so that steps stop paying page faults for memory handed back to the kernel.
 RETAIN_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**44)}
@@ -204,47 +208,31 @@ def reference_loss(model, x, labels, step=0, objective=None):
 
 
 # ------------------------------------------------------------------------------------------------------
-# 4. MeanFlow
+# 4. MeanFlow: the loss of models.py (`method: meanflow`), with MeanFlow's settings (Objective defaults)
 def meanflow_jvp(network, z, r, t, v, labels):
-    """(u(z, r, t), d/dt u(z_t, r, t)) with z moving along v: one forward-mode pass of u = network(z, t, s=r).
-
-    Our network conditions on t and t - s, which with s = r is MeanFlow's (t, t - r) conditioning.
-    The math attention kernel is the one with forward-mode derivatives."""
-    def u_fn(z_, r_, t_):
-        return network(z_, t_, r_, labels)
-
-    with sdpa_kernel(SDPBackend.MATH):
-        return torch.func.jvp(u_fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+    """(u(z, r, t), d/dt u) along (v, 0, 1): models.average_velocity_jvp (kept under this name)."""
+    return average_velocity_jvp(network, z, t, r, v, labels)
 
 
-def sample_meanflow_times(batch_size, device, dtype=torch.float32):
-    """t >= r, both logit-normal; the first MEANFLOW_RATIO of the rows keep r != t, the others r = t."""
-    a = logit_normal(batch_size, MEANFLOW_TIME_MEAN, MEANFLOW_TIME_STD, device).to(dtype)
-    b = logit_normal(batch_size, MEANFLOW_TIME_MEAN, MEANFLOW_TIME_STD, device).to(dtype)
-    t, r = torch.maximum(a, b), torch.minimum(a, b)
-    n_neq = int(MEANFLOW_RATIO * batch_size)
-    r = torch.cat([r[:n_neq], t[n_neq:]])
-    return t, r
+def sample_meanflow_times(batch_size, device, dtype=torch.float32, objective=None):
+    """(t, r) as `method: meanflow` draws them (the first rows r = t, the last MEANFLOW_RATIO of them r < t)."""
+    draws = draw_meanflow_times(objective or Objective(), batch_size, device)
+    return draws.t.to(dtype), draws.s.to(dtype)
 
 
 def meanflow_losses(model, x, labels, t, r, cfg_mask, noise, p=MEANFLOW_P, eps=MEANFLOW_EPS):
-    """MeanFlow loss for fixed inputs. Returns (loss, u, u_tgt)."""
-    if model.scheduler.noising_type != "Linear":
-        raise ValueError("MeanFlow is defined for the Linear noising path")
-    z, v = model.scheduler.add_noise(x, noise, t)  # z_t = (1 - t) x + t e, v = e - x
-    network = getattr(model.network, "_orig_mod", model.network)  # the JVP runs on the eager module
-    u, dudt = meanflow_jvp(network, z, r, t, v, _with_null(model, labels, cfg_mask))
-    u_tgt = (v - _bcast(t - r, x) * dudt).detach()
-    delta = u - u_tgt
-    mse = delta.square().flatten(1).mean(1)
-    weight = 1 / (mse.detach() + eps) ** p
+    """MeanFlow loss for fixed inputs (`Soflow.meanflow_rows`, unguided). Returns (loss, u, u_tgt)."""
+    mse, weight, u, u_tgt = model.meanflow_rows(x, t, r, labels=labels, cfg_mask=cfg_mask, p=p, eps=eps,
+                                                noise=noise)
     return (weight * mse).mean(), u, u_tgt
 
 
 def meanflow_loss(model, x, labels, step=0, objective=None):
-    t, r = sample_meanflow_times(x.shape[0], x.device)
-    mask = _cfg_mask(model, x.shape[0], x.device)
-    return meanflow_losses(model, x, labels, t, r, mask, torch.randn_like(x))[0]
+    """One `Soflow.get_meanflow_loss` with the meanflow_* settings of `objective` (default: MeanFlow's)."""
+    o = objective or Objective()
+    d = draw_meanflow_times(o, x.shape[0], x.device, model.cfg_drop_rate, conditional=labels is not None)
+    return model.get_meanflow_loss(x, d.t, d.s, labels, d.cfg_mask, cfg_scale=o.meanflow_cfg_scale,
+                                   cfg_kappa=o.meanflow_cfg_kappa, p=o.meanflow_p, eps=o.meanflow_eps)[0]
 
 
 LOSSES = {"fm": fm_loss, "soflow": soflow_loss, "reference": reference_loss, "meanflow": meanflow_loss}
@@ -357,6 +345,21 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def worker_inputs(args):
+    """(model, batch, labels, objective) of a worker: the latent DiT on random latents and the ImageNet
+    objective, or with `--config` that config's model, random data of its shape and its objective."""
+    g = torch.Generator().manual_seed(args.seed + 1)
+    if args.config is None:
+        model = build_model(args.model_type, args.data_size)
+        x = torch.randn(args.batch_size, DATA_CHANNELS, args.data_size, args.data_size, generator=g)
+        return model, x, torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=g), None
+    cfg = load_config(args.config)
+    model = cfg.build_model()
+    x = torch.randn(args.batch_size, cfg.data_channels, cfg.data_size, cfg.data_size, generator=g)
+    labels = torch.randint(0, cfg.num_classes, (args.batch_size,), generator=g) if cfg.conditional else None
+    return model, x, labels, cfg.objective()
+
+
 def worker(args):
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything else printed goes to stderr; stdout carries the protocol only
@@ -369,11 +372,9 @@ def worker(args):
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
-    model = build_model(args.model_type, args.data_size).to(device).train()
+    model, x, labels, objective = worker_inputs(args)
+    model, x, labels = model.to(device).train(), x.to(device), labels.to(device) if labels is not None else None
     model.network.set_grad_checkpointing(grad_checkpointing)
-    g = torch.Generator().manual_seed(args.seed + 1)
-    x = torch.randn(args.batch_size, DATA_CHANNELS, args.data_size, args.data_size, generator=g).to(device)
-    labels = torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=g).to(device)
     optimizer = make_optimizer(model, args.adamw)
     # Allocate gradients and AdamW moments now (a zero-gradient step leaves the weights unchanged when
     # weight_decay = 0), so that the memory baseline holds everything that lives between steps.
@@ -381,7 +382,7 @@ def worker(args):
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
     optimizer.step()
-    passes = count_passes(model, variant, x, labels, dtype)
+    passes = count_passes(model, variant, x, labels, dtype, objective)
     if args.compile:
         model.network = torch.compile(model.network)
     torch.manual_seed(args.seed + 2)
@@ -396,7 +397,7 @@ def worker(args):
         if cmd == "step":
             _sync(device)
             r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-            loss = train_step(model, optimizer, variant, x, labels, step, dtype)
+            loss = train_step(model, optimizer, variant, x, labels, step, dtype, objective)
             _sync(device)
             elapsed = time.perf_counter() - t0
             r1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -469,7 +470,7 @@ class Worker:
 def _forward_args(args):
     out = ["--model-type", args.model_type, "--batch-size", str(args.batch_size), "--dtype", args.dtype,
            "--data-size", str(args.data_size), "--threads", str(args.threads), "--seed", str(args.seed),
-           "--adamw", args.adamw]
+           "--adamw", args.adamw] + (["--config", args.config] if args.config else [])
     return out + (["--compile"] if args.compile else [])
 
 
@@ -617,6 +618,8 @@ def parse_args(argv=None):
     ap.add_argument("--grad-checkpointing", action="store_true",
                     help="also run every named variant where it applies (fm, soflow, reference) with activation "
                          "checkpointing of the DiT blocks, as '<variant>+gc', and print the time and memory ratios")
+    ap.add_argument("--config", help="time the model, data shape and objective of this training config instead "
+                                     "of the latent DiT (--model-type and --data-size are then unused)")
     ap.add_argument("--worker", choices=WORKER_VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.warmup is None:

@@ -229,3 +229,27 @@ def test_non_finite_numbers_and_empty_files_are_refused(tmp_path):
     (tmp_path / "empty.yaml").write_text("# nothing\n")
     with pytest.raises(ConfigError, match="empty.yaml is empty"):
         load_config(str(tmp_path / "empty.yaml"))
+
+
+def test_meanflow_keys_default_to_soflow_and_are_checked():
+    cfg = from_dict(base())
+    assert cfg.method == "soflow"  # the release's configs train SoFlow
+    mnist = dict(dataset_type="MNIST", data_size=28, patch_size=4, method="meanflow")
+    cfg = from_dict(mnist)
+    assert (cfg.data_channels, cfg.num_classes, cfg.model_type) == (1, 10, "DiT-B-4")
+    assert (cfg.meanflow_ratio, cfg.meanflow_time_mean, cfg.meanflow_time_std) == (0.25, -0.4, 1.0)
+    assert cfg.objective().method == "meanflow" and not cfg.objective().meanflow_guided
+    for change, message in [
+        ({"method": "shortcut"}, "unknown method 'shortcut'; accepted: soflow, meanflow"),
+        ({"coefficient_type": "Trig"}, "method 'meanflow' needs noising_type: Linear and coefficient_type: Euler"),
+        ({"meanflow_cfg_kappa": 0.5}, "needs a class-conditional model with cfg_drop_rate > 0"),
+        ({"compile": True}, r"eager float32 network: remove \['compile'\]"),
+        ({"precision": "bf16"}, r"remove \['precision'\]"),
+        ({"meanflow_ratio": 1.5}, r"'meanflow_ratio' must lie in \[0, 1\]"),
+        ({"meanflow_eps": 0.0}, "'meanflow_eps' must be > 0"),
+        ({"data_size": 6, "patch_size": 2}, "dataset_type 'MNIST' needs .* data_size >= 8"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            from_dict({**mnist, **change}, source="x.yaml")
+    guided = from_dict({**mnist, "meanflow_cfg_kappa": 0.5, "cfg_drop_rate": 0.1})
+    assert guided.objective().meanflow_guided

@@ -527,3 +527,127 @@ def test_release_losses_of_an_empty_part_are_zeros(make):
     t = torch.zeros(0, 1, 1, 1, dtype=x.dtype)
     for got in (model(get_velocity_loss=True, samples=x, t=t), model(get_velocity_loss=False, samples=x, t=t, l=t, s=t)):
         assert [v.item() for v in got] == [0.0, 0.0, 0.0]
+
+
+# --------------------------------------------------------------------------------------------------
+# MeanFlow baseline (`method: meanflow`, SPEC section 11)
+
+
+def _meanflow_inputs(shape=(4, 1, 1, 1)):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64)
+    noise = torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.9, 0.7, 0.5, 0.35], dtype=torch.float64)
+    r = torch.tensor([0.2, 0.7, 0.05, 0.3], dtype=torch.float64)  # one row with r = t
+    labels = torch.tensor([1, 4, 7, 9])
+    mask = torch.tensor([False, True, False, False])
+    return x, noise, t.reshape(shape), r.reshape(shape), labels, mask
+
+
+@pytest.mark.parametrize("shape", [(4,), (4, 1, 1, 1)])
+def test_meanflow_loss_equals_a_float64_finite_difference_computation(shape):
+    """Everything rebuilt from plain network calls: the guided velocity v~, the total derivative of
+    u(z, r, t) = F(z, t, r) along (v~, 0, 1) as a central difference, the target, error, weight and loss."""
+    model = tiny_dit(cfg_drop_rate=0.1)
+    x, noise, t, r, labels, mask = _meanflow_inputs(shape)
+    w, kappa, p, eps = 1.7, 0.4, 0.75, 1e-3
+    loss, mse_mean, weight_mean = model.get_meanflow_loss(x, t, r, labels, mask, cfg_scale=w, cfg_kappa=kappa,
+                                                          p=p, eps=eps, noise=noise)
+    t, r = t.reshape(-1), r.reshape(-1)
+    tb, F = t.reshape(-1, 1, 1, 1), model.network
+    null = torch.full_like(labels, 10)
+    with torch.no_grad():
+        z, v = (1 - tb) * x + tb * noise, noise - x
+        guided = w * v + kappa * F(z, t, t, labels) + (1 - w - kappa) * F(z, t, t, null)
+        v_tilde = torch.where(mask.reshape(-1, 1, 1, 1), v, guided)
+        y = torch.where(mask, null, labels)
+        h = 1e-5
+        dudt = (F(z + h * v_tilde, t + h, r, y) - F(z - h * v_tilde, t - h, r, y)) / (2 * h)
+        u_tgt = v_tilde - (tb - r.reshape(-1, 1, 1, 1)) * dudt
+    u = F(z, t, r, y)
+    mse = (u - u_tgt).square().flatten(1).mean(1)
+    weight = 1 / (mse.detach() + eps) ** p
+    expected = (weight * mse).mean()
+    assert dudt.abs().mean() > 1e-3 and (guided - v).abs().mean() > 1e-3  # both terms matter
+    torch.testing.assert_close(loss, expected, rtol=1e-7, atol=0)
+    torch.testing.assert_close(mse_mean, mse.detach().mean(), rtol=1e-7, atol=0)
+    torch.testing.assert_close(weight_mean, weight.mean(), rtol=1e-7, atol=0)
+    params = [q for q in model.parameters() if q.requires_grad]
+    for a, b in zip(torch.autograd.grad(loss, params), torch.autograd.grad(expected, params)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)  # stop-gradient: only u carries the gradient
+
+
+def test_meanflow_jvp_is_the_total_derivative():
+    model = tiny_dit()
+    x, noise, t, r, labels, _ = _meanflow_inputs((4,))
+    z = (1 - t.reshape(-1, 1, 1, 1)) * x + t.reshape(-1, 1, 1, 1) * noise
+    u, dudt = model.meanflow_jvp(z, t, r, noise - x, labels)
+    torch.testing.assert_close(u, model.network(z, t, r, labels))
+    h = 1e-5
+    fd = (model.network(z + h * (noise - x), t + h, r, labels)
+          - model.network(z - h * (noise - x), t - h, r, labels)) / (2 * h)
+    torch.testing.assert_close(dudt, fd, rtol=1e-6, atol=1e-9)
+
+
+def test_meanflow_with_r_equal_t_is_flow_matching():
+    model = tiny_dit(cfg_drop_rate=0.1)
+    x, noise, t, _, labels, mask = _meanflow_inputs((4,))
+    mf = model.get_meanflow_loss(x, t, t, labels, mask, p=1.0, eps=1e-3, noise=noise)
+    # unguided, get_velocity_loss leaves a CFG mask alone (as the release): pass the dropped labels themselves
+    dropped = torch.where(mask, torch.full_like(labels, 10), labels)
+    fm = model.get_velocity_loss(x, t, dropped, None, cfg_scale=1.0, p=1.0, eps=1e-3, noise=noise)
+    for a, b in zip(mf, fm):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    params = [q for q in model.parameters() if q.requires_grad]
+    for a, b in zip(torch.autograd.grad(mf[0], params), torch.autograd.grad(fm[0], params)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-14)
+
+
+def test_meanflow_training_forward_draws_and_micro_batches():
+    from models import draw_training_times
+    model = tiny_dit(cfg_drop_rate=0.1)
+    o = Objective(method="meanflow", meanflow_cfg_scale=1.5, meanflow_cfg_kappa=0.2)
+    torch.manual_seed(5)
+    draws = draw_training_times(o, 8, 0, "cpu", 0.1, conditional=True)
+    n_eq = 8 - int(o.meanflow_ratio * 8)
+    assert draws.n_fm == n_eq and torch.equal(draws.s[:n_eq], draws.t[:n_eq])
+    assert bool((draws.s[n_eq:] < draws.t[n_eq:]).all())  # logit-normal draws are a.s. distinct
+    x, noise = torch.randn(8, 4, 8, 8, dtype=torch.float64), torch.randn(8, 4, 8, 8, dtype=torch.float64)
+    labels = torch.arange(8)
+    total, stats = model(x, labels, objective=o, draws=draws, noise=noise)
+    loss, mse, weight = model.get_meanflow_loss(x, draws.t, draws.s, labels, draws.cfg_mask, cfg_scale=1.5,
+                                                cfg_kappa=0.2, p=o.meanflow_p, eps=o.meanflow_eps, noise=noise)
+    torch.testing.assert_close(total, loss)
+    n_cons = 8 - n_eq
+    torch.testing.assert_close((stats["Vel_MSE"] * n_eq + stats["Con_MSE"] * n_cons) / 8, mse)
+    torch.testing.assert_close((stats["Vel_Weight"] * n_eq + stats["Con_Weight"] * n_cons) / 8, weight)
+    parts = [model(x[a:b], labels[a:b], objective=o, draws=draws.rows(a, b), noise=noise[a:b], batch_rows=8)[0]
+             for a, b in ((0, 3), (3, 8))]
+    torch.testing.assert_close(parts[0] + parts[1], total)
+
+
+def test_meanflow_and_euler_samplers():
+    model = tiny_dit().eval()
+    noise = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    labels = torch.tensor([0, 5, 9])
+    one = model.sample(noise, labels, nfe=1, sampler="meanflow")
+    assert torch.allclose(one, model.sample(noise, labels, nfe=1))  # the same map at 1 NFE: f(noise, 1, 0)
+    half = model.solution_operator(noise, 1.0, 0.5, labels)
+    assert torch.allclose(model.sample(noise, labels, nfe=2, sampler="meanflow"),
+                          model.solution_operator(half, 0.5, 0.0, labels))
+    x = noise - 0.5 * model.predict_velocity(noise, 1.0, labels)
+    assert torch.allclose(model.sample(noise, labels, nfe=2, sampler="euler"),
+                          x - 0.5 * model.predict_velocity(x, 0.5, labels))
+    with pytest.raises(ValueError, match="sampler"):
+        model.sample(noise, labels, sampler="heun")
+
+
+def test_meanflow_refuses_what_it_does_not_define():
+    model = tiny_dit(coefficient_type="Trig")
+    x, noise, t, r, labels, _ = _meanflow_inputs((4,))
+    with pytest.raises(ValueError, match="Linear and coefficient_type Euler"):
+        model.get_meanflow_loss(x, t, r, labels, noise=noise)
+    with pytest.raises(ValueError, match="class-conditional model and labels"):
+        tiny_dit(num_classes=None).get_meanflow_loss(x, t, r, None, cfg_scale=2.0, noise=noise)
+    with pytest.raises(ValueError, match="method"):
+        Objective(method="mean_flow")
