@@ -162,5 +162,6 @@ def test_tensorboard_events_and_throughput(reference_run):
         fields = dict(f.split(" ", 1) for f in line.split(" | ")[1:])
         assert float(fields["Con_MSE"]) == pytest.approx(event.value, abs=1e-4)
         total, per_rank = fields["Img/s"].replace("(", "").replace("/rank)", "").split()
-        assert float(total) == pytest.approx(2 * float(per_rank), rel=0.01)
+        # both figures are printed to one decimal: their rounding alone may move 2 x per-rank by up to 0.15
+        assert float(total) == pytest.approx(2 * float(per_rank), rel=0.01, abs=0.15)
     assert np.isfinite([e.value for e in events.Scalars("speed/images_per_s")]).all()
