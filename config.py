@@ -218,6 +218,10 @@ def _check_model_and_data(cfg):
                  f"or patch_size")
         if hidden % heads:
             fail(f"hidden_size {hidden} is not divisible by num_heads {heads}")
+    if cfg.attention == "flash" and cfg.precision != "bf16":
+        fail(f"attention 'flash' with precision {cfg.precision!r}: CUDA's flash kernel takes only float16 / bfloat16 "
+             f"inputs, and this precision runs network calls in float32; set precision: bf16, or attention: auto "
+             f"(the release's memory-efficient kernel, any dtype)")
     if cfg.guided and cfg.cfg_drop_rate <= 0:
         fail(f"cfg_scale={cfg.cfg_scale} > 1 needs cfg_drop_rate > 0 (the model must learn the unconditional "
              f"velocity); set cfg_drop_rate (release: 0.1) or cfg_scale: 1.0")
