@@ -218,10 +218,8 @@ def _check_model_and_data(cfg):
                  f"or patch_size")
         if hidden % heads:
             fail(f"hidden_size {hidden} is not divisible by num_heads {heads}")
-    if cfg.attention == "flash" and cfg.precision != "bf16":
-        fail(f"attention 'flash' with precision {cfg.precision!r}: CUDA's flash kernel takes only float16 / bfloat16 "
-             f"inputs, and this precision runs network calls in float32; set precision: bf16, or attention: auto "
-             f"(the release's memory-efficient kernel, any dtype)")
+    if attention_precision_error(cfg.attention, cfg.precision):
+        fail(attention_precision_error(cfg.attention, cfg.precision))
     if cfg.guided and cfg.cfg_drop_rate <= 0:
         fail(f"cfg_scale={cfg.cfg_scale} > 1 needs cfg_drop_rate > 0 (the model must learn the unconditional "
              f"velocity); set cfg_drop_rate (release: 0.1) or cfg_scale: 1.0")
@@ -238,6 +236,16 @@ def _check_model_and_data(cfg):
     if cfg.dataset_type == "Digits" and (cfg.data_channels not in (1, 3) or cfg.num_classes not in (0, 10)
                                          or cfg.data_size < 8):
         fail("dataset_type 'Digits' needs data_channels 1 or 3, num_classes 10 (or 0) and data_size >= 8")
+
+
+def attention_precision_error(attention, precision):
+    """Why the SDPA kernel `attention` pins on CUDA cannot run the network calls of `precision` (None when it
+    can): the flash kernel takes only float16 / bfloat16, and only `bf16` runs every call under autocast."""
+    if attention == "flash" and precision != "bf16":
+        return (f"attention 'flash' with precision {precision!r}: CUDA's flash kernel takes only float16 / bfloat16 "
+                f"inputs, and this precision runs network calls in float32; set precision: bf16, or attention: auto "
+                f"(the release's memory-efficient kernel, any dtype)")
+    return None
 
 
 def _coerce(name, value):

@@ -191,3 +191,14 @@ def test_per_sample_inputs_depend_on_seed_and_index_only():
     assert np.bincount(many_labels.numpy(), minlength=10).min() > 150
     with pytest.raises(ValueError, match="seed"):
         inference.sample_inputs([0], 10, False, shape, 1, seed=-1)
+
+
+def test_sampling_precision_refuses_flash_in_float32():
+    """--precision fp32 over a config with attention: flash (valid with its precision bf16) stops before any
+    work: CUDA's flash kernel has no float32."""
+    from config import from_dict
+    cfg = from_dict({**DIGITS_TINY, "attention": "flash", "precision": "bf16"})
+    assert inference.sampling_precision(cfg) == "bf16"
+    with pytest.raises(SystemExit, match="--precision fp32: attention 'flash'.*set precision: bf16"):
+        inference.sampling_precision(cfg, "fp32")
+    assert inference.sampling_precision(from_dict(DIGITS_TINY), "bf16") == "bf16"
