@@ -1,7 +1,10 @@
-"""distributed.py: ranks from SLURM under a plain srun, the fault-injection hook, random-state rewinding."""
+"""distributed.py: ranks from SLURM under a plain srun, the fault-injection hook, random-state rewinding, one TF32
+API through a whole process."""
 import errno
 import os
+import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,3 +47,97 @@ def test_shared_random_state_rewinds():
         rewind()
         b = torch.rand(3)
     assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One TF32 API
+
+
+class TF32Watch(torch.overrides.TorchFunctionMode):
+    """At every torch call: reads the TF32 settings through the per-backend API (`fp32_precision`) and files
+    them under the code that made the call: the network (models / dit / unet), the Inception graph
+    (inception_torch) or elsewhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = {"network": set(), "inception": set(), "other": set()}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        settings = distributed.tf32_settings()
+        self.seen[self._caller()].add(settings)
+        return func(*args, **(kwargs or {}))
+
+    @staticmethod
+    def _caller():
+        frame = sys._getframe(2)
+        while frame is not None:
+            module = frame.f_globals.get("__name__")
+            if module == "inception_torch":
+                return "inception"
+            if module in ("models", "dit", "unet"):
+                return "network"
+            frame = frame.f_back
+        return "other"
+
+
+@pytest.fixture
+def legacy_tf32_writes(monkeypatch):
+    """Records every write of the legacy flags torch.backends.cuda.matmul.allow_tf32 / cudnn.allow_tf32."""
+    writes = []
+    matmul_type = type(torch.backends.cuda.matmul)
+    setattr_ = matmul_type.__setattr__
+
+    def recording_setattr(self, name, value):
+        if name == "allow_tf32":
+            writes.append(("matmul.allow_tf32", value))
+        return setattr_(self, name, value)
+    monkeypatch.setattr(matmul_type, "__setattr__", recording_setattr)
+    cudnn_flag = type(torch.backends.cudnn).__dict__["allow_tf32"]
+
+    def recording_set(self, value):
+        writes.append(("cudnn.allow_tf32", value))
+        cudnn_flag.__set__(self, value)
+    monkeypatch.setattr(type(torch.backends.cudnn), "allow_tf32",
+                        property(lambda self: cudnn_flag.__get__(self), recording_set))
+    return writes
+
+
+def test_tf32_one_api_through_training_fid_and_evaluator(cifar_root, tmp_path, monkeypatch, legacy_tf32_writes):
+    """A process that runs train.py's start-up and steps, an in-training FID and the evaluator's torch backend:
+    TF32 is only ever written through `fp32_precision` (a legacy write followed by a new one makes the legacy
+    flags unreadable), and at every torch call the settings read through it are the release's TF32 in the
+    network and IEEE float32 inside the Inception graph."""
+    import evaluator
+    import train
+    from helpers import write_config
+    from test_inception_torch import write_inception_like
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    graph = write_inception_like(tmp_path / "graph.pb", writer="plain")
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    cfg = write_config("tiny_cifar_cpu.yaml", tmp_path / "cfg.yaml", dataset_path=cifar_root,
+                       working_dir=str(tmp_path / "run"), fid_ref_batch=str(ref), fid_inception_graph=str(graph),
+                       eval_demo_steps=100, eval_save_samples=False, total_steps=2, eval_steps=2, ckpt_saving_steps=2,
+                       num_eval_samples=8)
+    monkeypatch.setenv("SOFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    # The TF32 settings matter where features are computed: skip the minutes of 2048 x 2048 matrix square roots
+    # on 2 cores (tests/test_evaluator.py checks them) and the TensorFlow import of the self-check.
+    monkeypatch.setattr(evaluator, "frechet_distance", lambda *args, **kwargs: 0.0)
+    monkeypatch.setattr(evaluator, "tensorflow_available", lambda: False)
+    watch = TF32Watch()
+    with distributed.tf32_mode(distributed.tf32_settings()), watch:
+        assert train.main(["--config", cfg]) == 0
+        after_training = distributed.tf32_settings()
+        folder = tmp_path / "dump"
+        folder.mkdir()
+        np.savez(folder / "2.npz", arr_0=np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+        assert evaluator.main(["--ref_batch", str(ref), "--sample_batch_dir", str(folder), "--inception-graph",
+                               str(graph), "--batch-size", "8", "--backend", "torch", "--no-tf-check",
+                               "--cache-dir", str(tmp_path / "cache")]) == 0
+        assert distributed.tf32_settings() == after_training  # the evaluator restored what it found
+    assert legacy_tf32_writes == []
+    assert watch.seen["network"] == {("tf32", "tf32")}  # the release's numerics in every network call
+    assert ("ieee", "ieee") in watch.seen["inception"]  # the graph ran without TF32 ...
+    assert watch.seen["inception"] <= {("ieee", "ieee"), ("tf32", "tf32")}  # ... and nothing else was set
+    assert after_training == ("tf32", "tf32")
