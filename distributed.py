@@ -211,12 +211,21 @@ def guidance_dtype(precision):
     return torch.bfloat16 if precision == "bf16-guidance" else None
 
 
-def attention_context(attention, device):
-    """The SDPA kernel: `auto` is the release's memory-efficient kernel on CUDA and PyTorch's choice on the CPU
-    (which has no memory-efficient kernel); `efficient`, `flash` and `math` pin one kernel."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def attention_kernel(attention, device):
+    """The SDPA kernel that `attention` pins on `device` (None: PyTorch's choice). `auto` is the release's
+    memory-efficient kernel on CUDA and PyTorch's choice on the CPU (which has no memory-efficient kernel)."""
+    from torch.nn.attention import SDPBackend
     kernels = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                "math": SDPBackend.MATH}
     if attention == "auto":
         attention = "efficient" if device.type == "cuda" else None
-    return sdpa_kernel(kernels[attention]) if attention else contextlib.nullcontext()
+    return kernels[attention] if attention else None
+
+
+def attention_context(attention, device):
+    """The SDPA kernel of `attention` on `device` (attention_kernel): `efficient`, `flash` and `math` pin one
+    kernel. CUDA's fused kernels take only 4-D inputs with a unit-stride last dimension, flash only float16 /
+    bfloat16 (config.attention_precision_error); tests/helpers.CudaSDPARules checks those rules on any device."""
+    from torch.nn.attention import sdpa_kernel
+    kernel = attention_kernel(attention, device)
+    return sdpa_kernel(kernel) if kernel is not None else contextlib.nullcontext()

@@ -141,3 +141,63 @@ def test_tf32_one_api_through_training_fid_and_evaluator(cifar_root, tmp_path, m
     assert ("ieee", "ieee") in watch.seen["inception"]  # the graph ran without TF32 ...
     assert watch.seen["inception"] <= {("ieee", "ieee"), ("tf32", "tf32")}  # ... and nothing else was set
     assert after_training == ("tf32", "tf32")
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA's attention kernel rules, on the CPU
+
+# Every network at a tiny width that keeps what CUDA's kernels look at: the head dims of the release's sizes
+# (DiT: hidden / heads; the CIFAR U-Net: 256 channels in one head at its attention resolution).
+NETWORKS = {
+    **{name: dict(dataset_type="Imagenet", model_type=name, data_size=2 * patch, num_heads=2,
+                  hidden_size=2 * (hidden // heads), depth=1, cfg_scale=3.0, cfg_drop_rate=0.1, mix_ratio=0.25)
+       for name, (patch, hidden, _, heads) in __import__("dit").DIT_SIZES.items()},
+    "UNet": dict(dataset_type="Digits", model_type="UNet", num_classes=0, data_channels=3, data_size=8,
+                 model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.1),
+    "UNet-256ch": dict(dataset_type="Digits", model_type="UNet", num_classes=0, data_channels=3, data_size=8,
+                       model_channels=8, channel_mult=[1, 32], num_blocks=1, attn_resolutions=[4], dropout=0.1),
+}
+
+
+def cuda_attention_context(attention, device):
+    """distributed.attention_context as it runs on CUDA, whatever the device."""
+    return distributed.attention_context(attention, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-guidance"])
+@pytest.mark.parametrize("attention", ["auto", "efficient", "flash", "math"])
+@pytest.mark.parametrize("network", list(NETWORKS))
+def test_every_network_meets_cuda_attention_kernel_rules(network, attention, precision, monkeypatch):
+    """train.py's step (forward and backward, activation checkpointing on the U-Nets) and the sampler, under
+    each `attention` and `precision` the config accepts, with CUDA's kernel pinned as on CUDA: every SDPA call
+    must be one that kernel takes (rank 4, dtype, head dim, no mask, unit-stride last dimension)."""
+    import inference
+    import train
+    from config import ConfigError, from_dict
+    from helpers import CudaSDPARules
+    try:
+        cfg = from_dict({**NETWORKS[network], "attention": attention, "precision": precision, "batch_size": 4,
+                         "grad_checkpointing": network.startswith("UNet"), "num_workers": 0})
+    except ConfigError as e:  # refused at load: never reaches a kernel
+        assert attention == "flash" and "flash kernel takes only float16 / bfloat16" in str(e)
+        return
+    torch.manual_seed(0)
+    model = cfg.build_model()
+    optimizer = train.build_optimizer(cfg, model)
+    B, C, S = 4, cfg.data_channels, cfg.data_size
+    labels = torch.randint(0, cfg.num_classes, (B,)) if cfg.conditional else None
+    augment = torch.zeros(B, 6) if network.startswith("UNet") else None
+    monkeypatch.setattr(train, "attention_context", cuda_attention_context)
+    with CudaSDPARules() as rules:
+        loss, _, grad_norm = train.train_step(model, model, optimizer, (torch.randn(B, C, S, S), labels, augment),
+                                              cfg.objective(), 0, cfg, torch.device("cpu"))
+        with cuda_attention_context(cfg.attention, None):
+            inference.sample_images(model.eval(), torch.randn(1, 2, C, S, S), labels[:2] if labels is not None
+                                    else None, torch.device("cpu"), precision=precision)
+    assert torch.isfinite(loss) and torch.isfinite(grad_norm)
+    kernel = distributed.attention_kernel(attention, torch.device("cuda"))
+    assert rules.calls and {call[0] for call in rules.calls} == {kernel}
+    guidance_in_bf16 = precision == "bf16-guidance" and cfg.guided  # the no-grad guidance call only
+    expected = {torch.bfloat16} if precision == "bf16" else {torch.float32} | ({torch.bfloat16} if guidance_in_bf16
+                                                                                else set())
+    assert {call[2] for call in rules.calls} == expected
