@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -227,3 +228,11 @@ class CudaSDPARules(torch.overrides.TorchFunctionMode):
 
 
 _SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+# ----------------------------------------------------------------------------------------------------
+# Devices: tests that build a model, take a step, sample or score run on each device present
+
+CUDA_MISSING = "CUDA is not available on this machine (the case runs where a GPU is)"
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_MISSING)
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]

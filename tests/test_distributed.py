@@ -174,10 +174,11 @@ CASES = ([(network, *setting) for network in ("DiT-XL-2", "UNet") for setting in
 
 
 @pytest.mark.parametrize("network, attention, precision", CASES)
-def test_every_network_meets_cuda_attention_kernel_rules(network, attention, precision, monkeypatch):
+def test_every_network_meets_cuda_attention_kernel_rules(network, attention, precision, device, monkeypatch):
     """train.py's step (forward and backward, activation checkpointing on the U-Nets) and the sampler, under
     each `attention` and `precision` the config accepts, with CUDA's kernel pinned as on CUDA: every SDPA call
-    must be one that kernel takes (rank 4, dtype, head dim, no mask, unit-stride last dimension)."""
+    must be one that kernel takes (rank 4, dtype, head dim, no mask, unit-stride last dimension). On CUDA the
+    real kernels run too."""
     import inference
     import train
     from config import ConfigError, from_dict
@@ -189,18 +190,18 @@ def test_every_network_meets_cuda_attention_kernel_rules(network, attention, pre
         assert attention == "flash" and "flash kernel takes only float16 / bfloat16" in str(e)
         return
     torch.manual_seed(0)
-    model = cfg.build_model()
+    model = cfg.build_model().to(device)
     optimizer = train.build_optimizer(cfg, model)
     B, C, S = 4, cfg.data_channels, cfg.data_size
-    labels = torch.randint(0, cfg.num_classes, (B,)) if cfg.conditional else None
-    augment = torch.zeros(B, 6) if network.startswith("UNet") else None
+    labels = torch.randint(0, cfg.num_classes, (B,), device=device) if cfg.conditional else None
+    augment = torch.zeros(B, 6, device=device) if network.startswith("UNet") else None
     monkeypatch.setattr(train, "attention_context", cuda_attention_context)
     with CudaSDPARules() as rules:
-        loss, _, grad_norm = train.train_step(model, model, optimizer, (torch.randn(B, C, S, S), labels, augment),
-                                              cfg.objective(), 0, cfg, torch.device("cpu"))
+        loss, _, grad_norm = train.train_step(model, model, optimizer, (torch.randn(B, C, S, S, device=device), labels,
+                                                                       augment), cfg.objective(), 0, cfg, device)
         with cuda_attention_context(cfg.attention, None):
             inference.sample_images(model.eval(), torch.randn(1, 2, C, S, S), labels[:2] if labels is not None
-                                    else None, torch.device("cpu"), precision=precision)
+                                    else None, device, precision=precision)
     assert torch.isfinite(loss) and torch.isfinite(grad_norm)
     kernel = distributed.attention_kernel(attention, torch.device("cuda"))
     assert rules.calls and {call[0] for call in rules.calls} == {kernel}

@@ -9,7 +9,7 @@ import torch
 import train
 from checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from config import load_config
-from helpers import assert_same_final_state, torchrun, write_config
+from helpers import assert_same_final_state, requires_cuda, torchrun, write_config
 
 
 def test_cifar_run_writes_everything(reference_run):
@@ -335,3 +335,32 @@ def test_fid_inside_training_writes_the_evaluators_line(cifar_root, tmp_path):
     assert train.main(["--config", cfg]) == 0
     assert os.listdir(run2 / "evals") == ["eval_results.txt"]
     assert (run2 / "evals" / "eval_results.txt").read_text().startswith("2.npz # IS: ")
+
+
+# ----------------------------------------------------------------------------------------------------
+# One GPU: torchrun with NCCL, then inference.py and sample.py on its checkpoint
+
+
+@requires_cuda
+@pytest.mark.parametrize("kind, fast_paths", [
+    ("cifar", {}), ("imagenet", {}),
+    ("cifar", dict(precision="bf16", channels_last=True, fused_optimizer=True, grad_checkpointing=True)),
+    ("imagenet", dict(precision="bf16", attention="flash", fused_optimizer=True, grad_checkpointing=True,
+                      compile=True)),
+    ("imagenet", dict(precision="bf16-guidance"))])
+def test_one_gpu_torchrun_then_inference_and_sample(kind, fast_paths, cifar_root, imagenet_latents, tmp_path):
+    """train.py under `torchrun --nproc-per-node=1` on cuda:0 (NCCL) with the cifar.yaml- and imagenet.yaml-shaped
+    tiny configs, the release's numerics and the fast paths; inference.py and sample.py on its checkpoint."""
+    run = tmp_path / "run"
+    data = (dict(dataset_path=cifar_root) if kind == "cifar" else
+            dict(dataset_path=str(imagenet_latents / "latents"), vae=str(imagenet_latents / "vae")))
+    cfg = write_config(f"tiny_{kind}_cpu.yaml", tmp_path / "cfg.yaml", working_dir=str(run), **data, **fast_paths)
+    torchrun("train.py", ["--config", cfg], nproc=1)
+    assert "on 1 rank(s), device cuda" in (run / "log.txt").read_text()
+    ckpt = str(run / "ckpts" / "6.pt")
+    torchrun("inference.py", ["--config", cfg, "--ckpt", ckpt, "--num-samples", "4", "--out", str(tmp_path)],
+             nproc=1)
+    assert any(name.endswith(".npz") for name in os.listdir(tmp_path))
+    import sample
+    sample.main(["--config", cfg, "--ckpt", ckpt, "--out", str(tmp_path / "grid.png"), "--device", "cuda"])
+    assert (tmp_path / "grid.png").stat().st_size > 0
