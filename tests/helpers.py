@@ -193,6 +193,15 @@ def cuda_kernel_refusals(kernel, q, k, v, attn_mask=None, dtype=None):
     return refusals
 
 
+def enabled_sdpa_kernels():
+    """The SDPA kernels `sdpa_kernel` leaves enabled (process-wide flags, on any device), in CUDA's order."""
+    from torch.nn.attention import SDPBackend
+    flags = torch.backends.cuda
+    return [kernel for kernel, on in ((SDPBackend.FLASH_ATTENTION, flags.flash_sdp_enabled()),
+                                      (SDPBackend.EFFICIENT_ATTENTION, flags.mem_efficient_sdp_enabled()),
+                                      (SDPBackend.MATH, flags.math_sdp_enabled())) if on]
+
+
 class CudaSDPARules(torch.overrides.TorchFunctionMode):
     """Runs code on any device while checking every F.scaled_dot_product_attention call against the CUDA kernels
     enabled at that call (by `sdpa_kernel`, e.g. distributed.attention_context(attention, cuda)), in CUDA's order
@@ -212,9 +221,7 @@ class CudaSDPARules(torch.overrides.TorchFunctionMode):
         mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
         device_type = q.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        enabled = [kernel for kernel, on in ((SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled()),
-                                             (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled()),
-                                             (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled())) if on]
+        enabled = enabled_sdpa_kernels()
         refusals = {kernel: cuda_kernel_refusals(kernel, q, k, v, mask, dtype) for kernel in enabled}
         chosen = next((kernel for kernel in enabled if not refusals[kernel]), None)
         if chosen is None:

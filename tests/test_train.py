@@ -348,7 +348,7 @@ def test_fid_inside_training_writes_the_evaluators_line(cifar_root, tmp_path):
     ("imagenet", dict(precision="bf16", attention="flash", fused_optimizer=True, grad_checkpointing=True,
                       compile=True)),
     ("imagenet", dict(precision="bf16-guidance"))])
-def test_one_gpu_torchrun_then_inference_and_sample(kind, fast_paths, cifar_root, imagenet_latents, tmp_path):
+def test_one_gpu_cuda_torchrun_then_inference_and_sample(kind, fast_paths, cifar_root, imagenet_latents, tmp_path):
     """train.py under `torchrun --nproc-per-node=1` on cuda:0 (NCCL) with the cifar.yaml- and imagenet.yaml-shaped
     tiny configs, the release's numerics and the fast paths; inference.py and sample.py on its checkpoint."""
     run = tmp_path / "run"
