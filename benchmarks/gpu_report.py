@@ -5,7 +5,7 @@
 
 Parts, each timed and reported on its own; a failing part is reported with its traceback and the next one runs:
   environment   GPU, driver, CUDA / cuDNN / torch / Python versions
-  tests         the suite's CUDA-parametrized tests (`-k cuda`), pass / fail / skip counts and failures
+  tests         the suite's CUDA cases (`-k "cuda and not cpu"`), pass / fail / skip counts and failures
   step cost     benchmarks/step_cost.py (one process per variant): DiT-B-4 and DiT-XL-2 at the release's per-GPU
                 batch (32), flow matching / SoFlow's fused step / the release-style 6-call step / MeanFlow's JVP
                 step, in the release's numerics (fp32 + TF32) and bf16 autocast; DiT-XL-2 with activation
@@ -69,7 +69,7 @@ def part_environment(run):
 
 def part_tests(run):
     """The suite's CUDA cases (skipped with a reason on a machine without CUDA)."""
-    selection = (["tests/test_unet.py", "-k", "time_embedding"] if run.smoke else ["tests", "-k", "cuda"])
+    selection = (["tests/test_unet.py", "-k", "time_embedding"] if run.smoke else ["tests", "-k", "cuda and not cpu"])
     cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *selection]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=run.seconds("tests"))
