@@ -230,6 +230,8 @@ def _check_model_and_data(cfg):
                  f"or patch_size")
         if hidden % heads:
             fail(f"hidden_size {hidden} is not divisible by num_heads {heads}")
+    if attention_precision_error(cfg.attention, cfg.precision):
+        fail(attention_precision_error(cfg.attention, cfg.precision))
     if cfg.guided and cfg.cfg_drop_rate <= 0:
         fail(f"cfg_scale={cfg.cfg_scale} > 1 needs cfg_drop_rate > 0 (the model must learn the unconditional "
              f"velocity); set cfg_drop_rate (release: 0.1) or cfg_scale: 1.0")
@@ -272,6 +274,16 @@ def _check_meanflow(cfg):
     if unsupported or cfg.precision != "fp32":
         raise ConfigError(f"method 'meanflow' runs its torch.func.jvp on the eager float32 network: remove "
                           f"{unsupported + (['precision'] if cfg.precision != 'fp32' else [])} from the config")
+
+
+def attention_precision_error(attention, precision):
+    """Why the SDPA kernel `attention` pins on CUDA cannot run the network calls of `precision` (None when it
+    can): the flash kernel takes only float16 / bfloat16, and only `bf16` runs every call under autocast."""
+    if attention == "flash" and precision != "bf16":
+        return (f"attention 'flash' with precision {precision!r}: CUDA's flash kernel takes only float16 / bfloat16 "
+                f"inputs, and this precision runs network calls in float32; set precision: bf16, or attention: auto "
+                f"(the release's memory-efficient kernel, any dtype)")
+    return None
 
 
 def _coerce(name, value):

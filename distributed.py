@@ -202,11 +202,41 @@ def shared_random_state(device):
 # Numerics
 
 
+# TF32 is set only through PyTorch's per-backend `fp32_precision` ("tf32" or "ieee"), never through the legacy
+# `allow_tf32` flags: once both APIs have written, reading a legacy flag raises ("you have used mix of the legacy
+# and new APIs"), and torch.compile and libraries read them. Under the new API alone PyTorch reads consistently.
+# The flags steer only CUDA kernels (cuBLAS matmuls, cuDNN convolutions); they are written on every device, so
+# that a CPU process runs the same writes and restores (tests/test_distributed.py).
+
+
+def tf32_settings():
+    """(cuBLAS matmul, cuDNN convolution) fp32_precision: what set_tf32 returns and restores."""
+    return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+
+
+def set_tf32(enabled):
+    """TF32 (True), IEEE float32 (False) or a tf32_settings() pair for CUDA float32 matmuls and convolutions;
+    returns the previous tf32_settings()."""
+    previous = tf32_settings()
+    matmul, conv = enabled if isinstance(enabled, tuple) else ("tf32" if enabled else "ieee",) * 2
+    torch.backends.cuda.matmul.fp32_precision = matmul
+    torch.backends.cudnn.conv.fp32_precision = conv
+    return previous
+
+
+@contextlib.contextmanager
+def tf32_mode(enabled):
+    """set_tf32(enabled) inside the block, the previous settings restored after it."""
+    previous = set_tf32(enabled)
+    try:
+        yield
+    finally:
+        set_tf32(previous)
+
+
 def configure_backends(device, tf32=True):
-    """The release's numerics on CUDA: TF32 matmuls and convolutions (float32 storage)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
+    """The release's numerics: TF32 matmuls and convolutions on CUDA (float32 storage) with `tf32`."""
+    set_tf32(tf32)
 
 
 def precision_context(device, precision):
@@ -221,12 +251,21 @@ def guidance_dtype(precision):
     return torch.bfloat16 if precision == "bf16-guidance" else None
 
 
-def attention_context(attention, device):
-    """The SDPA kernel: `auto` is the release's memory-efficient kernel on CUDA and PyTorch's choice on the CPU
-    (which has no memory-efficient kernel); `efficient`, `flash` and `math` pin one kernel."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def attention_kernel(attention, device):
+    """The SDPA kernel that `attention` pins on `device` (None: PyTorch's choice). `auto` is the release's
+    memory-efficient kernel on CUDA and PyTorch's choice on the CPU (which has no memory-efficient kernel)."""
+    from torch.nn.attention import SDPBackend
     kernels = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                "math": SDPBackend.MATH}
     if attention == "auto":
         attention = "efficient" if device.type == "cuda" else None
-    return sdpa_kernel(kernels[attention]) if attention else contextlib.nullcontext()
+    return kernels[attention] if attention else None
+
+
+def attention_context(attention, device):
+    """The SDPA kernel of `attention` on `device` (attention_kernel): `efficient`, `flash` and `math` pin one
+    kernel. CUDA's fused kernels take only 4-D inputs with a unit-stride last dimension, flash only float16 /
+    bfloat16 (config.attention_precision_error); tests/helpers.CudaSDPARules checks those rules on any device."""
+    from torch.nn.attention import sdpa_kernel
+    kernel = attention_kernel(attention, device)
+    return sdpa_kernel(kernel) if kernel is not None else contextlib.nullcontext()

@@ -1171,31 +1171,12 @@ def node_attrs(node):
             for name, attr_spec in spec.attrs.items()}
 
 
-@contextlib.contextmanager
 def exact_fp32(device):
-    """No TF32 on CUDA while the graph runs (cuDNN enables it for convolutions by default); restores the
-    previous settings afterwards."""
-    torch = _torch()
-    if torch.device(device).type != "cuda":
-        yield
-        return
-    cudnn_conv = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
-    matmul = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
-    if cudnn_conv is not None and matmul is not None:
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.conv.fp32_precision = cudnn_conv
-            torch.backends.cuda.matmul.fp32_precision = matmul
-    else:
-        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    """No TF32 while the graph runs (cuDNN enables it for convolutions by default), the previous settings
+    restored afterwards, through distributed.tf32_mode (one TF32 API for the whole process). The flags steer
+    only CUDA kernels; they are switched on every device so that CPU runs take the same path."""
+    from distributed import tf32_mode
+    return tf32_mode(False)
 
 
 # ==================================================================================================

@@ -370,6 +370,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def sampling_precision(cfg, precision=None):
+    """--precision (default: the config's); SystemExit when the config's attention kernel cannot run it on CUDA.
+    Shared with sample.py."""
+    from config import attention_precision_error
+    precision = precision or cfg.precision
+    error = attention_precision_error(cfg.attention, precision)
+    if error:
+        raise SystemExit(f"--precision {precision}: {error}")
+    return precision
+
+
 def load_run(config, ckpt, ckpt_steps=None):
     """(config, local checkpoint path) from the command line's --config / --ckpt / --ckpt-steps; SystemExit
     with the reason when they do not add up. Shared with sample.py."""
@@ -413,6 +424,7 @@ def main(argv=None):
         raise SystemExit(f"--seed must be >= 0, got {args.seed}")
     if args.class_balanced and cfg.num_classes and args.num_samples % cfg.num_classes:
         raise SystemExit(f"--class-balanced needs --num-samples divisible by {cfg.num_classes}")
+    precision = sampling_precision(cfg, args.precision)
     rank, world_size, device = setup_distributed()
     log = setup_logging("inference", rank)
     configure_backends(device, cfg.tf32)
@@ -432,7 +444,7 @@ def main(argv=None):
         try:
             with attention_context(cfg.attention, device):
                 dump_samples(model, out, args.num_samples, args.eval_NFE, args.seed, args.eval_batch_size, device,
-                             rank, world_size, decode, args.class_balanced, args.precision or cfg.precision)
+                             rank, world_size, decode, args.class_balanced, precision)
         except OutputError as e:  # claimed by another writer, or a failed write: nothing written under `out`
             raise SystemExit(f"error: {e}") from None
         log.info(f"wrote {out}")

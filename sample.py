@@ -17,7 +17,8 @@ import argparse
 import torch
 
 from distributed import attention_context, configure_backends, setup_logging
-from inference import GRID_GAP, DecoderError, build_decoder, grid_labels, load_run, load_sampling_model, sample_grid
+from inference import (GRID_GAP, DecoderError, build_decoder, grid_labels, load_run, load_sampling_model, sample_grid,
+                       sampling_precision)
 from safe_io import WriteError
 
 
@@ -44,6 +45,7 @@ def main(argv=None):
     args = parse_args(argv)
     log = setup_logging("sample")
     cfg, ckpt = load_run(args.config, args.ckpt)
+    precision = sampling_precision(cfg, args.precision)
     def given(value, default):
         return default if value is None else value
     rows, per_class = given(args.rows, cfg.eval_demo_shape[0]), given(args.per_class, cfg.eval_demo_shape[1])
@@ -77,7 +79,7 @@ def main(argv=None):
     try:
         with attention_context(cfg.attention, device):
             images = sample_grid(model, (rows, per_class), nfe, seed, device, args.out, decode,
-                                 args.precision or cfg.precision, classes, args.scale, args.gap)
+                                 precision, classes, args.scale, args.gap)
     except WriteError as e:
         raise SystemExit(f"error: {e}") from None
     what = f"classes {' '.join(map(str, classes))}" if classes else "unconditional"

@@ -167,13 +167,21 @@ class UNetBlock(nn.Module):
         x = x.add_(self.skip(orig) if self.skip is not None else orig)
         x = x * self.skip_scale
         if self.num_heads:
-            b, c, h, w = x.shape
-            q, k, v = self.qkv(self.norm2(x)).reshape(b * self.num_heads, c // self.num_heads, 3, h * w).unbind(2)
-            # softmax(q^T k / sqrt(d)) v over the spatial positions, via the fused SDPA kernel.
-            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            x = self.proj(a.transpose(1, 2).reshape(b, c, h, w)).add_(x)
+            x = self.proj(self._attention(self.norm2(x))).add_(x)
             x = x * self.skip_scale
         return x
+
+
+    def _attention(self, x):
+        """softmax(q^T k / sqrt(d)) v over the spatial positions of x [B, C, H, W], through SDPA. q, k and v go
+        in as [B, heads, HW, C / heads] with unit stride in the last dimension: CUDA's fused kernels (flash and
+        memory-efficient) take only 4-D inputs of that layout. qkv's channels are (head, channel, q/k/v), EDM's
+        order, which the checkpoints' weights follow."""
+        b, c, h, w = x.shape
+        qkv = self.qkv(x).reshape(b, self.num_heads, c // self.num_heads, 3, h * w)
+        q, k, v = (part.transpose(2, 3).contiguous() for part in qkv.unbind(3))  # [B, heads, HW, C / heads]
+        a = F.scaled_dot_product_attention(q, k, v)
+        return a.transpose(2, 3).reshape(b, c, h, w)
 
 
 class PositionalEmbedding(nn.Module):

@@ -84,7 +84,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from config import load_config  # noqa: E402
-from distributed import attention_context, guidance_dtype, precision_context  # noqa: E402
+from distributed import attention_context, guidance_dtype, precision_context, tf32_mode  # noqa: E402
 from models import draw_training_times  # noqa: E402
 
 RECIPES = {
@@ -181,15 +181,9 @@ class EmulateTF32(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@contextlib.contextmanager
 def cuda_tf32(enabled):
     """Sets TF32 for CUDA matmuls and cuDNN convolutions, restoring the previous settings on exit."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    return tf32_mode(enabled)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ for path in (ROOT, os.path.join(ROOT, "benchmarks")):
 
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from helpers import DEVICES  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +30,9 @@ def reference_run(cifar_root, tmp_path_factory):
     cfg = write_config("tiny_cifar_cpu.yaml", work / "cfg.yaml", dataset_path=cifar_root, working_dir=str(work / "run"))
     torchrun("train.py", ["--config", cfg])
     return work / "run"
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Each device present: the CPU, and CUDA where it exists (skipped with the reason elsewhere)."""
+    return torch.device(request.param)

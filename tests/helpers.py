@@ -6,6 +6,7 @@ import sys
 
 import h5py
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -164,3 +165,95 @@ def make_tiny_vae(folder):
                         layers_per_block=1, sample_size=32)
     vae.save_pretrained(folder)
     return vae
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA's SDPA kernel rules, checked on any device
+
+class CudaKernelError(RuntimeError):
+    """An SDPA call that no enabled CUDA kernel would run (CUDA: "No available kernel. Aborting execution.")."""
+
+
+def cuda_kernel_refusals(kernel, q, k, v, attn_mask=None, dtype=None):
+    """Why CUDA's `kernel` (an SDPBackend, sm80 or newer, PyTorch's sdp_utils) would refuse the call
+    scaled_dot_product_attention(q, k, v, attn_mask) whose inputs run in `dtype` (the autocast dtype, else
+    theirs); [] when it runs it. The math kernel takes anything."""
+    from torch.nn.attention import SDPBackend
+    if kernel == SDPBackend.MATH:
+        return []
+    name = {SDPBackend.FLASH_ATTENTION: "flash", SDPBackend.EFFICIENT_ATTENTION: "efficient"}[kernel]
+    dtypes = {q.dtype, k.dtype, v.dtype} if dtype is None else {dtype}
+    refusals = []
+    if not q.dim() == k.dim() == v.dim() == 4:
+        refusals.append(f"{name}: inputs must be 4-D [B, heads, L, head_dim], got {q.dim()}-D")
+    if len(dtypes) > 1:
+        refusals.append(f"{name}: q, k, v must share one dtype, got {sorted(map(str, dtypes))}")
+    accepted = (torch.float16, torch.bfloat16) + ((torch.float32,) if name == "efficient" else ())
+    if not dtypes <= set(accepted):
+        refusals.append(f"{name}: dtype {sorted(map(str, dtypes))} not in {[str(d) for d in accepted]}")
+    if attn_mask is not None:
+        refusals.append(f"{name}: an attention mask (this code passes none)")
+    if any(t.stride(-1) != 1 and t.shape[-1] != 1 for t in (q, k, v)):
+        refusals.append(f"{name}: the last dimension needs stride 1, got strides {[t.stride(-1) for t in (q, k, v)]}")
+    head, value_head = q.shape[-1], v.shape[-1]
+    if q.dim() == 4 and (q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]):
+        refusals.append(f"{name}: batch and heads must agree, got {[tuple(t.shape) for t in (q, k, v)]}")
+    if name == "flash" and not (head == k.shape[-1] == value_head and head <= 256):
+        refusals.append(f"{name}: head dims must be equal and <= 256, got {head}, {k.shape[-1]}, {value_head}")
+    if name == "efficient":
+        alignment = 4 if dtypes == {torch.float32} else 8  # 128-bit loads on sm80+
+        if head != k.shape[-1] or head % alignment or value_head % alignment:
+            refusals.append(f"{name}: head dims must be multiples of {alignment}, got {head}, {value_head}")
+    return refusals
+
+
+def enabled_sdpa_kernels():
+    """The SDPA kernels `sdpa_kernel` leaves enabled (process-wide flags, on any device), in CUDA's order."""
+    from torch.nn.attention import SDPBackend
+    flags = torch.backends.cuda
+    return [kernel for kernel, on in ((SDPBackend.FLASH_ATTENTION, flags.flash_sdp_enabled()),
+                                      (SDPBackend.EFFICIENT_ATTENTION, flags.mem_efficient_sdp_enabled()),
+                                      (SDPBackend.MATH, flags.math_sdp_enabled())) if on]
+
+
+class CudaSDPARules(torch.overrides.TorchFunctionMode):
+    """Runs code on any device while checking every F.scaled_dot_product_attention call against the CUDA kernels
+    enabled at that call (by `sdpa_kernel`, e.g. distributed.attention_context(attention, cuda)), in CUDA's order
+    (flash, memory-efficient, math): the call fails with CudaKernelError when none of them would take it. The call
+    itself then runs on a kernel of its own device. `calls` lists (CUDA kernel, shape, dtype) per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not _SDPA:
+            return func(*args, **kwargs)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        q, k, v = args[:3]
+        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+        device_type = q.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        enabled = enabled_sdpa_kernels()
+        refusals = {kernel: cuda_kernel_refusals(kernel, q, k, v, mask, dtype) for kernel in enabled}
+        chosen = next((kernel for kernel in enabled if not refusals[kernel]), None)
+        if chosen is None:
+            raise CudaKernelError(f"no enabled CUDA SDPA kernel takes q {tuple(q.shape)} {dtype or q.dtype}: "
+                                  + "; ".join(r for kernel in enabled for r in refusals[kernel]))
+        self.calls.append((chosen, tuple(q.shape), dtype or q.dtype))
+        if device_type == "cuda":
+            return func(*args, **kwargs)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):  # the kernels the CPU has
+            return func(*args, **kwargs)
+
+
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+# ----------------------------------------------------------------------------------------------------
+# Devices: tests that build a model, take a step, sample or score run on each device present
+
+CUDA_MISSING = "CUDA is not available on this machine (the case runs where a GPU is)"
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_MISSING)
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]

@@ -142,6 +142,8 @@ def base():
     ({"time_mean": [0.0, float("-inf"), 0.0]}, "'time_mean' must be a finite number"),
     ({"precision": "auto"}, "'precision' is 'auto'; accepted: fp32, bf16, bf16-guidance"),
     ({"eval_demo_shape": [4, "x"]}, "'eval_demo_shape' must be a list of ints"),
+    ({"attention": "flash"}, "attention 'flash' with precision 'fp32'.*set precision: bf16, or attention: auto"),
+    ({"attention": "flash", "precision": "bf16-guidance"}, "flash kernel takes only float16 / bfloat16"),
 ])
 def test_bad_configs(change, message):
     with pytest.raises(ConfigError, match=message):

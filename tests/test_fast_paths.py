@@ -19,18 +19,18 @@ def tiny_model(seed=0):
     return tiny_dit(dtype=torch.float32, seed=seed, **TINY)
 
 
-def fixed_batch(B=8, seed=1):
+def fixed_batch(B=8, seed=1, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(B, 4, 8, 8, generator=g)
     x1 = torch.randn(B, 4, 8, 8, generator=g)
     t = torch.rand(B, generator=g) * 0.8 + 0.2
     labels = torch.randint(0, 10, (B,), generator=g)
     mask = torch.rand(B, generator=g) < 0.2
-    return x0, x1, t, t * 0.3, t - 0.05, labels, mask
+    return tuple(v.to(device) for v in (x0, x1, t, t * 0.3, t - 0.05, labels, mask))
 
 
 def reference_loss(model):
-    x0, x1, t, s, l, labels, mask = fixed_batch()
+    x0, x1, t, s, l, labels, mask = fixed_batch(device=next(model.parameters()).device)
     objective = Objective(cfg_scale=3.0, cfg_decay_time=0.8, p=1.0, eps=0.01, mix_ratio=0.25)
     parts = model.fused_loss(x0, t=t, s=s, l=l, n_fm=6, objective=objective, labels=labels, cfg_mask=mask, noise=x1)
     return parts["fm"][0] * 6 / 8 + parts["cons"][0] * 2 / 8
@@ -40,10 +40,10 @@ def grads(model, loss):
     return torch.autograd.grad(loss, [p for p in model.network.parameters() if p.requires_grad])
 
 
-def test_bf16_autocast_close_to_fp32():
-    model = tiny_model()
+def test_bf16_autocast_close_to_fp32(device):
+    model = tiny_model().to(device)
     fp32 = reference_loss(model)
-    with precision_context(torch.device("cpu"), "bf16"):
+    with precision_context(device, "bf16"):
         bf16 = reference_loss(model)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
     assert torch.isclose(bf16.float(), fp32, rtol=5e-2), (bf16, fp32)
@@ -67,8 +67,8 @@ def test_flash_attention_matches_math_kernel():
 COMPILE_BACKEND = "inductor" if os.environ.get("SOFLOW_TEST_INDUCTOR") else "aot_eager"
 
 
-def test_compiled_network_matches_eager():
-    model = tiny_model()
+def test_compiled_network_matches_eager(device):
+    model = tiny_model().to(device)
     eager = reference_loss(model)
     g_eager = grads(model, eager)
     compiled = copy.deepcopy(model)
@@ -81,9 +81,9 @@ def test_compiled_network_matches_eager():
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
 
 
-def test_fused_adamw_matches_plain():
+def test_fused_adamw_matches_plain(device):
     cfg = from_dict({"dataset_type": "Digits", "model_type": "DiT-B-4", "fused_optimizer": True, **TINY})
-    models = [tiny_model(), tiny_model()]
+    models = [tiny_model().to(device), tiny_model().to(device)]
     opts = [torch.optim.AdamW([p for p in models[0].network.parameters() if p.requires_grad], lr=1e-3,
                               betas=(0.9, 0.99), weight_decay=0.0, foreach=False),
             torch.optim.AdamW([p for p in models[1].network.parameters() if p.requires_grad], lr=1e-3,
@@ -113,9 +113,9 @@ def test_foreach_ema_matches_python_loop():
         assert torch.equal(value, expected[name]), name
 
 
-def test_channels_last_unet_matches():
-    model = tiny_unet(data_size=16, attn_resolutions=(8,)).eval()
-    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+def test_channels_last_unet_matches(device):
+    model = tiny_unet(data_size=16, attn_resolutions=(8,)).eval().to(device)
+    x, t = torch.randn(2, 3, 16, 16, device=device), torch.rand(2, device=device)
     ref = model.solution_operator(x, t, t * 0.5)
     model.to(memory_format=torch.channels_last)
     out = model.solution_operator(x.contiguous(memory_format=torch.channels_last), t, t * 0.5)

@@ -237,3 +237,14 @@ def test_a_failed_dump_write_is_reported_and_leaves_nothing(trained, tmp_path, m
                                          r"sample dump .* \(RuntimeError: disk quota exceeded\); .*GiB free"):
         run_inference(cfg, tmp_path, "--num-samples", "4")
     assert os.listdir(tmp_path) == []
+
+
+def test_sampling_precision_refuses_flash_in_float32():
+    """--precision fp32 over a config with attention: flash (valid with its precision bf16) stops before any
+    work: CUDA's flash kernel has no float32."""
+    from config import from_dict
+    cfg = from_dict({**DIGITS_TINY, "attention": "flash", "precision": "bf16"})
+    assert inference.sampling_precision(cfg) == "bf16"
+    with pytest.raises(SystemExit, match="--precision fp32: attention 'flash'.*set precision: bf16"):
+        inference.sampling_precision(cfg, "fp32")
+    assert inference.sampling_precision(from_dict(DIGITS_TINY), "bf16") == "bf16"

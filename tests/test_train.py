@@ -10,7 +10,7 @@ import yaml
 import train
 from checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from config import RELEASE_KEYS, load_config
-from helpers import assert_same_final_state, torchrun, write_config
+from helpers import assert_same_final_state, requires_cuda, torchrun, write_config
 
 
 def test_cifar_run_writes_everything(reference_run):
@@ -358,3 +358,32 @@ def test_meanflow_run_on_mnist_resumes_bit_exactly(tmp_path):
     torchrun("train.py", ["--config", config("resumed")])
     assert "2.pt at step 2 (bit-exact continuation)" in (tmp_path / "resumed" / "log.txt").read_text()
     assert_same_final_state(tmp_path / "ref", tmp_path / "resumed")
+
+
+# ----------------------------------------------------------------------------------------------------
+# One GPU: torchrun with NCCL, then inference.py and sample.py on its checkpoint
+
+
+@requires_cuda
+@pytest.mark.parametrize("kind, fast_paths", [
+    ("cifar", {}), ("imagenet", {}),
+    ("cifar", dict(precision="bf16", channels_last=True, fused_optimizer=True, grad_checkpointing=True)),
+    ("imagenet", dict(precision="bf16", attention="flash", fused_optimizer=True, grad_checkpointing=True,
+                      compile=True)),
+    ("imagenet", dict(precision="bf16-guidance"))])
+def test_one_gpu_cuda_torchrun_then_inference_and_sample(kind, fast_paths, cifar_root, imagenet_latents, tmp_path):
+    """train.py under `torchrun --nproc-per-node=1` on cuda:0 (NCCL) with the cifar.yaml- and imagenet.yaml-shaped
+    tiny configs, the release's numerics and the fast paths; inference.py and sample.py on its checkpoint."""
+    run = tmp_path / "run"
+    data = (dict(dataset_path=cifar_root) if kind == "cifar" else
+            dict(dataset_path=str(imagenet_latents / "latents"), vae=str(imagenet_latents / "vae")))
+    cfg = write_config(f"tiny_{kind}_cpu.yaml", tmp_path / "cfg.yaml", working_dir=str(run), **data, **fast_paths)
+    torchrun("train.py", ["--config", cfg], nproc=1)
+    assert "on 1 rank(s), device cuda" in (run / "log.txt").read_text()
+    ckpt = str(run / "ckpts" / "6.pt")
+    torchrun("inference.py", ["--config", cfg, "--ckpt", ckpt, "--num-samples", "4", "--out", str(tmp_path)],
+             nproc=1)
+    assert any(name.endswith(".npz") for name in os.listdir(tmp_path))
+    import sample
+    sample.main(["--config", cfg, "--ckpt", ckpt, "--out", str(tmp_path / "grid.png"), "--device", "cuda"])
+    assert (tmp_path / "grid.png").stat().st_size > 0

@@ -66,3 +66,44 @@ def test_grad_checkpointing_replays_dropout_masks():
     (out_a, grads_a), (out_b, grads_b) = results
     assert torch.equal(out_a, out_b)
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+
+def attention_as_before(block, y):
+    """The attention of the normalised input y as the earlier code computed it: 3-D [B * heads, HW, C / heads]
+    SDPA inputs (which CUDA's fused kernels refuse)."""
+    b, c, h, w = y.shape
+    q, k, v = block.qkv(y).reshape(b * block.num_heads, c // block.num_heads, 3, h * w).unbind(2)
+    a = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return a.transpose(1, 2).reshape(b, c, h, w)
+
+
+@pytest.mark.parametrize("num_heads", [1, 2])
+def test_attention_4d_equals_the_earlier_3d_layout(num_heads, monkeypatch):
+    """The 4-D [B, heads, HW, C / heads] attention computes what the 3-D layout did (same weights, same channel
+    order of qkv), forward and backward, and hands SDPA unit-stride last dimensions."""
+    from unet import UNetBlock
+    torch.manual_seed(0)
+    block = randomise(UNetBlock(16, 16, emb_channels=8, attention=True, num_heads=num_heads, eps=1e-6)).double()
+    y = torch.randn(2, 16, 4, 4, dtype=torch.float64, requires_grad=True)
+    seen = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.append((q.dim(), tuple(q.shape), q.stride(-1), k.stride(-1), v.stride(-1)))
+        return real_sdpa(q, k, v, *args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+        new = block._attention(y)
+    assert seen == [(4, (2, num_heads, 16, 16 // num_heads), 1, 1, 1)]
+    old = attention_as_before(block, y)
+    assert torch.allclose(new, old, rtol=1e-12, atol=1e-12)
+    g_new, = torch.autograd.grad(new.square().sum(), y)
+    g_old, = torch.autograd.grad(old.square().sum(), y)
+    assert torch.allclose(g_new, g_old, rtol=1e-10, atol=1e-12)
+    # The whole float32 network against itself with the earlier attention.
+    net = randomise(small_unet()).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    out = net(x, t, 0.5 * t)
+    monkeypatch.setattr(UNetBlock, "_attention", attention_as_before)
+    assert torch.allclose(out, net(x, t, 0.5 * t), rtol=1e-5, atol=1e-6)
