@@ -22,6 +22,7 @@ The wall-time budget (--minutes) is shared out over the parts; step_cost's own b
 import argparse
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -220,14 +221,15 @@ def part_evaluator(run):
             graph = str(write_inception_like(os.path.join(tmp, "small.pb"), writer="plain"))
         else:
             graph = str(evaluator_speed.synthetic_graph(os.path.join(tmp, "inception_like.pb")))
-        speed, _ = evaluator_speed.time_backend("torch", graph, images, batch, str(run.device), 1 if run.smoke else 2)
-        rows.append(("torch", run.device, f"{speed:.1f}"))
-        if not run.smoke:
-            if evaluator.tensorflow_available() and evaluator._import_tensorflow().config.list_physical_devices("GPU"):
-                speed, _ = evaluator_speed.time_backend("tf", graph, images, batch, None, 2)
-                rows.append(("tf", "GPU", f"{speed:.1f}"))
-            else:
-                rows.append(("tf", "-", "no GPU build of TensorFlow importable"))
+        tf_gpu = (not run.smoke and evaluator.tensorflow_available()
+                  and evaluator._import_tensorflow().config.list_physical_devices("GPU"))
+        backends = ["torch", "tf"] if tf_gpu else ["torch"]
+        timed = evaluator_speed.time_backends(backends, graph, images, batch, str(run.device), 1 if run.smoke else 2)
+        for backend in backends:
+            device = run.device if backend == "torch" else "GPU"
+            rows.append((backend, device, f"{statistics.median(timed[backend][0]):.1f}"))
+        if not tf_gpu and not run.smoke:
+            rows.append(("tf", "-", "no GPU build of TensorFlow importable"))
     return f"{n} images {size}x{size}, batch {batch}\n\n" + markdown_table(("backend", "device", "images/s"), rows)
 
 

@@ -41,7 +41,8 @@ def resumable_copy(reference_run, run, step):
     """A run folder holding the reference run's config.yaml and its checkpoint of `step` (the reference run stays
     untouched)."""
     os.makedirs(run / "ckpts")
-    shutil.copy(reference_run / "config.yaml", run / "config.yaml")
+    for name in ("config.yaml", "config.soflow.yaml"):  # the run's record: the release's keys and this code's
+        shutil.copy(reference_run / name, run / name)
     shutil.copy(reference_run / "ckpts" / f"{step}.pt", run / "ckpts" / f"{step}.pt")
     return run
 
@@ -95,6 +96,7 @@ def test_refused_resumes_leave_the_runs_config_untouched(reference_run, cifar_ro
     sample.main(["--ckpt", str(run / "ckpts" / "2.pt"), "--out", str(tmp_path / "grid.png")])  # still its model
     # without the run's record (a checkpoint copied in): the weights' shapes tell the sizes
     (run / "config.yaml").unlink()
+    (run / "config.soflow.yaml").unlink()
     with pytest.raises(SystemExit, match=r"2\.pt does not fit the config: the config describes UNet with "
                                          r"model_channels 32, .*the checkpoint model_channels 16"):
         train.main(["--config", wider])
