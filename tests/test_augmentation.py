@@ -55,7 +55,7 @@ def test_translation_moves_content_by_label(device):
 
 
 def test_probability_of_geometric_ops(device):
-    torch.manual_seed(0)  # on CUDA other draws: the bounds are 4 standard deviations
+    torch.manual_seed(0)  # on CUDA other draws: each bound is about 4 standard deviations of its frequency
     x = torch.zeros(2000, 1, 8, 8, device=device)
     _, labels = AugmentPipe(p=0.12)(x)
     assert abs((labels[:, 0] == 1).float().mean().item() - 0.5) < 0.05  # x-flip always eligible
