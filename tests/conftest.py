@@ -34,5 +34,13 @@ def reference_run(cifar_root, tmp_path_factory):
 
 @pytest.fixture(params=DEVICES)
 def device(request):
-    """Each device present: the CPU, and CUDA where it exists (skipped with the reason elsewhere)."""
-    return torch.device(request.param)
+    """Each device present: the CPU, and CUDA where it exists (skipped with the reason elsewhere). On CUDA the test
+    runs with TF32 off (IEEE float32 matmuls and convolutions, as the CPU computes them; cuDNN convolutions default to
+    TF32), so that the float32 tolerances written for the CPU hold; a code path that calls
+    distributed.configure_backends sets its own TF32 mode, and the previous settings come back after the test."""
+    if request.param != "cuda":
+        yield torch.device(request.param)
+        return
+    from distributed import tf32_mode
+    with tf32_mode(False):
+        yield torch.device(request.param)

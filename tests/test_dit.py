@@ -39,37 +39,39 @@ def test_pos_embed_is_fixed_sincos():
     assert np.allclose(table[0, 384:], table[1, 384:]) and not np.allclose(table[0, :384], table[1, :384])
 
 
-def test_adaln_zero_start_outputs_zero_and_conditions_on_t_minus_s():
+def test_adaln_zero_start_outputs_zero_and_conditions_on_t_minus_s(device):
     torch.manual_seed(0)
-    net = build_dit("DiT-B-4", 16, 4, 10, True, hidden_size=64, depth=2, num_heads=4)
-    x = torch.randn(3, 4, 16, 16)
-    t = torch.rand(3)
-    assert torch.all(net(x, t, t * 0.5, torch.tensor([0, 1, 10])) == 0)
-    for p in net.parameters():  # leave adaLN-Zero start
-        torch.nn.init.normal_(p, std=0.05)
-    out1 = net(x, t, t * 0.5, torch.tensor([0, 1, 10]))
-    out2 = net(x, t, t * 0.2, torch.tensor([0, 1, 10]))
+    net = build_dit("DiT-B-4", 16, 4, 10, True, hidden_size=64, depth=2, num_heads=4).to(device)
+    x = torch.randn(3, 4, 16, 16).to(device)
+    t = torch.rand(3).to(device)
+    labels = torch.tensor([0, 1, 10], device=device)
+    assert torch.all(net(x, t, t * 0.5, labels) == 0)
+    with torch.no_grad():
+        for p in net.parameters():  # leave adaLN-Zero start (drawn on the CPU: the same weights on each device)
+            p.copy_(torch.nn.init.normal_(torch.empty(p.shape, dtype=p.dtype), std=0.05))
+    out1 = net(x, t, t * 0.5, labels)
+    out2 = net(x, t, t * 0.2, labels)
     out3 = net(x, t, t * 0.5, None)  # null class = row 10
     assert out1.shape == x.shape and not torch.allclose(out1, out2)
     assert torch.allclose(out3[2], out1[2], atol=1e-6) and not torch.allclose(out3[0], out1[0])
     # the s-embedder sees only t - s
     emb = net.s_embedder(t - t * 0.5)
-    assert torch.allclose(emb, net.s_embedder(torch.tensor(0.5) * t))
+    assert torch.allclose(emb, net.s_embedder(torch.tensor(0.5, device=device) * t))
 
 
-def test_timestep_embedding_raw_time():
-    t = torch.tensor([0.0, 0.5])
-    emb = timestep_embedding(t, 256)
+def test_timestep_embedding_raw_time(device):
+    t = torch.tensor([0.0, 0.5], device=device)
+    emb = timestep_embedding(t, 256).cpu()
     assert emb.shape == (2, 256)
     assert torch.allclose(emb[0, :128], torch.ones(128)) and torch.allclose(emb[0, 128:], torch.zeros(128))
     assert torch.isclose(emb[1, 0], torch.cos(torch.tensor(0.5)))
 
 
-def test_label_table_without_null_row_rejects_none():
-    net = build_dit("DiT-B-4", 16, 4, 10, False, hidden_size=32, depth=1, num_heads=2)
+def test_label_table_without_null_row_rejects_none(device):
+    net = build_dit("DiT-B-4", 16, 4, 10, False, hidden_size=32, depth=1, num_heads=2).to(device)
     assert net.y_embedder.embedding_table.num_embeddings == 10
     with pytest.raises(ValueError, match="null"):
-        net(torch.randn(1, 4, 16, 16), torch.rand(1), torch.rand(1), None)
+        net(torch.randn(1, 4, 16, 16).to(device), torch.rand(1).to(device), torch.rand(1).to(device), None)
 
 
 def test_bad_sizes():
@@ -104,6 +106,7 @@ def test_reference_layout_checkpoint_file_loads(tmp_path):
     assert torch.equal(model.network.map_layer0.weight, weights["network.map_layer0.weight"])
 
 
+# CPU-only: the initial weights are drawn on the CPU whatever the device (a statistics check of that draw).
 def test_initialisation_of_the_two_time_embedders():
     """As the release: the t embedder's two MLP weights are re-drawn from normal(0, 0.02); the (t - s)
     embedder keeps DiT's xavier-uniform draw (bound sqrt(6 / (fan_in + fan_out))), biases zero."""

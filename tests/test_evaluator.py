@@ -264,28 +264,28 @@ def pool_like(rng, n, dim, shift=0.0):
     return (np.abs(rng.normal(size=(n, dim))) * 0.6 + shift).astype(np.float32)
 
 
-def test_adm_float16_distances_match_independent_computation():
+def test_adm_float16_distances_match_independent_computation(device):
     """The default reproduces the element-by-element float16 computation exactly: distances, radii and
     precision/recall, also with ADM blocks smaller than the sets (batch size 7)."""
     rng = np.random.default_rng(3)
     ref, sample = pool_like(rng, 45, 64), pool_like(rng, 38, 64, shift=0.05)
     want = adm_sq_distances_scalar(ref, sample)
-    np.testing.assert_array_equal(ev.adm_pairwise_sq_distances(ref, sample, batch_size=7), want)
+    np.testing.assert_array_equal(ev.adm_pairwise_sq_distances(ref, sample, batch_size=7, device=device), want)
     np.testing.assert_array_equal(adm_sq_distances(ref, sample), want)  # the vectorised test helper agrees
     exact = cdist(ref.astype(np.float64), sample.astype(np.float64)) ** 2
     assert np.mean(want != exact.astype(np.float32)) > 0.9  # float16 rounding is really there
 
     scalar_ref = adm_sq_distances_scalar(ref, ref)
     want_radii = np.sqrt(np.partition(scalar_ref, K, axis=1)[:, K].astype(np.float64))
-    np.testing.assert_array_equal(ev.manifold_radii(ref, K, adm_batch_size=7), want_radii)
-    np.testing.assert_array_equal(ev.manifold_radii(ref, K), want_radii)
+    np.testing.assert_array_equal(ev.manifold_radii(ref, K, adm_batch_size=7, device=device), want_radii)
+    np.testing.assert_array_equal(ev.manifold_radii(ref, K, device=device), want_radii)
     want_pr = adm_precision_recall(ref, sample, distances=adm_sq_distances_scalar)
-    assert ev.precision_recall(ref, sample, K, adm_batch_size=7) == want_pr
-    assert ev.precision_recall(ref, sample, K) == want_pr
+    assert ev.precision_recall(ref, sample, K, adm_batch_size=7, device=device) == want_pr
+    assert ev.precision_recall(ref, sample, K, device=device) == want_pr
     assert 0 < want_pr[0] < 1 and 0 < want_pr[1] < 1
 
 
-def test_float16_and_float32_agree_on_well_separated_data():
+def test_float16_and_float32_agree_on_well_separated_data(device):
     """Groups of k+1 points, far apart; samples are near copies of 30 of the 40 reference groups plus 10
     groups elsewhere. Every distance is far from every radius compared with float16's resolution, so both
     versions give the same radii, to the float16 rounding of ADM's formula (a few units of the squared
@@ -299,36 +299,36 @@ def test_float16_and_float32_agree_on_well_separated_data():
     others = np.repeat(centres[40:], K + 1, axis=0) + 0.2 * rng.normal(size=(10 * (K + 1), dim))
     ref, sample = ref.astype(np.float32), np.concatenate([copies, others]).astype(np.float32)
     for features in (ref, sample):
-        r16, r32 = ev.manifold_radii(features, K), ev.manifold_radii(features, K, float32=True)
+        r16, r32 = ev.manifold_radii(features, K, device=device), ev.manifold_radii(features, K, float32=True)
         resolution = np.spacing(np.float16(np.max(np.sum(features.astype(np.float64) ** 2, axis=1))))
         assert np.max(np.abs(r16 ** 2 - r32 ** 2)) <= 3 * float(resolution)
         np.testing.assert_allclose(r16, r32, rtol=5e-3)
-    pr16, pr32 = ev.precision_recall(ref, sample, K), ev.precision_recall(ref, sample, K, float32=True)
+    pr16, pr32 = ev.precision_recall(ref, sample, K, device=device), ev.precision_recall(ref, sample, K, float32=True)
     assert pr16 == pr32 == np_precision_recall(ref.astype(np.float64), sample.astype(np.float64))
     assert 0.7 < pr16[0] < 1 and 0.7 < pr16[1] < 1
 
 
-def test_float16_block_falls_back_to_float32_when_not_finite():
+def test_float16_block_falls_back_to_float32_when_not_finite(device):
     """A block whose float16 distances overflow (> 65504) is recomputed in float32, as a whole; the other
     blocks stay float16."""
     rng = np.random.default_rng(5)
     u, v = pool_like(rng, 20, 16), pool_like(rng, 17, 16)
     u[9, 3] = 300.0  # its square overflows float16
-    distances = ev._ADMDistances(u, v, batch_size=7)
+    distances = ev._ADMDistances(u, v, batch_size=7, device=device)
     got = np.empty((20, 17), np.float32)
     for r0, c0, block in distances.blocks():
-        got[r0:r0 + block.shape[0], c0:c0 + block.shape[1]] = block
+        got[r0:r0 + block.shape[0], c0:c0 + block.shape[1]] = block.cpu()
     assert distances.fallback_blocks == [(7, 0), (7, 7), (7, 14)]  # the row block of row 9, every column block
     want16 = adm_sq_distances_scalar(u, v)
     rows = slice(7, 14)
     np.testing.assert_array_equal(np.delete(got, range(7, 14), axis=0), np.delete(want16, range(7, 14), axis=0))
     for c0 in (0, 7, 14):  # each block recomputed in float32 from the uncast features
         cols = slice(c0, c0 + 7)
-        want32 = ev._fp32_block(torch.from_numpy(u[rows]), torch.from_numpy(v[cols])).numpy()
+        want32 = ev._fp32_block(torch.from_numpy(u[rows]).to(device), torch.from_numpy(v[cols]).to(device)).cpu().numpy()
         np.testing.assert_array_equal(got[rows, cols], want32)
     np.testing.assert_allclose(got[rows], cdist(u[rows], v) ** 2, rtol=1e-5)
     assert np.isinf(want16[rows]).any() or not np.isfinite(want16[9]).all()
-    np.testing.assert_array_equal(ev.adm_pairwise_sq_distances(u, v, batch_size=7), got)
+    np.testing.assert_array_equal(ev.adm_pairwise_sq_distances(u, v, batch_size=7, device=device), got)
 
 
 SHARE_SCRIPT = """
@@ -558,7 +558,7 @@ def test_precomputed_reference_stats(folder, tmp_path, toy_features, direct_feat
     assert result["sFID"] == pytest.approx(want, rel=1e-4)
 
 
-def test_main_cli(folder, tmp_path, toy_graph, capsys, direct_features):
+def test_main_cli(folder, tmp_path, toy_graph, capsys, direct_features, device):
     ref, samples = folder
     argv = ["--ref_batch", str(ref), "--sample_batch_dir", str(samples), "--inception-graph", str(toy_graph[0]),
             "--batch-size", "50", "--cache-dir", str(tmp_path / "cache")]
@@ -572,7 +572,7 @@ def test_main_cli(folder, tmp_path, toy_graph, capsys, direct_features):
     torch_samples.mkdir()
     for path in samples.glob("*.npz"):
         (torch_samples / path.name).write_bytes(path.read_bytes())
-    torch_argv = argv[:3] + [str(torch_samples)] + argv[4:] + ["--backend", "torch", "--device", "cpu"]
+    torch_argv = argv[:3] + [str(torch_samples)] + argv[4:] + ["--backend", "torch", "--device", str(device)]
     assert ev.main(torch_argv) == 0
     assert capsys.readouterr().out.splitlines() == out
 

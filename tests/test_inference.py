@@ -51,11 +51,19 @@ def trained(tmp_path_factory):
 
 
 def run_inference(cfg, out, *extra, nproc=1):
+    """inference.py in-process (on the device that pin_device leaves it: CUDA wherever it exists), or under
+    torchrun on `nproc` CPU ranks (CUDA hidden: the machine may have fewer GPUs than ranks)."""
     args = ["--config", cfg, "--ckpt-steps", "2", "--seed", "3", "--out", str(out), *extra]
     if nproc == 1:
         inference.main(args)
     else:
-        torchrun("inference.py", args, nproc=nproc)
+        torchrun("inference.py", args, nproc=nproc, env={"CUDA_VISIBLE_DEVICES": ""})
+
+
+def pin_device(monkeypatch, device):
+    """inference.py (setup_distributed) and sample.py take CUDA wherever it exists: the CPU case hides it."""
+    if device.type == "cpu":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 def load(path):
@@ -64,8 +72,9 @@ def load(path):
 
 
 @pytest.mark.parametrize("nfe", [1, 2, 4])
-def test_dump_at_any_nfe(trained, tmp_path, nfe):
+def test_dump_at_any_nfe(trained, tmp_path, nfe, device, monkeypatch):
     cfg, run = trained
+    pin_device(monkeypatch, device)
     run_inference(cfg, tmp_path, "--eval-NFE", str(nfe), "--num-samples", "10", "--eval-batch-size", "4")
     out = load(tmp_path / f"2_{nfe}NFE_3.npz")
     assert out["arr_0"].shape == (10, 8, 8, 3) and out["arr_0"].dtype == np.uint8
@@ -75,11 +84,13 @@ def test_dump_at_any_nfe(trained, tmp_path, nfe):
     assert not any(name.endswith(".npy") or ".tmp" in name for name in os.listdir(tmp_path))
 
 
-def test_what_a_dump_keeps_across_world_and_batch_sizes(trained, tmp_path):
+def test_what_a_dump_keeps_across_world_and_batch_sizes(trained, tmp_path, monkeypatch):
     """docs/determinism.md's claim, exactly: labels and noise of every sample are the same for any world size and
     batch size; images are bit-identical run to run for a fixed world size and batch size; across layouts they are
     equal up to the network's rounding, which moves a pixel by at most one level (bound tested: 1e-3 of the pixels)."""
     cfg, _ = trained
+    # CPU-only: the 2-rank runs are CPU (gloo) ranks, and the one-process run they are compared with runs there too
+    pin_device(monkeypatch, torch.device("cpu"))
     run_inference(cfg, tmp_path / "a", "--eval-NFE", "2", "--num-samples", "9", "--eval-batch-size", "9")
     run_inference(cfg, tmp_path / "b", "--eval-NFE", "2", "--num-samples", "9", "--eval-batch-size", "2", nproc=2)
     run_inference(cfg, tmp_path / "c", "--eval-NFE", "2", "--num-samples", "9", "--eval-batch-size", "2", nproc=2)
@@ -100,10 +111,11 @@ def test_what_a_dump_keeps_across_world_and_batch_sizes(trained, tmp_path):
             assert torch.equal(torch.cat([p[1] for p in parts if p[1].shape[1]], dim=1), whole[1])
 
 
-def test_release_defaults_name_the_dump(trained, tmp_path):
+def test_release_defaults_name_the_dump(trained, tmp_path, device, monkeypatch):
     """The release's inference.py defaults: --eval-NFE 1, --eval-batch-size 32, --seed 42 (so the dump of a
     command without them is N_1NFE_42.npz)."""
     cfg, _ = trained
+    pin_device(monkeypatch, device)
     args = inference.parse_args(["--config", cfg, "--ckpt-steps", "2"])
     assert (args.eval_NFE, args.eval_batch_size, args.seed) == (1, 32, 42)
     inference.main(["--config", cfg, "--ckpt-steps", "2", "--num-samples", "4", "--out", str(tmp_path / "a")])
@@ -112,8 +124,9 @@ def test_release_defaults_name_the_dump(trained, tmp_path):
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
 
 
-def test_class_balanced_counts(trained, tmp_path):
+def test_class_balanced_counts(trained, tmp_path, device, monkeypatch):
     cfg, _ = trained
+    pin_device(monkeypatch, device)
     run_inference(cfg, tmp_path, "--num-samples", "30", "--class-balanced")
     labels = load(tmp_path / "2_1NFE_3.npz")["arr_1"]
     assert np.bincount(labels, minlength=10).tolist() == [3] * 10
@@ -121,8 +134,9 @@ def test_class_balanced_counts(trained, tmp_path):
         run_inference(cfg, tmp_path, "--num-samples", "25", "--class-balanced")
 
 
-def test_released_checkpoint_layout_loads_strictly(trained, tmp_path):
+def test_released_checkpoint_layout_loads_strictly(trained, tmp_path, device, monkeypatch):
     cfg, run = trained
+    pin_device(monkeypatch, device)
     state = torch.load(run / "ckpts" / "2.pt", weights_only=True)
     released = {k: state[k] for k in ("model", "ema_model", "optimizer", "finished_steps", "finished_epochs")}
     torch.save(released, tmp_path / "released.pt")
@@ -175,10 +189,10 @@ def test_grid_enlargement_rule(tmp_path):
         inference.save_grid(images, 2, str(tmp_path / "x.png"), scale=0)
 
 
-def test_vae_decoder_in_chunks(tmp_path):
-    vae = make_tiny_vae(tmp_path / "vae")
-    decode = inference.build_decoder(str(tmp_path / "vae"), 0.18215, torch.device("cpu"), chunk_size=2)
-    latents = torch.randn(5, 4, 4, 4)
+def test_vae_decoder_in_chunks(tmp_path, device):
+    vae = make_tiny_vae(tmp_path / "vae").to(device)
+    decode = inference.build_decoder(str(tmp_path / "vae"), 0.18215, device, chunk_size=2)
+    latents = torch.randn(5, 4, 4, 4).to(device)
     with torch.no_grad():
         images = decode(latents)
         direct = vae.decode(latents / 0.18215).sample
@@ -205,14 +219,14 @@ def test_per_sample_inputs_depend_on_seed_and_index_only():
         inference.sample_inputs([0], 10, False, shape, 1, seed=-1)
 
 
-def test_a_second_writer_of_the_same_dump_is_refused(trained, tmp_path):
+def test_a_second_writer_of_the_same_dump_is_refused(trained, tmp_path, device):
     """A second dump to the same file while the first is under way (as a re-submitted job would be) is refused
     with the writer's pid and host; the first completes, whole, and leaves nothing beside its file."""
     from config import load_config
     from safe_io import ClaimError
     cfg, _ = trained
     model = inference.load_sampling_model(load_config(cfg), os.path.join(load_config(cfg).working_dir, "ckpts",
-                                                                         "2.pt"))
+                                                                         "2.pt"), device)
     out = str(tmp_path / "dump.npz")
     refusals = []
 
@@ -220,11 +234,10 @@ def test_a_second_writer_of_the_same_dump_is_refused(trained, tmp_path):
         if not refusals:
             with pytest.raises(ClaimError, match=rf"sample dump {out} is in use by another process: pid "
                                                  rf"{os.getpid()} on this host .*use another --out") as refused:
-                inference.dump_samples(model, out, 4, 1, 5, 2, torch.device("cpu"), progress=False)
+                inference.dump_samples(model, out, 4, 1, 5, 2, device, progress=False)
             refusals.append(refused)
-    inference.dump_samples(model, out, 6, 1, 3, 2, torch.device("cpu"), progress=False, on_batch=second_writer)
-    alone = inference.dump_samples(model, str(tmp_path / "alone.npz"), 6, 1, 3, 2, torch.device("cpu"),
-                                   progress=False)
+    inference.dump_samples(model, out, 6, 1, 3, 2, device, progress=False, on_batch=second_writer)
+    alone = inference.dump_samples(model, str(tmp_path / "alone.npz"), 6, 1, 3, 2, device, progress=False)
     assert len(refusals) == 1 and np.array_equal(load(out)["arr_0"], load(alone)["arr_0"])
     assert sorted(os.listdir(tmp_path)) == ["alone.npz", "dump.npz"]
 

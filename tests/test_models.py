@@ -8,27 +8,27 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import tiny_dit, tiny_unet, torchrun, write_latent_file
+from helpers import DEVICES, tiny_dit, tiny_unet, torchrun, write_latent_file
 from models import (MIN_TIME_GAP, Objective, Scheduler, Soflow, draw_training_times, middle_time, shared_random_state,
                     to_uint8)
 
 @pytest.mark.parametrize("coefficient_type", ["Euler", "Trig"])
-def test_solution_operator_identity_at_s_equals_t(coefficient_type):
-    model = tiny_dit(coefficient_type=coefficient_type)
-    x = torch.randn(3, 4, 8, 8, dtype=torch.float64)
-    t = torch.rand(3, dtype=torch.float64)
-    labels = torch.tensor([1, 2, 10])
+def test_solution_operator_identity_at_s_equals_t(coefficient_type, device):
+    model = tiny_dit(coefficient_type=coefficient_type).to(device)
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float64).to(device)
+    t = torch.rand(3, dtype=torch.float64).to(device)
+    labels = torch.tensor([1, 2, 10]).to(device)
     assert torch.allclose(model.solution_operator(x, t, t, labels), x, atol=1e-12)
     F = model.network(x, t, 0.3 * t, labels)
     assert F.abs().mean() > 1e-3  # the identity is not a zero network in disguise
 
 
 @pytest.mark.parametrize("coefficient_type", ["Euler", "Trig"])
-def test_velocity_is_derivative_in_s(coefficient_type):
-    model = tiny_dit(coefficient_type=coefficient_type)
-    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
-    t = torch.tensor([0.3, 0.8], dtype=torch.float64)
-    labels = torch.tensor([3, 4])
+def test_velocity_is_derivative_in_s(coefficient_type, device):
+    model = tiny_dit(coefficient_type=coefficient_type).to(device)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64).to(device)
+    t = torch.tensor([0.3, 0.8], dtype=torch.float64).to(device)
+    labels = torch.tensor([3, 4]).to(device)
     h = 1e-5
     fd = (model.solution_operator(x, t, t + h, labels) - model.solution_operator(x, t, t - h, labels)) / (2 * h)
     v = model.predict_velocity(x, t, labels)
@@ -68,15 +68,15 @@ def test_coefficient_partial_derivatives(coefficient_type):
 
 
 @pytest.mark.parametrize("coefficient_type", ["Euler", "Trig"])
-def test_consistency_gradient_is_scaled_weighted_mse_gradient(coefficient_type):
+def test_consistency_gradient_is_scaled_weighted_mse_gradient(coefficient_type, device):
     """grad sign(b) mean(F_t * sg(Delta w)) == (t - l)/|b(t,s)| grad 0.5 w mean(Delta^2), per sample."""
-    model = tiny_dit(coefficient_type=coefficient_type)
+    model = tiny_dit(coefficient_type=coefficient_type).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     for t, l, s, label, p, eps in ((0.9, 0.85, 0.2, 3, 1.0, 0.01), (0.5, 0.45, 0.05, 7, 0.75, 0.001)):
-        x0 = torch.randn(1, 4, 8, 8, dtype=torch.float64)
-        x1 = torch.randn(1, 4, 8, 8, dtype=torch.float64)
-        tt, lt, st = (torch.tensor([v], dtype=torch.float64) for v in (t, l, s))
-        labels = torch.tensor([label])
+        x0 = torch.randn(1, 4, 8, 8, dtype=torch.float64).to(device)
+        x1 = torch.randn(1, 4, 8, 8, dtype=torch.float64).to(device)
+        tt, lt, st = (torch.tensor([v], dtype=torch.float64, device=device) for v in (t, l, s))
+        labels = torch.tensor([label]).to(device)
         loss, mse, weight = model.get_consistency_loss(x0, tt, lt, st, labels, p=p, eps=eps, noise=x1)
         g_surrogate = torch.autograd.grad(loss, params)
 
@@ -104,19 +104,19 @@ def test_cfg_decay_scale_by_hand():
     assert torch.all(Soflow.get_cfg_decay_scale(t, 1.0) == 1)
 
 
-def test_cfg_target_by_hand():
+def test_cfg_target_by_hand(device):
     """cfg_scale 3, decay time 0.8, mix 0.25: FM and consistency targets computed by hand."""
-    model = tiny_dit()
-    x0 = torch.randn(2, 4, 8, 8, dtype=torch.float64)
-    x1 = torch.randn(2, 4, 8, 8, dtype=torch.float64)
-    labels = torch.tensor([4, 6])
-    mask = torch.tensor([False, True])  # second sample: null label, plain target
-    t = torch.tensor([0.9, 0.6], dtype=torch.float64)
+    model = tiny_dit().to(device)
+    x0 = torch.randn(2, 4, 8, 8, dtype=torch.float64).to(device)
+    x1 = torch.randn(2, 4, 8, 8, dtype=torch.float64).to(device)
+    labels = torch.tensor([4, 6]).to(device)
+    mask = torch.tensor([False, True]).to(device)  # second sample: null label, plain target
+    t = torch.tensor([0.9, 0.6], dtype=torch.float64).to(device)
     kw = dict(cfg_mask=mask, cfg_scale=3.0, cfg_decay_time=0.8, mix_ratio=0.25, p=0.0, eps=0.01, noise=x1)
     x_t = (1 - t).view(-1, 1, 1, 1) * x0 + t.view(-1, 1, 1, 1) * x1
     v_t = x1 - x0
     w0 = 1 - math.exp(-0.025)  # t = 0.9: d = (1 - 0.9) / (1 - 0.8) = 0.5
-    null = torch.tensor([10, 10])
+    null = torch.tensor([10, 10]).to(device)
     with torch.no_grad():
         v_uncond = model.predict_velocity(x_t, t, null)
         v_cond = model.predict_velocity(x_t, t, labels)
@@ -128,12 +128,12 @@ def test_cfg_target_by_hand():
     loss, mse, weight = model.get_velocity_loss(x0, t, labels, **kw)
     per_sample = (pred - target).square().flatten(1).mean(1)
     assert torch.allclose(loss, per_sample.mean()) and torch.allclose(mse, per_sample.mean())
-    assert torch.allclose(weight, torch.ones((), dtype=torch.float64))
+    assert torch.allclose(weight, torch.ones((), dtype=torch.float64, device=device))
 
     # Consistency: x_l = x_t + target (l - t), Delta = (f_t - f_l) / (t - l).
-    s = torch.tensor([0.1, 0.2], dtype=torch.float64)
-    l = torch.tensor([0.7, 0.5], dtype=torch.float64)
-    masked = torch.tensor([4, 10])
+    s = torch.tensor([0.1, 0.2], dtype=torch.float64).to(device)
+    l = torch.tensor([0.7, 0.5], dtype=torch.float64).to(device)
+    masked = torch.tensor([4, 10]).to(device)
     with torch.no_grad():
         f_l = model.solution_operator(x_t + target * (l - t).view(-1, 1, 1, 1), l, s, masked)
         f_t = model.solution_operator(x_t, t, s, masked)
@@ -142,16 +142,16 @@ def test_cfg_target_by_hand():
     assert torch.allclose(mse, delta.square().flatten(1).mean(1).mean())
 
 
-def test_fused_training_losses_equal_separate_calls():
+def test_fused_training_losses_equal_separate_calls(device):
     """The fused three-call computation equals separate FM and consistency calls: loss and gradients."""
-    model = tiny_dit()
+    model = tiny_dit().to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     B, n_fm = 8, 6
-    x0 = torch.randn(B, 4, 8, 8, dtype=torch.float64)
-    x1 = torch.randn(B, 4, 8, 8, dtype=torch.float64)
-    labels = torch.randint(0, 10, (B,))
-    mask = torch.tensor([0, 1, 0, 0, 0, 0, 1, 0], dtype=torch.bool)
-    t = torch.rand(B, dtype=torch.float64) * 0.9 + 0.1
+    x0 = torch.randn(B, 4, 8, 8, dtype=torch.float64).to(device)
+    x1 = torch.randn(B, 4, 8, 8, dtype=torch.float64).to(device)
+    labels = torch.randint(0, 10, (B,)).to(device)
+    mask = torch.tensor([0, 1, 0, 0, 0, 0, 1, 0], dtype=torch.bool).to(device)
+    t = (torch.rand(B, dtype=torch.float64) * 0.9 + 0.1).to(device)
     s = t * 0.3
     l = t - 0.05
     kw = dict(cfg_scale=3.0, cfg_decay_time=0.8, p=1.0, eps=0.01, mix_ratio=0.25, augment_labels=None)
@@ -172,8 +172,8 @@ def test_fused_training_losses_equal_separate_calls():
         assert torch.allclose(parts["fm"][i], fm[i]) and torch.allclose(parts["cons"][i], cons[i])
 
 
-def test_training_forward_objective_and_time_ordering(monkeypatch):
-    model = tiny_dit(dtype=torch.float32)
+def test_training_forward_objective_and_time_ordering(monkeypatch, device):
+    model = tiny_dit(dtype=torch.float32).to(device)
     seen = {}
     original = model.fused_loss
 
@@ -183,8 +183,8 @@ def test_training_forward_objective_and_time_ordering(monkeypatch):
     monkeypatch.setattr(model, "fused_loss", spy)
     objective = Objective(cfg_scale=3.0, mix_ratio=0.25, cfg_decay_time=0.8)
     torch.manual_seed(0)
-    x = torch.randn(16, 4, 8, 8)
-    loss, stats = model(x, torch.randint(0, 10, (16,)), objective=objective, finished_steps=100)
+    x = torch.randn(16, 4, 8, 8).to(device)
+    loss, stats = model(x, torch.randint(0, 10, (16,)).to(device), objective=objective, finished_steps=100)
     loss.backward()
     assert seen["n_fm"] == 12 and torch.isfinite(loss)
     c = slice(12, 16)
@@ -211,9 +211,6 @@ def test_l_schedules():
     l = Soflow.get_middle_time(t, s, 0, 100, init_ratio=0.1, end_ratio=0.5, method="Const")
     assert torch.allclose(l, t + (s - t) * 0.5)  # not clamped: the release's caller clamps
     assert torch.allclose(middle_time(t, s, 0.5), torch.stack([torch.tensor(0.5), torch.tensor(0.5 - MIN_TIME_GAP)]))
-
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -244,28 +241,28 @@ class MaskRecorder(torch.nn.Module):
 
 
 @pytest.mark.parametrize("n_fm", [0, 3])
-def test_consistency_calls_share_dropout_masks(n_fm):
-    model = tiny_unet(dropout=0.3).train()
-    model.network = MaskRecorder()
-    x = torch.randn(6, 3, 8, 8)
-    t = torch.full((6,), 0.8)
+def test_consistency_calls_share_dropout_masks(n_fm, device):
+    model = tiny_unet(dropout=0.3).train().to(device)
+    model.network = MaskRecorder().to(device)
+    x = torch.randn(6, 3, 8, 8).to(device)
+    t = torch.full((6,), 0.8).to(device)
     model.fused_loss(x, t=t, s=t * 0.2, l=t - 0.1, n_fm=n_fm, objective=Objective(p=1.0, eps=0.01))
     grad_call, l_call = model.network.calls
     assert torch.equal(grad_call[n_fm:], l_call[-(6 - n_fm):])
     assert not torch.equal(grad_call[n_fm:], torch.ones_like(grad_call[n_fm:]) * 2)  # masks are random
 
 
-def test_one_and_two_nfe_sampling():
-    model = tiny_dit().eval()
-    noise = torch.randn(3, 4, 8, 8, dtype=torch.float64)
-    labels = torch.tensor([0, 5, 9])
+def test_one_and_two_nfe_sampling(device):
+    model = tiny_dit().eval().to(device)
+    noise = torch.randn(3, 4, 8, 8, dtype=torch.float64).to(device)
+    labels = torch.tensor([0, 5, 9]).to(device)
     assert torch.allclose(model.sample(noise, labels, nfe=1), model.solution_operator(noise, 1.0, 0.0, labels))
-    out = model.sample(noise, labels, nfe=2, generator=torch.Generator().manual_seed(7))
-    eps = torch.randn(noise.shape, dtype=noise.dtype, generator=torch.Generator().manual_seed(7))
+    out = model.sample(noise, labels, nfe=2, generator=torch.Generator(device).manual_seed(7))  # drawn on the device
+    eps = torch.randn(noise.shape, dtype=noise.dtype, device=device, generator=torch.Generator(device).manual_seed(7))
     x0_hat = model.solution_operator(noise, 1.0, 0.0, labels)
     x_half = 0.5 * x0_hat + 0.5 * eps  # Linear: alpha(1/2) = beta(1/2) = 1/2
     assert torch.allclose(out, model.solution_operator(x_half, 0.5, 0.0, labels))
-    renoise = torch.randn(3, 3, 4, 8, 8, dtype=torch.float64)
+    renoise = torch.randn(3, 3, 4, 8, 8, dtype=torch.float64).to(device)
     x = noise
     for i, ti in enumerate([1.0, 0.75, 0.5]):
         x = model.solution_operator(x, ti, 0.0, labels)
@@ -326,14 +323,14 @@ def test_release_constructor_positional_and_keyword():
         uncond.predict_velocity(x, torch.rand(2), torch.zeros(2, dtype=torch.long))
 
 
-def test_release_cifar_unet_with_ten_classes_and_no_labels():
+def test_release_cifar_unet_with_ten_classes_and_no_labels(device):
     """The release builds its CIFAR-10 U-Net with num_classes=10 and always passes labels=None."""
     torch.manual_seed(0)
     model = Soflow(3, 8, 10, 0.0, "Linear", "Euler", "UNet", network_kwargs=dict(
-        model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), dropout=0.0))
+        model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), dropout=0.0)).to(device)
     assert not model.conditional and model.num_classes == 0
-    x, aug = torch.randn(4, 3, 8, 8), torch.zeros(4, 6)
-    t = torch.rand(4, 1, 1, 1) * 0.8 + 0.2
+    x, aug = (v.to(device) for v in (torch.randn(4, 3, 8, 8), torch.zeros(4, 6)))
+    t = (torch.rand(4, 1, 1, 1) * 0.8 + 0.2).to(device)
     l, s = t - 0.01, t * 0.2
     loss, mse, weight = model.get_consistency_loss(x, t, l, s, None, None, 1.0, 1.0, 0.75, 0.001, 1.0, aug)
     assert torch.isfinite(loss) and mse > 0 and weight > 0
@@ -341,15 +338,15 @@ def test_release_cifar_unet_with_ten_classes_and_no_labels():
 
 
 @pytest.mark.parametrize("shape", ["[B]", "[B,1,1,1]"])
-def test_release_loss_calls_accept_both_time_shapes(shape):
+def test_release_loss_calls_accept_both_time_shapes(shape, device):
     """Positional release calls with times shaped [B, 1, 1, 1] (its training loop) equal the [B] calls."""
-    model = tiny_dit()
+    model = tiny_dit().to(device)
     B = 6
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, 4, 8, 8, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, 10, (B,), generator=g)
-    mask = torch.tensor([1, 0, 0, 1, 0, 0], dtype=torch.bool)
-    t = torch.rand(B, generator=g, dtype=torch.float64) * 0.8 + 0.2
+    x = torch.randn(B, 4, 8, 8, generator=g, dtype=torch.float64).to(device)
+    labels = torch.randint(0, 10, (B,), generator=g).to(device)
+    mask = torch.tensor([1, 0, 0, 1, 0, 0], dtype=torch.bool).to(device)
+    t = (torch.rand(B, generator=g, dtype=torch.float64) * 0.8 + 0.2).to(device)
     l, s = t - 0.002 * t, 0.3 * t
     shaped = (lambda v: v.view(B, 1, 1, 1)) if shape == "[B,1,1,1]" else (lambda v: v)
     settings = (3.0, 0.8, 1.0, 0.01, 0.25, None)  # cfg_scale, cfg_decay_time, p, eps, mix_ratio, augment_labels
@@ -545,11 +542,11 @@ def _meanflow_inputs(shape=(4, 1, 1, 1)):
 
 
 @pytest.mark.parametrize("shape", [(4,), (4, 1, 1, 1)])
-def test_meanflow_loss_equals_a_float64_finite_difference_computation(shape):
+def test_meanflow_loss_equals_a_float64_finite_difference_computation(shape, device):
     """Everything rebuilt from plain network calls: the guided velocity v~, the total derivative of
     u(z, r, t) = F(z, t, r) along (v~, 0, 1) as a central difference, the target, error, weight and loss."""
-    model = tiny_dit(cfg_drop_rate=0.1)
-    x, noise, t, r, labels, mask = _meanflow_inputs(shape)
+    model = tiny_dit(cfg_drop_rate=0.1).to(device)
+    x, noise, t, r, labels, mask = (v.to(device) for v in _meanflow_inputs(shape))
     w, kappa, p, eps = 1.7, 0.4, 0.75, 1e-3
     loss, mse_mean, weight_mean = model.get_meanflow_loss(x, t, r, labels, mask, cfg_scale=w, cfg_kappa=kappa,
                                                           p=p, eps=eps, noise=noise)
@@ -577,9 +574,9 @@ def test_meanflow_loss_equals_a_float64_finite_difference_computation(shape):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)  # stop-gradient: only u carries the gradient
 
 
-def test_meanflow_jvp_is_the_total_derivative():
-    model = tiny_dit()
-    x, noise, t, r, labels, _ = _meanflow_inputs((4,))
+def test_meanflow_jvp_is_the_total_derivative(device):
+    model = tiny_dit().to(device)
+    x, noise, t, r, labels, _ = (v.to(device) for v in _meanflow_inputs((4,)))
     z = (1 - t.reshape(-1, 1, 1, 1)) * x + t.reshape(-1, 1, 1, 1) * noise
     u, dudt = model.meanflow_jvp(z, t, r, noise - x, labels)
     torch.testing.assert_close(u, model.network(z, t, r, labels))
@@ -589,9 +586,9 @@ def test_meanflow_jvp_is_the_total_derivative():
     torch.testing.assert_close(dudt, fd, rtol=1e-6, atol=1e-9)
 
 
-def test_meanflow_with_r_equal_t_is_flow_matching():
-    model = tiny_dit(cfg_drop_rate=0.1)
-    x, noise, t, _, labels, mask = _meanflow_inputs((4,))
+def test_meanflow_with_r_equal_t_is_flow_matching(device):
+    model = tiny_dit(cfg_drop_rate=0.1).to(device)
+    x, noise, t, _, labels, mask = (v.to(device) for v in _meanflow_inputs((4,)))
     mf = model.get_meanflow_loss(x, t, t, labels, mask, p=1.0, eps=1e-3, noise=noise)
     # unguided, get_velocity_loss leaves a CFG mask alone (as the release): pass the dropped labels themselves
     dropped = torch.where(mask, torch.full_like(labels, 10), labels)
@@ -626,10 +623,10 @@ def test_meanflow_training_forward_draws_and_micro_batches():
     torch.testing.assert_close(parts[0] + parts[1], total)
 
 
-def test_meanflow_and_euler_samplers():
-    model = tiny_dit().eval()
-    noise = torch.randn(3, 4, 8, 8, dtype=torch.float64)
-    labels = torch.tensor([0, 5, 9])
+def test_meanflow_and_euler_samplers(device):
+    model = tiny_dit().eval().to(device)
+    noise = torch.randn(3, 4, 8, 8, dtype=torch.float64).to(device)
+    labels = torch.tensor([0, 5, 9]).to(device)
     one = model.sample(noise, labels, nfe=1, sampler="meanflow")
     assert torch.allclose(one, model.sample(noise, labels, nfe=1))  # the same map at 1 NFE: f(noise, 1, 0)
     half = model.solution_operator(noise, 1.0, 0.5, labels)
