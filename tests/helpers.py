@@ -257,3 +257,13 @@ _SDPA = torch.nn.functional.scaled_dot_product_attention
 CUDA_MISSING = "CUDA is not available on this machine (the case runs where a GPU is)"
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_MISSING)
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
+class Planted:
+    """A pickled payload whose unpickling runs code: it writes a marker file (for the refusals of unsafe files)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)

@@ -15,7 +15,7 @@ import sample
 from checkpoints import (CheckpointSourceError, HubFile, companion_path, config_beside, load_checkpoint, parse_hub,
                          resolve_checkpoint, save_weights)
 from config import load_config, write_variant
-from helpers import ROOT
+from helpers import ROOT, Planted
 from test_inference import single_process  # noqa: F401 (autouse)
 from test_sample import make_run
 
@@ -202,17 +202,9 @@ def test_hub_checkpoint_with_the_environment_only(run, hub_cache, tmp_path):
     assert proc.returncode == 1 and "offline mode is on" in proc.stderr and str(hub_cache) in proc.stderr
 
 
-class _Planted:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
-
-
 def test_a_malicious_checkpoint_is_called_unsafe_and_runs_nothing(tmp_path):
     marker = tmp_path / "marker"
-    torch.save({"model": {"w": torch.ones(1)}, "payload": _Planted(str(marker))}, tmp_path / "2.pt")
+    torch.save({"model": {"w": torch.ones(1)}, "payload": Planted(str(marker))}, tmp_path / "2.pt")
     with pytest.raises(ValueError, match=r"2.pt is unsafe or not a weights-only checkpoint") as refused:
         load_checkpoint(tmp_path / "2.pt")
     assert "truncated" not in str(refused.value) and not marker.exists()

@@ -11,17 +11,7 @@ import torch
 
 import data
 from config import from_dict
-from helpers import TINY_DIT, make_cifar_folder
-
-
-class Planted:
-    """Unpickling this runs code: it writes a marker file."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+from helpers import TINY_DIT, Planted, make_cifar_folder
 
 
 def test_a_planted_cifar_batch_runs_nothing(tmp_path):
