@@ -534,10 +534,24 @@ def metrics_device(device=None):
     return torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _float64_to_fp16(x):
+    """Float64 tensor -> float16, correctly rounded (as NumPy's astype). torch's own conversion goes through
+    float32 and so rounds twice: a value just above a float16 midpoint lands on the midpoint in float32 and
+    then rounds to even, one float16 unit off. Rounding to float32 "to odd" first (the float32 neighbour of x
+    with an odd last bit when x is not a float32) makes the second rounding the correct one, since float32
+    keeps more than two bits beyond float16's 11."""
+    torch = _torch()
+    f = x.float()
+    inexact = f.double() != x  # NaN stays NaN; infinities are exact
+    even = (f.view(torch.int32) & 1) == 0
+    toward_x = torch.nextafter(f, torch.where(x > f.double(), float("inf"), float("-inf")).float())
+    return torch.where(inexact & even, toward_x, f).half()
+
+
 def _fp16_norms(x16):
     """||x||^2 per row of float16 features (torch) as ADM computes it: the squares rounded to float16 (a
     float16 product, exact in float32 and rounded once), their sum rounded once to float16."""
-    return (x16 * x16).double().sum(dim=1).half()
+    return _float64_to_fp16((x16 * x16).double().sum(dim=1))
 
 
 def _fp16_block(u16, u_norm, v16, v_norm):
@@ -545,7 +559,7 @@ def _fp16_block(u16, u_norm, v16, v_norm):
     float16 norms: max((|u|^2 - 2 u.v) + |v|^2, 0), each operation rounded to float16 (torch computes a
     float16 operation in float32 and rounds: float32's 24 bits make that double rounding exact)."""
     torch = _torch()
-    dot = (u16.double() @ v16.double().T).half()
+    dot = _float64_to_fp16(u16.double() @ v16.double().T)
     d = u_norm[:, None] - 2 * dot
     d += v_norm[None, :]
     return torch.maximum(d, d.new_zeros(()))  # NaN stays NaN (and sends the block to the fallback)

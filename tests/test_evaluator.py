@@ -285,6 +285,34 @@ def test_adm_float16_distances_match_independent_computation(device):
     assert 0 < want_pr[0] < 1 and 0 < want_pr[1] < 1
 
 
+def test_float16_sums_are_rounded_once(device):
+    """A dot product or squared norm just above a float16 midpoint (1 + 2^-11 + 2^-30 or 2^-24, between 1
+    and 1 + 2^-10) rounds up, as ADM's formula with one rounding does; a float64 -> float32 -> float16
+    conversion (torch's own .half()) lands on the midpoint and rounds to even, down, one unit off."""
+    rng = np.random.default_rng(5)
+    u = np.zeros((2, 4), np.float32)
+    u[0, :3] = 1, 1, 2.0 ** -14               # |u|^2 = 2 + 2^-28 -> 2
+    u[1] = 1, 2.0 ** -6, 2.0 ** -6, 2.0 ** -12  # |u|^2 = 1 + 2^-11 + 2^-24 -> 1 + 2^-10
+    v = np.zeros((2, 4), np.float32)          # v1 = 0: the distance to it is the norm alone
+    v[0, :3] = 1, 2.0 ** -11, 2.0 ** -16      # u0.v0 = 1 + 2^-11 + 2^-30 -> 1 + 2^-10
+    ref = np.concatenate([u, pool_like(rng, 30, 4)])
+    sample = np.concatenate([v, pool_like(rng, 20, 4)])
+    got = ev.adm_pairwise_sq_distances(ref, sample, device=device)
+    np.testing.assert_array_equal(got, adm_sq_distances_scalar(ref, sample))
+    assert got[0, 0] == np.float32(1 - 2.0 ** -9)  # (2 - 2 (1 + 2^-10)) + 1; with u0.v0 rounded down: 1
+    assert got[1, 1] == np.float32(1 + 2.0 ** -10)  # |u1|^2; rounded down: 1
+
+    near = rng.normal(size=100_000) * 100
+    midpoints = near.astype(np.float16).astype(np.float64) + np.spacing(near.astype(np.float16)) / 2
+    doubles = np.concatenate([midpoints * (1 + rng.uniform(-1, 1, size=near.shape) * 2.0 ** -40), near,
+                              [0.0, -0.0, np.inf, -np.inf, 65519.0, 65520.0, 2.0 ** -25, 3e-8]])
+    with np.errstate(over="ignore"):
+        want = doubles.astype(np.float16)
+    got = ev._float64_to_fp16(torch.as_tensor(doubles, device=device)).cpu().numpy()
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+
+
 def test_float16_and_float32_agree_on_well_separated_data(device):
     """Groups of k+1 points, far apart; samples are near copies of 30 of the 40 reference groups plus 10
     groups elsewhere. Every distance is far from every radius compared with float16's resolution, so both

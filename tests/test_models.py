@@ -278,7 +278,7 @@ def test_to_uint8():
     assert out[0, :, :, 0].flatten().tolist() == [0, 128, 255, 255]
 
 
-def test_errors_name_bad_values():
+def test_errors_name_bad_values(device):
     with pytest.raises(ValueError, match="'DiT-Q-1'.*UNet"):
         Soflow(4, 32, 10, 0.1, "Linear", "Euler", "DiT-Q-1")
     with pytest.raises(ValueError, match="'Cubic'.*Linear, Trig"):
@@ -287,20 +287,21 @@ def test_errors_name_bad_values():
         Soflow(4, 32, 10, 0.1, "Linear", "Heun", "DiT-B-4")
     with pytest.raises(ValueError, match="'Step'.*Const, Linear, Cosine, Exponent"):
         Objective(l_schedule="Step")
-    unet = tiny_unet()
-    x = torch.randn(2, 3, 8, 8)
+    unet = tiny_unet().to(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
     with pytest.raises(ValueError, match="unconditional"):
-        unet.predict_velocity(x, 0.5, labels=torch.zeros(2, dtype=torch.long))
+        unet.predict_velocity(x, 0.5, labels=torch.zeros(2, dtype=torch.long, device=device))
     with pytest.raises(ValueError, match=r"\[B, 3, 8, 8\]"):
-        unet.predict_velocity(torch.randn(2, 3, 16, 16), 0.5)
-    dit = tiny_dit()
-    xd = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+        unet.predict_velocity(torch.randn(2, 3, 16, 16, device=device), 0.5)
+    dit = tiny_dit().to(device)
+    xd = torch.randn(2, 4, 8, 8, dtype=torch.float64, device=device)
+    labels = torch.zeros(2, dtype=torch.long, device=device)
     with pytest.raises(ValueError, match="labels must be shaped"):
-        dit.predict_velocity(xd, 0.5, labels=torch.zeros(3, dtype=torch.long))
+        dit.predict_velocity(xd, 0.5, labels=torch.zeros(3, dtype=torch.long, device=device))
     with pytest.raises(ValueError, match="noise shape"):
-        dit.get_velocity_loss(xd, 0.5, torch.zeros(2, dtype=torch.long), noise=torch.randn(1, 4, 8, 8))
+        dit.get_velocity_loss(xd, 0.5, labels, noise=torch.randn(1, 4, 8, 8, dtype=torch.float64, device=device))
     with pytest.raises(ValueError, match="times must be"):
-        dit.predict_velocity(xd, torch.rand(3), torch.zeros(2, dtype=torch.long))
+        dit.predict_velocity(xd, torch.rand(3, dtype=torch.float64, device=device), labels)
     with pytest.raises(ValueError, match="cfg_scale"):
         unet.get_velocity_loss(x, 0.5, cfg_scale=2.0)
 
@@ -309,18 +310,19 @@ def test_errors_name_bad_values():
 # The release's Python API (its constructor and call pattern)
 
 
-def test_release_constructor_positional_and_keyword():
+def test_release_constructor_positional_and_keyword(device):
     kw = dict(network_kwargs={"hidden_size": 32, "depth": 1, "num_heads": 2, "patch_size": 2})
     a = Soflow(4, 8, 10, 0.1, "Linear", "Euler", "DiT-B-4", **kw)
     b = Soflow(data_channels=4, data_size=8, num_classes=10, cfg_drop_rate=0.1, noising_type="Linear",
                coefficient_type="Euler", model_type="DiT-B-4", **kw)
     assert a.state_dict().keys() == b.state_dict().keys() and a.conditional and a.num_classes == 10
-    uncond = Soflow(4, 8, None, 0.0, "Linear", "Euler", "DiT-B-4", **kw)  # the release's unconditional marker
+    uncond = Soflow(4, 8, None, 0.0, "Linear", "Euler", "DiT-B-4", **kw).to(device)  # the release's unconditional marker
     assert not uncond.conditional and uncond.network.y_embedder.embedding_table.num_embeddings == 1
-    x = torch.randn(2, 4, 8, 8)
-    assert uncond.solution_operator(x, torch.rand(2), torch.zeros(2), None, None).shape == x.shape
+    x = torch.randn(2, 4, 8, 8, device=device)
+    t = torch.rand(2, device=device)
+    assert uncond.solution_operator(x, t, torch.zeros(2, device=device), None, None).shape == x.shape
     with pytest.raises(ValueError, match="unconditional but labels were given"):
-        uncond.predict_velocity(x, torch.rand(2), torch.zeros(2, dtype=torch.long))
+        uncond.predict_velocity(x, t, torch.zeros(2, dtype=torch.long, device=device))
 
 
 def test_release_cifar_unet_with_ten_classes_and_no_labels(device):
@@ -434,10 +436,10 @@ def test_release_scheduler_names(noising_type, coefficient_type):
     assert (sch.beta(0.5) * torch.ones(2)).dtype == torch.float32  # a number does not promote float32 images
 
 
-def test_release_model_attributes_and_stateless_scheduler():
+def test_release_model_attributes_and_stateless_scheduler(device):
     """model.scheduler (an nn.Module with no state), its deep copy on an EMA model, the attributes the release's
     sampler reads, and the optimizer's parameter list model.network.parameters()."""
-    model = tiny_dit()
+    model = tiny_dit().to(device)
     ema = copy.deepcopy(model)
     assert isinstance(model.scheduler, torch.nn.Module) and dict(model.named_children())["scheduler"] is model.scheduler
     assert isinstance(ema.scheduler, Scheduler) and ema.scheduler is not model.scheduler
@@ -445,9 +447,10 @@ def test_release_model_attributes_and_stateless_scheduler():
     assert all(k.startswith("network.") for k in model.state_dict())  # the manifest's keys (tests/test_dit.py)
     assert [p for p in model.network.parameters()] == [p for p in model.parameters()]
     assert (ema.num_classes, ema.data_channels, ema.data_size) == (10, 4, 8)
-    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
-    labels = torch.tensor([1, 2])
-    assert torch.equal(ema.solution_operator(x, torch.ones(2), torch.zeros(2), labels, None),
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, device=device)
+    labels = torch.tensor([1, 2], device=device)
+    ones = torch.ones(2, dtype=torch.float64, device=device)
+    assert torch.equal(ema.solution_operator(x, ones, 0 * ones, labels, None),
                        model.solution_operator(x, 1.0, 0.0, labels))
 
 
@@ -466,21 +469,21 @@ def test_release_schedule_helpers_take_its_keywords():
     assert torch.allclose(l, t + (s - t) * 0.1)
 
 
-def release_batch(B=6):
+def release_batch(device, B=6):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, 4, 8, 8, generator=g, dtype=torch.float64)
     labels = torch.randint(0, 10, (B,), generator=g)
     t = (torch.rand(B, generator=g, dtype=torch.float64) * 0.8 + 0.2).view(B, 1, 1, 1)
     mask = torch.tensor([1, 0, 0, 1, 0, 0], dtype=torch.bool).view(B, 1, 1, 1)
-    return x, labels, t, mask
+    return tuple(v.to(device) for v in (x, labels, t, mask))
 
 
 @pytest.mark.parametrize("velocity", [True, False])
-def test_forward_dispatches_the_release_loss_calls(velocity):
+def test_forward_dispatches_the_release_loss_calls(velocity, device):
     """model(get_velocity_loss=True/False, samples=..., ...) is get_velocity_loss / get_consistency_loss, whose
     noise is one randn_like(samples) drawn first; the native forward(samples, labels, objective=...) is unchanged."""
-    model = tiny_dit()
-    x, labels, t, mask = release_batch()
+    model = tiny_dit().to(device)
+    x, labels, t, mask = release_batch(device)
     settings = dict(labels=labels, cfg_mask=mask, cfg_scale=3.0, cfg_decay_time=0.8, p=1.0, eps=0.01, mix_ratio=0.25,
                     augment_labels=None)
     times = dict(t=t) if velocity else dict(t=t, l=t - 0.01, s=t * 0.3)
@@ -499,10 +502,10 @@ def test_forward_dispatches_the_release_loss_calls(velocity):
         model(x, labels, objective=Objective(), cfg_scale=3.0)
 
 
-def test_cfg_mask_acts_only_when_guided():
+def test_cfg_mask_acts_only_when_guided(device):
     """As the release: with cfg_scale 1 a CFG mask leaves the labels alone (and the native draws hold none)."""
-    model = tiny_dit()
-    x, labels, t, mask = release_batch()
+    model = tiny_dit().to(device)
+    x, labels, t, mask = release_batch(device)
     noise = torch.randn_like(x)
     masked = torch.where(mask.view(-1), torch.full_like(labels, 10), labels)
     l, s = t - 0.01, t * 0.3
@@ -512,16 +515,17 @@ def test_cfg_mask_acts_only_when_guided():
         assert not torch.equal(with_mask[0], loss(x, *times, masked, None, 1.0, noise=noise)[0])
         guided = loss(x, *times, labels, mask, 3.0, noise=noise)
         assert not torch.equal(guided[0], loss(x, *times, labels, None, 3.0, noise=noise)[0])
-    assert draw_training_times(Objective(), 8, 0, "cpu", cfg_drop_rate=0.5, conditional=True).cfg_mask is None
-    assert draw_training_times(Objective(cfg_scale=2.0), 8, 0, "cpu", 0.5, conditional=True).cfg_mask is not None
+    assert draw_training_times(Objective(), 8, 0, device, cfg_drop_rate=0.5, conditional=True).cfg_mask is None
+    guided_draws = draw_training_times(Objective(cfg_scale=2.0), 8, 0, device, 0.5, conditional=True)
+    assert guided_draws.cfg_mask is not None and guided_draws.t.device == torch.device(device)
 
 
 @pytest.mark.parametrize("make", [tiny_dit, tiny_unet])
-def test_release_losses_of_an_empty_part_are_zeros(make):
+def test_release_losses_of_an_empty_part_are_zeros(make, device):
     """A part without rows (the CIFAR recipe's Flow Matching rows) gives zeros, without a network call."""
-    model = make()
-    x = torch.zeros(0, model.data_channels, 8, 8, dtype=next(model.parameters()).dtype)
-    t = torch.zeros(0, 1, 1, 1, dtype=x.dtype)
+    model = make().to(device)
+    x = torch.zeros(0, model.data_channels, 8, 8, dtype=next(model.parameters()).dtype, device=device)
+    t = torch.zeros(0, 1, 1, 1, dtype=x.dtype, device=device)
     for got in (model(get_velocity_loss=True, samples=x, t=t), model(get_velocity_loss=False, samples=x, t=t, l=t, s=t)):
         assert [v.item() for v in got] == [0.0, 0.0, 0.0]
 
@@ -600,17 +604,17 @@ def test_meanflow_with_r_equal_t_is_flow_matching(device):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-14)
 
 
-def test_meanflow_training_forward_draws_and_micro_batches():
+def test_meanflow_training_forward_draws_and_micro_batches(device):
     from models import draw_training_times
-    model = tiny_dit(cfg_drop_rate=0.1)
+    model = tiny_dit(cfg_drop_rate=0.1).to(device)
     o = Objective(method="meanflow", meanflow_cfg_scale=1.5, meanflow_cfg_kappa=0.2)
     torch.manual_seed(5)
-    draws = draw_training_times(o, 8, 0, "cpu", 0.1, conditional=True)
+    draws = draw_training_times(o, 8, 0, device, 0.1, conditional=True)
     n_eq = 8 - int(o.meanflow_ratio * 8)
     assert draws.n_fm == n_eq and torch.equal(draws.s[:n_eq], draws.t[:n_eq])
     assert bool((draws.s[n_eq:] < draws.t[n_eq:]).all())  # logit-normal draws are a.s. distinct
-    x, noise = torch.randn(8, 4, 8, 8, dtype=torch.float64), torch.randn(8, 4, 8, 8, dtype=torch.float64)
-    labels = torch.arange(8)
+    x, noise = (torch.randn(8, 4, 8, 8, dtype=torch.float64, device=device) for _ in range(2))
+    labels = torch.arange(8, device=device)
     total, stats = model(x, labels, objective=o, draws=draws, noise=noise)
     loss, mse, weight = model.get_meanflow_loss(x, draws.t, draws.s, labels, draws.cfg_mask, cfg_scale=1.5,
                                                 cfg_kappa=0.2, p=o.meanflow_p, eps=o.meanflow_eps, noise=noise)
