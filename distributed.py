@@ -37,7 +37,7 @@ def _ranks_from_slurm():
 
 def setup_distributed(timeout_minutes=60):
     """(rank, world_size, device) from torchrun's environment, or SLURM's under a plain srun (a single process
-    without either)."""
+    without either, and then no process group)."""
     _ranks_from_slurm()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -50,7 +50,10 @@ def setup_distributed(timeout_minutes=60):
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    # Under torchrun a process group exists even for one process (as in the release, whose train.py always wraps
+    # the model in DDP): a 1-GPU torchrun run then goes through NCCL and DDP like a multi-GPU one.
+    launched = world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    if launched and not dist.is_initialized():
         from torch.distributed.rendezvous import rendezvous
         timeout = timedelta(minutes=timeout_minutes)
         store, rank, world_size = next(rendezvous("env://", timeout=timeout))
@@ -61,6 +64,11 @@ def setup_distributed(timeout_minutes=60):
                                 store=dist.PrefixStore(f"soflow/attempt_{attempt}", store), rank=rank,
                                 world_size=world_size, device_id=device if device.type == "cuda" else None)
     return rank, world_size, device
+
+
+def process_group_backend():
+    """'nccl' or 'gloo' when a process group exists, else None."""
+    return dist.get_backend() if dist.is_initialized() else None
 
 
 def cleanup_distributed():

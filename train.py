@@ -31,7 +31,8 @@ from config import RESUME_NO_EFFECT, ConfigError, check_resume, check_world_size
 from data import batch_loader, build_dataset
 from distributed import (RowShare, all_gather_objects, attention_context, barrier, broadcast_object,
                          cleanup_distributed, configure_backends, crash_hook, first_error, get_rng_state,
-                         guidance_dtype, precision_context, set_rng_state, setup_distributed, setup_logging)
+                         guidance_dtype, precision_context, process_group_backend, set_rng_state, setup_distributed,
+                         setup_logging)
 from inference import build_decoder, dump_samples, sample_grid
 from models import draw_training_times
 from safe_io import Claim, OutputError, free_space
@@ -94,7 +95,7 @@ class Preemption:
     def __init__(self, world_size):
         self.signum = None
         self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
-        self._group = dist.new_group(backend="gloo") if world_size > 1 else None
+        self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
 
     def _handler(self, signum, frame):
         self.signum = signum
@@ -459,7 +460,7 @@ def main(argv=None):
             model.to(memory_format=torch.channels_last)
         # Gradients as views of DDP's buckets: no copy into and out of the buckets on every step.
         ddp = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                   gradient_as_bucket_view=True) if world_size > 1 else model)
+                   gradient_as_bucket_view=True) if dist.is_initialized() else model)
         ema = EMA(model, cfg.ema_decay_rate, cfg.ema_steps)  # after DDP's broadcast: the same EMA on every rank
         if cfg.compile:
             model.network.compile()  # in place (state-dict keys stay the release's); the EMA copy stays eager
@@ -501,6 +502,9 @@ def main(argv=None):
             log(f"resumed from {ckpt_path} at step {finished_steps} ({exact})")
         else:
             log(f"starting a new run in {work} on {world_size} rank(s), device {device.type}")
+        backend = process_group_backend()
+        log(f"process group: {backend}, the model in DDP" if backend else
+            "process group: none (one process outside torchrun), the model without DDP")
         log(f"model {cfg.model_type}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
             f"dataset {cfg.dataset_type}: {len(dataset)} samples; global batch {cfg.batch_size}"
             + (f" in {cfg.grad_accum_steps} micro-batches per rank" if cfg.grad_accum_steps > 1 else "")

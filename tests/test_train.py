@@ -16,7 +16,7 @@ from helpers import assert_same_final_state, requires_cuda, torchrun, write_conf
 def test_cifar_run_writes_everything(reference_run):
     run = reference_run
     log = (run / "log.txt").read_text()
-    assert "starting a new run" in log and "on 2 rank(s)" in log
+    assert "starting a new run" in log and "on 2 rank(s)" in log and "process group: gloo, the model in DDP" in log
     lines = [l for l in log.splitlines() if l.startswith("Step ")]
     assert [l.split(" | ")[0] for l in lines] == ["Step 2", "Step 4", "Step 6"]
     for line in lines:
@@ -77,6 +77,7 @@ def test_non_finite_loss_stops_without_writing(cifar_root, tmp_path, monkeypatch
     with pytest.raises(train.NonFiniteLoss, match=r"at step 4; .*Last good checkpoint: .*2\.pt"):
         train.main(["--config", cfg])
     assert [s for s, _ in list_checkpoints(tmp_path / "run" / "ckpts")] == [0, 2]
+    assert "process group: none (one process outside torchrun)" in (tmp_path / "run" / "log.txt").read_text()
 
 
 def test_missing_cifar_is_a_clear_error(tmp_path):
@@ -379,7 +380,8 @@ def test_one_gpu_cuda_torchrun_then_inference_and_sample(kind, fast_paths, cifar
             dict(dataset_path=str(imagenet_latents / "latents"), vae=str(imagenet_latents / "vae")))
     cfg = write_config(f"tiny_{kind}_cpu.yaml", tmp_path / "cfg.yaml", working_dir=str(run), **data, **fast_paths)
     torchrun("train.py", ["--config", cfg], nproc=1)
-    assert "on 1 rank(s), device cuda" in (run / "log.txt").read_text()
+    log = (run / "log.txt").read_text()
+    assert "on 1 rank(s), device cuda" in log and "process group: nccl, the model in DDP" in log
     ckpt = str(run / "ckpts" / "6.pt")
     torchrun("inference.py", ["--config", cfg, "--ckpt", ckpt, "--num-samples", "4", "--out", str(tmp_path)],
              nproc=1)

@@ -93,6 +93,7 @@ def test_world_size_change_continues_the_global_batch_sequence(reference_run, ci
     torchrun("train.py", ["--config", cfg], nproc=1)
     log = (run / "log.txt").read_text()
     assert "world size 2 -> 1: the same global batches follow" in log and "finished 6 steps" in log
+    assert "process group: gloo, the model in DDP" in log  # torchrun with one process: a group and DDP, as 2 ranks
 
 
 def grads_of_one_step(accum, world_group=False):
