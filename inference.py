@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from distributed import (all_gather_objects, attention_context, cleanup_distributed, configure_backends, first_error,
-                         precision_context, setup_distributed, setup_logging)
+                         precision_context, rank_bounds, setup_distributed, setup_logging)
 from models import to_uint8
 from safe_io import Claim, ClaimError, OutputError, WriteError, atomic_write
 
@@ -71,12 +71,6 @@ def load_sampling_model(cfg, ckpt, device="cpu"):
     check_weights_fit(model, weights, cfg.model_type, ckpt)
     model.load_state_dict(weights, strict=True)
     return model.to(device).eval()
-
-
-def rank_slice(num_samples, rank, world_size):
-    """Contiguous, near-equal slice of range(num_samples) for this rank."""
-    bounds = np.linspace(0, num_samples, world_size + 1).round().astype(int)
-    return range(bounds[rank], bounds[rank + 1])
 
 
 @torch.no_grad()
@@ -221,7 +215,7 @@ def dump_samples(model, out_path, num_samples, nfe, seed, batch_size, device, ra
     if class_balanced and model.num_classes > 0 and num_samples % model.num_classes:
         raise ValueError(f"--class-balanced needs num_samples ({num_samples}) divisible by the number of "
                          f"classes ({model.num_classes})")
-    indices = rank_slice(num_samples, rank, world_size)
+    indices = range(*rank_bounds(num_samples, rank, world_size))
     bar = tqdm(total=num_samples, desc=f"sampling {os.path.basename(out_path)}", unit="img",
                disable=not progress or rank != 0, dynamic_ncols=True)
     args = (nfe, seed, batch_size, device, decode, class_balanced, precision, bar, world_size, on_batch)
