@@ -27,6 +27,20 @@ CFG_DECAY_K = 0.025
 MIN_TIME_GAP = 1e-4
 
 
+def is_conditional(model_type, num_classes):
+    """Whether a model is class-conditional: a DiT with num_classes > 0. The U-Net never is (the release builds its
+    CIFAR-10 U-Net with num_classes=10 and passes labels=None)."""
+    return model_type != "UNet" and bool(num_classes)
+
+
+def check_guidance(setting, conditional, labels_given=True):
+    """Guidance (SoFlow's cfg_scale, MeanFlow's cfg_scale / cfg_kappa) contrasts the class-conditional velocity with
+    the null class's, so it needs a class-conditional model and, in a loss call, labels. `setting` names the guiding
+    values in the error (the config check and the loss calls share this rule)."""
+    if not (conditional and labels_given):
+        raise ValueError(f"{setting} needs a class-conditional model and labels (a DiT with num_classes > 0)")
+
+
 def _check_choice(name, value, accepted):
     if value not in accepted:
         raise ValueError(f"unknown {name} {value!r}; accepted: {', '.join(accepted)}")
@@ -326,12 +340,11 @@ class Soflow(nn.Module):
         self.data_size = data_size
         self.cfg_drop_rate = cfg_drop_rate
         self.model_type = model_type
+        self.num_classes = num_classes if is_conditional(model_type, num_classes) else 0
         if model_type == "UNet":
-            self.num_classes = 0
             self.network = SongUNet(img_resolution=data_size, in_channels=data_channels,
                                     out_channels=data_channels, **(network_kwargs or {}))
         else:
-            self.num_classes = num_classes or 0
             # The null class row exists when labels are dropped for CFG, and is the only row when unconditional.
             self.network = build_dit(model_type, data_size, data_channels, self.num_classes,
                                      has_null_class=cfg_drop_rate > 0 or self.num_classes == 0,
@@ -443,8 +456,8 @@ class Soflow(nn.Module):
         cfg_mask = self._mask(cfg_mask, samples) if objective.guided else None
         if noise is not None and noise.shape != samples.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != samples shape {tuple(samples.shape)}")
-        if objective.guided and (not self.conditional or labels is None):
-            raise ValueError(f"cfg_scale={objective.cfg_scale} > 1 needs a class-conditional model and labels")
+        if objective.guided:
+            check_guidance(f"cfg_scale={objective.cfg_scale} > 1", self.conditional, labels is not None)
         B = samples.shape[0]
         if B == 0:
             return {}
@@ -609,9 +622,8 @@ class Soflow(nn.Module):
         call), v on CFG-masked rows, and v everywhere when unguided (cfg_scale 1, cfg_kappa 0)."""
         if cfg_scale == 1 and cfg_kappa == 0:
             return v
-        if not self.conditional or labels is None:
-            raise ValueError(f"MeanFlow guidance (cfg_scale {cfg_scale}, cfg_kappa {cfg_kappa}) needs a "
-                             f"class-conditional model and labels")
+        check_guidance(f"MeanFlow guidance (cfg_scale {cfg_scale}, cfg_kappa {cfg_kappa})", self.conditional,
+                       labels is not None)
         B = z.shape[0]
         aug = None if augment_labels is None else torch.cat([augment_labels, augment_labels])
         u = self._F(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]),
