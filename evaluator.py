@@ -676,7 +676,10 @@ def _adm_radii(features, k, batch_size, device=None, share=None):
         for rows, part in _row_chunks(block, r0 - lo):
             merged = torch.cat([best[rows], block[part].float()], dim=1)
             best[rows] = torch.topk(merged, k + 1, dim=1, largest=False).values
-    radii = best[:, k].double().sqrt().cpu().numpy()
+    # NumPy's square root, correctly rounded: torch's float64 sqrt on the CPU is one unit off for ~0.7% of values,
+    # which moves a radius below its own squared distance and drops the points that lie exactly on it (float16
+    # distances tie often).
+    radii = np.sqrt(best[:, k].double().cpu().numpy())
     return share.gather(radii) if share is not None else radii
 
 
