@@ -253,11 +253,16 @@ def configure_backends(device, tf32=True):
     set_tf32(tf32)
 
 
+def autocast(device, dtype):
+    """torch.autocast on `device`'s type in `dtype`; no autocast (a null context) when `dtype` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
 def precision_context(device, precision):
     """bf16 autocast for `precision: bf16`; float32 (no autocast) otherwise, as the release."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return autocast(device, torch.bfloat16 if precision == "bf16" else None)
 
 
 def guidance_dtype(precision):

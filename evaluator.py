@@ -47,6 +47,8 @@ import scipy.linalg
 from scipy.special import xlogy
 from tqdm import tqdm
 
+# The Inception graph's tensor and op names (inception_torch imports NumPy only: neither torch nor TensorFlow).
+from inception_torch import INPUT_TENSOR, LOGITS_MATMUL_OP, POOL_TENSOR, SPATIAL_CHANNELS, SPATIAL_TENSOR
 from safe_io import Claim, ClaimError, WriteError, atomic_write, check_writable
 
 log = logging.getLogger("evaluator")
@@ -59,13 +61,6 @@ INCEPTION_FILENAME = "classify_image_graph_def.pb"
 # tensors the metrics need. Set it, or pass --inception-sha256, to have every download and cached copy
 # verified.
 INCEPTION_SHA256 = None
-
-# Tensor / op names of the Inception graph.
-INPUT_TENSOR = "ExpandDims:0"
-POOL_TENSOR = "pool_3:0"
-SPATIAL_TENSOR = "mixed_6/conv:0"
-LOGITS_MATMUL_OP = "softmax/logits/MatMul"
-SPATIAL_CHANNELS = 7  # sFID uses the first 7 channels of mixed_6/conv (17 x 17 x 7 = 2023 features)
 
 NEAREST_K = 3  # neighbourhood size of the precision / recall manifolds
 IS_SPLIT_SIZE = 5000

@@ -27,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-# Tensor and op names of the Inception graph (the same constants as evaluator.py; repeated here so this
-# module does not import the evaluator).
+# Tensor and op names of the Inception graph, declared here for both backends (evaluator.py imports them;
+# this module imports nothing of the evaluator's).
 INPUT_TENSOR = "ExpandDims:0"
 POOL_TENSOR = "pool_3:0"
 SPATIAL_TENSOR = "mixed_6/conv:0"
 LOGITS_MATMUL_OP = "softmax/logits/MatMul"
-SPATIAL_CHANNELS = 7
+SPATIAL_CHANNELS = 7  # sFID uses the first 7 channels of mixed_6/conv (17 x 17 x 7 = 2023 features)
 
 
 class GraphError(ValueError):
@@ -950,15 +950,20 @@ def _pool_attrs(explicit=False):
     return attrs
 
 
-@op("MaxPool", {**_pool_attrs(explicit=True), "T": Attr("type", DT_FLOAT, allowed=(DT_FLOAT,))})
-def _max_pool(ctx, inputs, attrs):
-    torch = _torch()
-    F = torch.nn.functional
+def _pool_window(ctx, inputs, attrs):
+    """The common start of MaxPool and AvgPool: (NHWC input, its NCHW view, window (h, w), strides (h, w),
+    (top, bottom), (left, right) padding)."""
     x = inputs[0]
     _check_4d(ctx, x)
     kernel, strides = attrs["ksize"][1:3], attrs["strides"][1:3]
-    (top, bottom), (left, right) = _spatial_padding(ctx, attrs, x, kernel, strides)
-    xc = x.permute(0, 3, 1, 2)
+    vertical, horizontal = _spatial_padding(ctx, attrs, x, kernel, strides)
+    return x, x.permute(0, 3, 1, 2), kernel, strides, vertical, horizontal
+
+
+@op("MaxPool", {**_pool_attrs(explicit=True), "T": Attr("type", DT_FLOAT, allowed=(DT_FLOAT,))})
+def _max_pool(ctx, inputs, attrs):
+    F = _torch().nn.functional
+    _, xc, kernel, strides, (top, bottom), (left, right) = _pool_window(ctx, inputs, attrs)
     if top or bottom or left or right:
         # Padded cells never win: they hold -inf.
         xc = F.pad(xc, (left, right, top, bottom), value=float("-inf"))
@@ -969,11 +974,7 @@ def _max_pool(ctx, inputs, attrs):
 def _avg_pool(ctx, inputs, attrs):
     torch = _torch()
     F = torch.nn.functional
-    x = inputs[0]
-    _check_4d(ctx, x)
-    kernel, strides = attrs["ksize"][1:3], attrs["strides"][1:3]
-    (top, bottom), (left, right) = _spatial_padding(ctx, attrs, x, kernel, strides)
-    xc = x.permute(0, 3, 1, 2)
+    x, xc, kernel, strides, (top, bottom), (left, right) = _pool_window(ctx, inputs, attrs)
     if not (top or bottom or left or right):
         y = F.avg_pool2d(xc, kernel, strides)
     elif top == bottom and left == right and top <= kernel[0] // 2 and left <= kernel[1] // 2:

@@ -4,7 +4,6 @@ Time runs from data (t = 0) to noise (t = 1): x_t = alpha(t) x0 + beta(t) x1. Th
 parameterises the solution operator f(x_t, t, s) = a(t, s) x_t + b(t, s) F_theta(x_t, t, s), which maps
 the point x_t of a probability-flow trajectory to its point at time s; f(x, t, t) = x by construction.
 """
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -14,7 +13,7 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dit import DIT_SIZES, build_dit
-from distributed import shared_random_state
+from distributed import autocast, shared_random_state
 from unet import SongUNet
 
 NOISING_TYPES = ("Linear", "Trig")
@@ -485,7 +484,7 @@ class Soflow(nn.Module):
         x_t, v_t = self.scheduler.add_noise(samples, x1, t)
         guidance = None
         if objective.guided:
-            with _autocast(samples.device, guidance_dtype):
+            with autocast(samples.device, guidance_dtype):
                 guidance = self.guidance(x_t, v_t, t, labels, n_fm, objective, augment_labels)
         masked = self._masked_labels(labels, cfg_mask)
         fm, cons = slice(0, n_fm), slice(n_fm, B)
@@ -752,10 +751,6 @@ def _rows(x, part):
     if isinstance(x, dict):
         return {k: v[part] for k, v in x.items()}
     return x[part]
-
-
-def _autocast(device, dtype):
-    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def to_uint8(x):

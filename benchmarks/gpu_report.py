@@ -36,18 +36,10 @@ for _path in (ROOT, os.path.join(ROOT, "benchmarks"), os.path.join(ROOT, "tests"
 
 import torch  # noqa: E402
 
+from bench_util import MemoryMeter, Timer, markdown_table  # noqa: E402
+
 # Share of the --minutes budget per part (the rest is start-up and slack).
 BUDGET = {"tests": 0.35, "step cost": 0.3, "unet step": 0.08, "precision": 0.1, "dump": 0.06, "evaluator": 0.06}
-
-
-def markdown_table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows])
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -126,7 +118,6 @@ def unet_step_figures(run, cfg, batch_size, steps):
     """(images/s, peak GiB) of train.train_step on the U-Net of `cfg` (its precision, channels_last, optimizer)."""
     import train
     from distributed import configure_backends
-    from step_cost import MemoryMeter
     configure_backends(run.device, cfg.tf32)
     torch.manual_seed(0)
     model = cfg.build_model().to(run.device)
@@ -141,13 +132,10 @@ def unet_step_figures(run, cfg, batch_size, steps):
     train.train_step(model, model, optimizer, batch, objective, 0, cfg, run.device)  # warm-up
     meter = MemoryMeter(run.device)
     meter.start()
-    _sync(run.device)
-    start = time.perf_counter()
-    for step in range(steps):
-        train.train_step(model, model, optimizer, batch, objective, step + 1, cfg, run.device)
-    _sync(run.device)
-    seconds = time.perf_counter() - start
-    return batch_size * steps / seconds, meter.peak() / 2 ** 30
+    with Timer(run.device) as timer:
+        for step in range(steps):
+            train.train_step(model, model, optimizer, batch, objective, step + 1, cfg, run.device)
+    return batch_size * steps / timer.seconds, meter.peak() / 2 ** 30
 
 
 def part_unet_step(run):
@@ -197,12 +185,10 @@ def part_dump(run):
         rows = []
         for precision in ("fp32",) if run.smoke else ("fp32", "bf16"):
             sample_images(model, torch.randn(shape), labels, run.device, decode, precision)  # warm-up
-            _sync(run.device)
-            start = time.perf_counter()
-            for _ in range(batches):
-                sample_images(model, torch.randn(shape), labels, run.device, decode, precision)
-            _sync(run.device)
-            rows.append((precision, f"{n * batches / (time.perf_counter() - start):.1f}"))
+            with Timer(run.device) as timer:
+                for _ in range(batches):
+                    sample_images(model, torch.randn(shape), labels, run.device, decode, precision)
+            rows.append((precision, f"{n * batches / timer.seconds:.1f}"))
     return (f"{cfg.model_type} (random weights), 1 NFE, batches of {n}, decoded by a random SD-VAE-sized "
             f"AutoencoderKL\n\n" + markdown_table(("precision", "images/s"), rows))
 

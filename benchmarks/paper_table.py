@@ -47,6 +47,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import digits_quality  # noqa: E402
+from bench_util import markdown_table, step_bytes  # noqa: E402
 from models import to_uint8  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "mnist_paper_table.yaml")
@@ -224,8 +225,8 @@ def step_costs(config_path, batch_size, args, log):
             "--threads", str(args.threads), "--steps", str(args.cost_steps), "--warmup", str(args.cost_warmup),
             "--max-minutes", str(args.cost_minutes)]
     results = step_cost.run_benchmark(step_cost.parse_args(argv), log=log)
-    memory = {v: r["memory"]["peak"] - r["memory"]["baseline"] for v, r in results.items()}
-    return {name: (statistics.median(results[v]["times"]), memory[v]) for name, v in STEP_COST_VARIANTS.items()}, results
+    return {name: (statistics.median(results[v]["times"]), step_bytes(results[v]["memory"]))
+            for name, v in STEP_COST_VARIANTS.items()}, results
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -242,27 +243,26 @@ def _spread(values, fmt):
 def markdown_tables(result):
     """The quality table (one line per model and NFE; mean and per-seed values) and the step-cost table."""
     real = result["real"]
-    lines = ["| model | sampler | NFE | seeds | class agreement | Frechet distance (classifier features) |",
-             "|---|---|---:|---|---:|---:|",
-             f"| real data | held-out digits (B1 vs B2; agreement: accuracy on B) | - | - | {real['agreement']:.3f} | "
-             f"{real['frechet']:.2f} |"]
+    quality = [("real data", "held-out digits (B1 vs B2; agreement: accuracy on B)", "-", "-",
+                f"{real['agreement']:.3f}", f"{real['frechet']:.2f}")]
     for name, (_, sampler, nfes) in METHODS.items():
         for nfe in nfes:
             rows = [r for r in result["rows"] if r["model"] == name and r["nfe"] == nfe]
             if rows:
                 seeds = ", ".join(str(r["seed"]) for r in rows)
-                agreement = _spread([r["agreement"] for r in rows], "{:.3f}")
-                lines.append(f"| {name} | {sampler} | {nfe} | {seeds} | {agreement} | "
-                             f"{_spread([r['frechet'] for r in rows], '{:.2f}')} |")
-    cost = ["| model | step ms (median) | x FM | step MiB | x FM | training wall s per run (seeds) |",
-            "|---|---:|---:|---:|---:|---|"]
+                quality.append((name, sampler, nfe, seeds, _spread([r["agreement"] for r in rows], "{:.3f}"),
+                                _spread([r["frechet"] for r in rows], "{:.2f}")))
+    cost = []
     fm_s, fm_b = result["step_cost"]["FM"]
     for name in METHODS:
         s, b = result["step_cost"][name]
         walls = ", ".join(f"{w:.0f}" for w in result["training_seconds"][name])
-        cost.append(f"| {name} | {s * 1e3:.1f} | {s / fm_s:.2f} | {b / 2**20:.1f} | "
-                    f"{b / fm_b if fm_b > 0 else float('nan'):.2f} | {walls} |")
-    return "\n".join(lines), "\n".join(cost)
+        cost.append((name, f"{s * 1e3:.1f}", f"{s / fm_s:.2f}", f"{b / 2**20:.1f}",
+                     f"{b / fm_b if fm_b > 0 else float('nan'):.2f}", walls))
+    return (markdown_table(("model", "sampler", "NFE", "seeds", "class agreement",
+                            "Frechet distance (classifier features)"), quality, "llrlrr"),
+            markdown_table(("model", "step ms (median)", "x FM", "step MiB", "x FM", "training wall s per run (seeds)"),
+                           cost, "lrrrrl"))
 
 
 def parse_args(argv=None):

@@ -71,6 +71,7 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
 import time
 
@@ -83,8 +84,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
+from bench_util import Timer, interleaved_rounds, markdown_table, num_threads, sync  # noqa: E402
 from config import load_config  # noqa: E402
-from distributed import attention_context, guidance_dtype, precision_context, tf32_mode  # noqa: E402
+from distributed import attention_context, autocast, guidance_dtype, precision_context, tf32_mode  # noqa: E402
 from models import draw_training_times  # noqa: E402
 
 RECIPES = {
@@ -351,8 +353,7 @@ def run_mode(model, inputs, objective, mode, device, gaps=("first", "last")):
             t, s, labels, cfg_mask = x["t"], x["s"], x["labels"], x["cfg_mask"]
             guidance = None
             if objective.guided:  # call 1 (no grad), under the guidance autocast of bf16-guidance
-                gdtype = guidance_dtype(mode.precision)
-                with torch.autocast(device.type, dtype=gdtype) if gdtype is not None else contextlib.nullcontext():
+                with autocast(device, guidance_dtype(mode.precision)):
                     guidance = model.guidance(x_t, v_t, t, labels, 0, objective)
             masked = model._masked_labels(labels, cfg_mask)
             F_t = model._F(x_t, t, s, masked, None)  # call 2, with grad as in training
@@ -367,8 +368,7 @@ def run_mode(model, inputs, objective, mode, device, gaps=("first", "last")):
                     f_l = model._f(x_l, l, s, model._F(x_l, l, s, masked, None))  # call 3
                     out["Delta"][gap] = ((f_t - f_l) / _b(t - l)).double().cpu()
                 out["v_star"] = v_star.double().cpu()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
     finally:
         for h in hooks:
             h.remove()
@@ -492,43 +492,43 @@ def _last_logged(path):
     return values
 
 
+def _digits_stepper(cfg, mode, images, labels, batches, objective, seed):
+    """A fresh digits model and optimizer, and the function that times training step `step` of `mode` on it."""
+    from train import build_optimizer
+    torch.manual_seed(seed)
+    model = cfg.build_model().train()
+    optimizer = build_optimizer(cfg, model)
+    device = torch.device("cpu")
+
+    def step(index):
+        idx = batches[index]
+        with Timer() as timer:
+            with precision_context(device, mode):
+                loss, _ = model(images[idx], labels[idx], objective=objective, finished_steps=index,
+                                guidance_dtype=guidance_dtype(mode))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return timer.seconds
+    return step
+
+
 def digits_step_cost(cfg, modes, steps=40, warmup=3, threads=1, seed=0):
     """Median seconds of one training step (loss + backward + optimizer step) per precision, on the digits
     model at the per-rank batch of a 2-rank run, the modes stepped in turn (one step each, round robin) so
     that a change of machine load hits every mode alike. Single process, `threads` threads (torchrun's ranks
     run with OMP_NUM_THREADS=1)."""
-    import statistics
     from data import load_digits
-    from train import build_optimizer
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         images, labels = load_digits(cfg.data_size, cfg.data_channels)
         batch = cfg.batch_size // 2
         g = torch.Generator().manual_seed(seed)
+        batches = [torch.randint(0, len(images), (batch,), generator=g) for _ in range(warmup + steps)]
         objective = cfg.objective()
-        runs = {}
-        for mode in modes:
-            torch.manual_seed(seed)
-            model = cfg.build_model().train()
-            runs[mode] = (model, build_optimizer(cfg, model), [])
-        device = torch.device("cpu")
-        for step in range(warmup + steps):
-            idx = torch.randint(0, len(images), (batch,), generator=g)
-            for mode, (model, optimizer, times) in runs.items():
-                start = time.perf_counter()
-                with precision_context(device, mode):
-                    loss, _ = model(images[idx], labels[idx], objective=objective, finished_steps=step,
-                                    guidance_dtype=guidance_dtype(mode))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if step >= warmup:
-                    times.append(time.perf_counter() - start)
-        return {mode: dict(median_s=statistics.median(times), steps=steps, batch=batch, threads=threads)
-                for mode, (_, _, times) in runs.items()}
-    finally:
-        torch.set_num_threads(old_threads)
+        steppers = [_digits_stepper(cfg, mode, images, labels, batches, objective, seed) for mode in modes]
+        times = interleaved_rounds(steppers, warmup, steps)
+    return {mode: dict(median_s=statistics.median(t), steps=steps, batch=batch, threads=threads)
+            for mode, t in zip(modes, times)}
 
 
 def digits_part(args, log):
@@ -611,18 +611,18 @@ def delta_markdown(delta):
              f"batch; median / max: the same ratio per sample; rms dDelta: the absolute error (root mean square over "
              f"all elements); F_t and v*: batch-level relative errors of call 2's output and of the target velocity. "
              f"Calls: 1 guidance, 2 F(x_t, t, s), 3 F(x_l, l, s), with their output dtypes (+TF32: operands "
-             f"rounded by the emulation).", "",
-             "| recipe | gap | r | median t - l | mode | Delta batch | Delta median | Delta max | rms dDelta "
-             "| F_t (call 2) | v* (call 1) | calls |",
-             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+             f"rounded by the emulation).", ""]
+    rows = []
     for recipe, rec in delta["recipes"].items():
         for gap in ("first", "last"):
             for row in (r for r in rec["rows"] if r["gap"] == gap):
-                lines.append(f"| {recipe} ({rec['model_type']}) | {gap} | {row['r']:g} | "
-                             f"{row['median_t_minus_l']:.2e} | {row['mode']} | {_fmt(row['delta_batch'])} | "
-                             f"{_fmt(row['delta_median'])} | {_fmt(row['delta_max'])} | {_fmt(row['delta_abs_rms'])} | "
-                             f"{_fmt(row['F_t_batch'])} | "
-                             f"{_fmt(row['v_star_batch'])} | {_audit_text(row['audit'])} |")
+                rows.append((f"{recipe} ({rec['model_type']})", gap, f"{row['r']:g}", f"{row['median_t_minus_l']:.2e}",
+                             row["mode"], *(_fmt(row[k]) for k in ("delta_batch", "delta_median", "delta_max",
+                                                                  "delta_abs_rms", "F_t_batch", "v_star_batch")),
+                             _audit_text(row["audit"])))
+    lines.append(markdown_table(("recipe", "gap", "r", "median t - l", "mode", "Delta batch", "Delta median",
+                                 "Delta max", "rms dDelta", "F_t (call 2)", "v* (call 1)", "calls"), rows,
+                                "llrrlrrrrrrl"))
     notes = [f"- {recipe}: rms |Delta_fp64| first / last gap "
              + " / ".join(f"{next(r['delta_rms'] for r in rec['rows'] if r['gap'] == g):.3f}"
                           for g in ("first", "last"))
@@ -638,19 +638,19 @@ def digits_markdown(digits):
     fp32 = next((r["frechet"] for r in rows if r["mode"] == "fp32" and r["sampled_in"] == "fp32"), None)
     floor = digits["real_floor"]
     lines = [f"Digits demo ({digits['config']}), 1-NFE EMA samples, N = {digits['num_samples']} class-balanced, "
-             f"training on {digits['nproc']} CPU ranks (shared machine: timings are noisy).", "",
-             "| run (training precision) | sampled in | 1-NFE class agreement | Frechet distance | FD / fp32 FD "
-             "| training wall time (s) | step, interleaved (ms) | final-window Con_MSE |",
-             "|---|---|---:|---:|---:|---:|---:|---:|",
-             f"| real digits (half B vs A) | - | {floor['agreement']:.3f} | {floor['frechet']:.4f} | | | | |"]
+             f"training on {digits['nproc']} CPU ranks (shared machine: timings are noisy).", ""]
+    table = [("real digits (half B vs A)", "-", f"{floor['agreement']:.3f}", f"{floor['frechet']:.4f}", "", "", "", "")]
     cost = digits.get("step_cost", {})
     for r in rows:
         ratio = f"{r['frechet'] / fp32:.2f}" if fp32 else ""
         con = r["final_window"].get("Con_MSE")
         step = f"{cost[r['mode']]['median_s'] * 1e3:.1f}" if r["mode"] in cost else ""  # not for control runs
         wall = f"{r['training_seconds']:.0f}{'' if r['timing'].startswith('wall') else '*'}"
-        lines.append(f"| {r['mode']} | {r['sampled_in']} | {r['agreement']:.4f} | {r['frechet']:.4f} | {ratio} | "
-                     f"{wall} | {step} | {'' if con is None else f'{con:.4f}'} |")
+        table.append((r["mode"], r["sampled_in"], f"{r['agreement']:.4f}", f"{r['frechet']:.4f}", ratio, wall, step,
+                      "" if con is None else f"{con:.4f}"))
+    lines.append(markdown_table(("run (training precision)", "sampled in", "1-NFE class agreement",
+                                 "Frechet distance", "FD / fp32 FD", "training wall time (s)",
+                                 "step, interleaved (ms)", "final-window Con_MSE"), table, "llrrrrrr"))
     if cost:
         c = next(iter(cost.values()))
         lines.append(f"\nStep, interleaved: median of {c['steps']} training steps (loss, backward, AdamW) per mode, "

@@ -40,27 +40,26 @@ The last line reads `ratios: soflow/fm=.. soflow/reference=.. soflow_mem/fm_mem=
 with --grad-checkpointing the lines before it read `gc: time .., step memory .., peak memory .. (soflow+gc / soflow)`.
 """
 import argparse
-import contextlib
-import ctypes
-import json
+import itertools
 import math
 import os
-import re
 import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for _path in (ROOT, os.path.join(ROOT, "benchmarks")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
+from bench_util import (MemoryMeter, Timer, WorkerChannel, WorkerProcess, default_threads,  # noqa: E402
+                        interleaved_rounds, step_bytes)
 from config import load_config  # noqa: E402
+from distributed import autocast  # noqa: E402
 from models import (Objective, Soflow, average_velocity_jvp, draw_meanflow_times, draw_training_times,  # noqa: E402
                     logit_normal)
 from train import build_optimizer  # noqa: E402
@@ -256,9 +255,8 @@ def split_variant(name):
 
 
 def autocast_for(variant, device, dtype):
-    if variant == "reference" or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    """The variant's autocast: none for float32 and for the reference variant (always fp32)."""
+    return autocast(device, None if variant == "reference" or dtype == torch.float32 else dtype)
 
 
 def train_step(model, optimizer, variant, x, labels, step, dtype=torch.float32, objective=None):
@@ -302,49 +300,7 @@ def count_passes(model, variant, x, labels, dtype=torch.float32, objective=None)
 
 
 # ------------------------------------------------------------------------------------------------------
-# Memory
-def _proc_status_kib(key):
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{key}:\s+(\d+)", f.read(), re.M).group(1))
-
-
-class MemoryMeter:
-    """Peak memory of this process from `start()` on: CUDA allocator peak, or the CPU resident-set peak."""
-
-    def __init__(self, device):
-        self.device = device
-        self.method = None
-
-    def start(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.baseline = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.method = "cuda_max_memory_allocated"
-            return
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed set-up memory back before the baseline
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-            self.method = "VmHWM_after_clear_refs"
-        except OSError:
-            self.method = "ru_maxrss_(not_reset:_includes_setup)"
-        self.baseline = _proc_status_kib("VmRSS") * 1024
-
-    def peak(self):
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device)
-        return _proc_status_kib("VmHWM") * 1024
-
-
-# ------------------------------------------------------------------------------------------------------
 # Worker process: one variant, stepped on command
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def worker_inputs(args):
     """(model, batch, labels, objective) of a worker: the latent DiT on random latents and the ImageNet
     objective, or with `--config` that config's model, random data of its shape and its objective."""
@@ -361,12 +317,7 @@ def worker_inputs(args):
 
 
 def worker(args):
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # anything else printed goes to stderr; stdout carries the protocol only
-
-    def send(**msg):
-        proto.write(json.dumps(msg) + "\n")
-
+    channel = WorkerChannel()
     variant, grad_checkpointing = split_variant(args.worker)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(args.threads)
@@ -388,83 +339,32 @@ def worker(args):
     torch.manual_seed(args.seed + 2)
     meter = MemoryMeter(device)
     meter.start()
-    n_params = sum(p.numel() for p in model.parameters())
-    send(ready=True, passes=passes, params=n_params, device=str(device),
-         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
-    step = 0
-    for line in sys.stdin:
-        cmd = line.strip()
-        if cmd == "step":
-            _sync(device)
-            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-            loss = train_step(model, optimizer, variant, x, labels, step, dtype, objective)
-            _sync(device)
-            elapsed = time.perf_counter() - t0
-            r1 = resource.getrusage(resource.RUSAGE_SELF)
-            step += 1
-            send(seconds=elapsed, loss=float(loss), sys=r1.ru_stime - r0.ru_stime,
-                 faults=r1.ru_minflt - r0.ru_minflt)
-        elif cmd == "report":
-            send(peak=meter.peak(), baseline=meter.baseline, method=meter.method)
-        elif cmd == "quit":
-            break
-    proto.close()
+    channel.send(ready=True, passes=passes, params=sum(p.numel() for p in model.parameters()), device=str(device),
+                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    counter = itertools.count()  # the step number of train_step (0, 1, ...)
+
+    def step():
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        with Timer(device) as timer:
+            loss = train_step(model, optimizer, variant, x, labels, next(counter), dtype, objective)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        return dict(seconds=timer.seconds, loss=float(loss), sys=after.ru_stime - before.ru_stime,
+                    faults=after.ru_minflt - before.ru_minflt)
+    channel.serve({"step": step, "report": meter.report})
 
 
-class Worker:
-    def __init__(self, variant, args):
-        self.variant = variant
-        self.stderr = tempfile.TemporaryFile(mode="w+")
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant] + _forward_args(args)
-        env = dict(os.environ, **(RETAIN_MALLOC_ENV if args.malloc == "retain" else {}))
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-                                     text=True, bufsize=1, env=env)
-        self.times, self.sys, self.faults = [], [], []
+def start_worker(variant, args):
+    """The process of one variant (this script with --worker), its allocator as --malloc says."""
+    env = dict(os.environ, **(RETAIN_MALLOC_ENV if args.malloc == "retain" else {}))
+    return WorkerProcess(variant, [os.path.abspath(__file__), "--worker", variant] + _forward_args(args), env)
 
-    def _recv(self):
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            self.stderr.seek(0)
-            tail = self.stderr.read()[-4000:]
-            raise RuntimeError(f"worker '{self.variant}' exited (code {self.proc.returncode}):\n{tail}")
-        return json.loads(line)
 
-    def ready(self):
-        self.info = self._recv()
-        return self.info
-
-    def _send(self, cmd):
-        try:
-            self.proc.stdin.write(cmd + "\n")
-        except BrokenPipeError:
-            self._recv()  # raises with the worker's error output
-            raise
-
-    def step(self, record=False):
-        self._send("step")
-        msg = self._recv()
-        if not math.isfinite(msg["loss"]):
-            raise RuntimeError(f"variant '{self.variant}' produced a non-finite loss {msg['loss']}")
-        if record:
-            self.times.append(msg["seconds"])
-            self.sys.append(msg["sys"])
-            self.faults.append(msg["faults"])
-
-    def report(self):
-        self._send("report")
-        return self._recv()
-
-    def close(self):
-        if self.proc.poll() is None:
-            with contextlib.suppress(BrokenPipeError):
-                self.proc.stdin.write("quit\n")
-                self.proc.stdin.flush()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.stderr.close()
+def step_worker(worker):
+    """One training step of the worker's variant: {'seconds', 'loss', 'sys', 'faults'}."""
+    message = worker.request("step")
+    if not math.isfinite(message["loss"]):
+        raise RuntimeError(f"variant '{worker.name}' produced a non-finite loss {message['loss']}")
+    return message
 
 
 def _forward_args(args):
@@ -476,51 +376,36 @@ def _forward_args(args):
 
 # ------------------------------------------------------------------------------------------------------
 # Driver
+def measure_group(group, args, end, groups_left, log):
+    """The variants of `group`, one process each, stepped in turn (interleaved_rounds) within this group's share
+    of the time left until `end` (--max-minutes cuts the warm-up to >= 1 round and the timed rounds to >= 2):
+    {variant: result}."""
+    workers = [start_worker(v, args) for v in group]
+    try:
+        infos = [w.receive() for w in workers]  # each worker's 'ready' message, sent after its set-up
+        now = time.perf_counter()
+        steppers = [lambda _round, w=w: step_worker(w) for w in workers]
+        records = interleaved_rounds(steppers, args.warmup, args.steps, now + (end - now) / groups_left,
+                                     f"--max-minutes {args.max_minutes}", log)
+        return {w.name: dict(info, times=[m["seconds"] for m in steps], sys=[m["sys"] for m in steps],
+                             faults=[m["faults"] for m in steps], memory=w.request("report"))
+                for w, info, steps in zip(workers, infos, records)}
+    finally:
+        for w in workers:
+            w.close()
+
+
 def run_benchmark(args, log=print):
     variants = list(args.variants)
     if "fm" not in variants:
         variants.insert(0, "fm")
     if getattr(args, "grad_checkpointing", False):
         variants += [v + GC_SUFFIX for v in args.variants if v in GC_VARIANTS]
-    start = time.perf_counter()
-    budget = args.max_minutes * 60
-    results = {}
-
-    def timed_rounds(group, deadline):
-        """Warm-up and timed steps, the workers of `group` stepped in turn. On a slow or loaded machine the
-        --max-minutes budget cuts the warm-up (to >= 1 round) and the timed rounds (to >= 2)."""
-        min_timed = min(2, args.steps)
-        last = 0.0
-        for i in range(args.warmup):
-            if i > 0 and time.perf_counter() + last * (args.warmup - i + min_timed) > deadline:
-                log(f"# time budget (--max-minutes {args.max_minutes}): warm-up cut to {i} step(s)")
-                break
-            t0 = time.perf_counter()
-            for w in group:
-                w.step()
-            last = time.perf_counter() - t0
-        for done in range(args.steps):
-            if done >= min_timed and time.perf_counter() + last > deadline:
-                log(f"# time budget (--max-minutes {args.max_minutes}): {done} timed steps per variant")
-                break
-            t0 = time.perf_counter()
-            for w in group:
-                w.step(record=True)
-            last = time.perf_counter() - t0
-
+    end = time.perf_counter() + args.max_minutes * 60
     groups = [variants] if not args.sequential else [[v] for v in variants]
+    results = {}
     for k, group in enumerate(groups):
-        workers = [Worker(v, args) for v in group]
-        try:
-            for w in workers:
-                w.ready()
-            now = time.perf_counter()
-            timed_rounds(workers, now + (start + budget - now) / (len(groups) - k))
-            for w in workers:
-                results[w.variant] = dict(w.info, times=w.times, sys=w.sys, faults=w.faults, memory=w.report())
-        finally:
-            for w in workers:
-                w.close()
+        results.update(measure_group(group, args, end, len(groups) - k, log))
     return results
 
 
@@ -543,7 +428,7 @@ def _table_order(results):
 def format_table(results, args=None):
     """The printed table and the final `ratios:` line (medians of the same run; memory = step MiB)."""
     med = {v: statistics.median(r["times"]) for v, r in results.items()}
-    mem = {v: r["memory"]["peak"] - r["memory"]["baseline"] for v, r in results.items()}
+    mem = {v: step_bytes(r["memory"]) for v, r in results.items()}
     fm_t, fm_m = med["fm"], mem["fm"]
     name_width = max([10] + [len(v) for v in results])  # 12 with 'reference+gc'
     columns = [("variant", f"<{name_width}"), ("median ms", ">9"), ("min ms", ">8"), ("x fm", ">6"), ("sys ms", ">7"),
@@ -580,7 +465,7 @@ def format_gc_ratios(results):
             continue
         off, on = results[v], results[v + GC_SUFFIX]
         time_ratio = statistics.median(on["times"]) / statistics.median(off["times"])
-        step = {k: r["memory"]["peak"] - r["memory"]["baseline"] for k, r in (("off", off), ("on", on))}
+        step = {k: step_bytes(r["memory"]) for k, r in (("off", off), ("on", on))}
         step_ratio = step["on"] / step["off"] if step["off"] > 0 else float("nan")
         peak_ratio = on["memory"]["peak"] / off["memory"]["peak"]
         lines.append(f"gc: time {time_ratio:.2f}, step memory {step_ratio:.2f}, peak memory {peak_ratio:.2f} "
@@ -625,7 +510,7 @@ def parse_args(argv=None):
     if args.warmup is None:
         args.warmup = 4 if args.compile else 2
     if args.threads is None:
-        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        args.threads = default_threads()
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 4:
         ap.error("--steps >= 1, --warmup >= 0 and --batch-size >= 4 (so that every part of the SoFlow "
                  "batch is non-empty) are required")
