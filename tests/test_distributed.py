@@ -110,7 +110,7 @@ def test_tf32_one_api_through_training_fid_and_evaluator(cifar_root, tmp_path, m
     import evaluator
     import train
     from helpers import write_config
-    from test_inception_torch import write_inception_like
+    from inception_graphs import write_inception_like
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
     graph = write_inception_like(tmp_path / "graph.pb", writer="plain")
