@@ -1,4 +1,6 @@
-"""Shared test utilities: generated data sets, config files and torchrun launches."""
+"""Shared test utilities: generated data sets, config files (the release's values read from configs/), tiny runs
+and torchrun launches. Fixtures live in conftest.py; test modules import from here (and from inception_graphs.py),
+never from each other."""
 import dataclasses
 import os
 import pickle
@@ -169,7 +171,6 @@ def grid_tiles(grid, rows, cols, size=8, scale=8, gap=inference.GRID_GAP):
             gaps[r * step:r * step + size * scale, c * step:c * step + size * scale] = False
     assert not grid[gaps].any()
     return out
-
 
 
 def make_run(root, std=0.05, base="imagenet_B4.yaml", **changes):

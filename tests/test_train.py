@@ -10,7 +10,7 @@ import yaml
 import train
 from checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from config import RELEASE_KEYS, load_config
-from helpers import assert_same_final_state, requires_cuda, torchrun, write_config
+from helpers import assert_same_final_state, release_config, requires_cuda, torchrun, write_config
 
 
 def test_cifar_run_writes_everything(reference_run):
@@ -102,8 +102,9 @@ def test_ema_cadence_and_float64_blend():
     """The release's CIFAR EMA: after steps 1, 17, 33, ... (step counts 0, 16, 32 before the increment) with
     0.9999 ** 16, blended in float64; every step with the plain decay otherwise."""
     model = torch.nn.Linear(3, 3)
-    ema = train.EMA(model, 0.9999, every=16)
-    assert ema.decay == float(torch.tensor(0.9999, dtype=torch.float64) ** 16)
+    decay = release_config("cifar")["ema_decay_rate"]
+    ema = train.EMA(model, decay, every=16)
+    assert ema.decay == float(torch.tensor(decay, dtype=torch.float64) ** 16)
     updated = []
     for step in range(40):
         with torch.no_grad():
