@@ -26,7 +26,8 @@ import yaml
 from checkpoints import companion_path
 from data import LATENT_SCALE
 from dit import DIT_SIZES
-from models import COEFFICIENT_TYPES, L_SCHEDULES, MODEL_TYPES, NOISING_TYPES, Objective, Soflow
+from models import (COEFFICIENT_TYPES, L_SCHEDULES, MODEL_TYPES, NOISING_TYPES, Objective, Soflow, check_guidance,
+                    is_conditional)
 from safe_io import atomic_write
 from tracking import TRACKERS
 
@@ -145,7 +146,7 @@ class Config(Objective):
 
     @property
     def conditional(self):
-        return self.model_type != "UNet" and self.num_classes > 0
+        return is_conditional(self.model_type, self.num_classes)
 
     def objective(self):
         """The loss settings, under the same names as in the config."""
@@ -239,8 +240,8 @@ def _check_model_and_data(cfg):
         fail(f"cfg_drop_rate={cfg.cfg_drop_rate} with cfg_scale={cfg.cfg_scale}: labels are dropped only for guided "
              f"training (cfg_scale > 1), so the release requires cfg_drop_rate 0 here; set cfg_drop_rate: 0.0, or "
              f"cfg_scale > 1 (release: 3.0) to train with guidance")
-    if cfg.guided and not cfg.conditional:
-        fail(f"cfg_scale={cfg.cfg_scale} > 1 needs a class-conditional model (a DiT with num_classes > 0)")
+    if cfg.guided:
+        _check_guidance(f"cfg_scale={cfg.cfg_scale} > 1", cfg)
     foreign = [k for k in (_DIT_SIZES if cfg.model_type == "UNet" else _UNET_SIZES) if getattr(cfg, k) is not None]
     if foreign:
         fail(f"size override(s) {foreign} do not apply to model_type {cfg.model_type!r}; hidden_size/depth/"
@@ -259,6 +260,13 @@ def _check_model_and_data(cfg):
     _check_meanflow(cfg)
 
 
+def _check_guidance(setting, cfg):
+    try:
+        check_guidance(setting, cfg.conditional)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _check_meanflow(cfg):
     """`method: meanflow`: the model and speed settings its loss supports."""
     if cfg.method != "meanflow":
@@ -266,7 +274,10 @@ def _check_meanflow(cfg):
     if cfg.noising_type != "Linear" or cfg.coefficient_type != "Euler":
         raise ConfigError(f"method 'meanflow' needs noising_type: Linear and coefficient_type: Euler "
                           f"(z_r = z_t - (t - r) u), got {cfg.noising_type} / {cfg.coefficient_type}")
-    if cfg.meanflow_guided and (not cfg.conditional or cfg.cfg_drop_rate <= 0):
+    if cfg.meanflow_guided:
+        _check_guidance(f"meanflow_cfg_scale={cfg.meanflow_cfg_scale} / meanflow_cfg_kappa={cfg.meanflow_cfg_kappa}",
+                        cfg)
+    if cfg.meanflow_guided and cfg.cfg_drop_rate <= 0:
         raise ConfigError(f"meanflow_cfg_scale={cfg.meanflow_cfg_scale} / meanflow_cfg_kappa={cfg.meanflow_cfg_kappa} "
                           f"(guided) needs a class-conditional model with cfg_drop_rate > 0 (MeanFlow's: 0.1); "
                           f"set cfg_drop_rate or meanflow_cfg_scale: 1.0 and meanflow_cfg_kappa: 0.0")

@@ -8,6 +8,7 @@ run reads exactly the batches an uninterrupted one would.
 """
 import codecs
 import gzip
+import hashlib
 import importlib.util
 import os
 import pickle
@@ -360,6 +361,10 @@ class LatentBatches:
     def get_batch(self, indices):
         return self.dataset.get_batch(indices)
 
+    @property
+    def labels(self):
+        return self.dataset.labels
+
     def prepare(self, params, generator=None):
         return sample_latents(params, self.latent_scale, generator=generator), None
 
@@ -380,6 +385,21 @@ def build_dataset(cfg):
     load = load_mnist if cfg.dataset_type == "MNIST" else load_digits
     images, labels = load(cfg.data_size, cfg.data_channels)
     return TensorDataset(images, labels)
+
+
+IDENTITY_SAMPLES = 64
+
+
+def dataset_identity(dataset):
+    """What a resume compares to tell whether the training data changed under the same path (a latent file
+    re-extracted in place, another CIFAR-10 folder): the number of samples and a SHA-256 of every label and of
+    IDENTITY_SAMPLES evenly spaced samples. Reads those samples only (a fraction of a second)."""
+    n = len(dataset)
+    rows = torch.linspace(0, n - 1, min(n, IDENTITY_SAMPLES)).round().long().unique()
+    x, _ = dataset.get_batch(rows)
+    digest = hashlib.sha256(np.ascontiguousarray(np.asarray(dataset.labels, dtype=np.int64)).tobytes())
+    digest.update(np.ascontiguousarray(x.numpy()).tobytes())
+    return {"samples": n, "sha256": digest.hexdigest()}
 
 
 class StepBatches(torch.utils.data.Dataset):

@@ -107,6 +107,12 @@ def broadcast_object(obj):
     return box[0]
 
 
+def rank_bounds(n, rank, world_size):
+    """[start, stop) of this rank's contiguous, near-equal share of n items (rank r of R: n r // R to
+    n (r + 1) // R). The one split of work over ranks: sample dumps, latent extraction, precision/recall rows."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
 class RowShare:
     """This rank's part of work split by rows over the process group: the `share` of evaluator's
     precision/recall. Rank r of R computes rows [n r / R, n (r + 1) / R) of n."""
@@ -115,7 +121,7 @@ class RowShare:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
     def bounds(self, n):
-        return n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+        return rank_bounds(n, self.rank, self.world_size)
 
     def gather(self, array):
         """Every rank's rows, concatenated in rank order."""

@@ -32,13 +32,11 @@ and compute(images, batch_size); load_reference(...) (memoised, and cached on di
 graph and backend); compute_metrics(...); format_result(...).
 """
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
 import sys
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -49,7 +47,7 @@ import scipy.linalg
 from scipy.special import xlogy
 from tqdm import tqdm
 
-from safe_io import Claim, ClaimError, WriteError, check_writable
+from safe_io import Claim, ClaimError, WriteError, atomic_write, check_writable
 
 log = logging.getLogger("evaluator")
 
@@ -198,20 +196,19 @@ def file_sha256(path, chunk_size=1 << 20):
 
 
 def download_file(url, dest, sha256=None, chunk_size=1 << 20):
-    """Download `url` to `dest` atomically: the bytes go to a temporary file next to `dest`, which is
-    renamed onto `dest` only once it is complete and (when `sha256` is given) matches the checksum, so an
-    interrupted or corrupt download never leaves a file that looks valid."""
+    """Download `url` to `dest` atomically (safe_io.atomic_write): the bytes go to a temporary file next to
+    `dest`, which is renamed onto `dest` only once it is complete and (when `sha256` is given) matches the
+    checksum, so an interrupted or corrupt download never leaves a file that looks valid. A network failure or
+    a bad download raises DownloadError, a failed write safe_io.WriteError (with the path and the free space)."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    digest = hashlib.sha256()
-    received = 0
-    try:
-        with os.fdopen(fd, "wb") as out, urlopen(url, timeout=60) as response:
+
+    def fetch(tmp):
+        digest, received = hashlib.sha256(), 0
+        with open(tmp, "wb") as out, _open_download(url) as response:
             length = response.headers.get("Content-Length")
             total = int(length) if length else None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
-                for chunk in iter(lambda: response.read(chunk_size), b""):
+                for chunk in iter(lambda: _read_download(response, url, chunk_size), b""):
                     out.write(chunk)
                     digest.update(chunk)
                     received += len(chunk)
@@ -221,13 +218,23 @@ def download_file(url, dest, sha256=None, chunk_size=1 << 20):
         if sha256 and digest.hexdigest() != sha256.lower():
             raise DownloadError(f"checksum mismatch for {url}: expected sha256 {sha256.lower()}, "
                                 f"got {digest.hexdigest()}")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is an ordinary readable file
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(dest, fetch, "download", content_errors=(DownloadError,))
     return dest
+
+
+def _open_download(url):
+    try:
+        return urlopen(url, timeout=60)
+    except OSError as e:  # no network, refused, not found: the download's failure, not the file's
+        raise DownloadError(f"download of {url} failed: {type(e).__name__}: {e}") from e
+
+
+def _read_download(response, url, chunk_size):
+    try:
+        return response.read(chunk_size)
+    except OSError as e:  # a dropped connection is the download's failure, not the file's
+        raise DownloadError(f"download of {url} failed: {type(e).__name__}: {e}") from e
 
 
 def resolve_inception_graph(graph_path=None, cache_dir=None, sha256=None):
@@ -251,7 +258,7 @@ def resolve_inception_graph(graph_path=None, cache_dir=None, sha256=None):
     log.info("downloading the Inception graph from %s to %s", INCEPTION_URL, dest)
     try:
         return download_file(INCEPTION_URL, dest, sha256)
-    except OSError as err:
+    except DownloadError as err:
         raise DownloadError(f"could not download {INCEPTION_URL} ({err}); download it by hand and pass "
                             f"--inception-graph PATH") from err
 
@@ -669,7 +676,10 @@ def _adm_radii(features, k, batch_size, device=None, share=None):
         for rows, part in _row_chunks(block, r0 - lo):
             merged = torch.cat([best[rows], block[part].float()], dim=1)
             best[rows] = torch.topk(merged, k + 1, dim=1, largest=False).values
-    radii = best[:, k].double().sqrt().cpu().numpy()
+    # NumPy's square root, correctly rounded: torch's float64 sqrt on the CPU is one unit off for ~0.7% of values,
+    # which moves a radius below its own squared distance and drops the points that lie exactly on it (float16
+    # distances tie often).
+    radii = np.sqrt(best[:, k].double().cpu().numpy())
     return share.gather(radii) if share is not None else radii
 
 
@@ -848,17 +858,11 @@ def _load_cached_activations(path, key, n_images):
 
 
 def _save_cached_activations(path, key, pool, spatial, radii=None):
-    """Atomic write (temporary file + rename) so a crash never leaves a truncated cache behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """Atomic write (safe_io.atomic_write), so a crash never leaves a truncated cache behind."""
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
             np.savez(f, key=np.array(key), pool=pool, spatial=spatial, **(radii or {}))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, write, "reference-activation cache")
 
 
 def load_reference(ref_batch, features, batch_size=64, cache_dir=None):

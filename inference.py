@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from distributed import (all_gather_objects, attention_context, cleanup_distributed, configure_backends, first_error,
-                         precision_context, setup_distributed, setup_logging)
+                         precision_context, rank_bounds, setup_distributed, setup_logging)
 from models import to_uint8
 from safe_io import Claim, ClaimError, OutputError, WriteError, atomic_write
 
@@ -71,12 +71,6 @@ def load_sampling_model(cfg, ckpt, device="cpu"):
     check_weights_fit(model, weights, cfg.model_type, ckpt)
     model.load_state_dict(weights, strict=True)
     return model.to(device).eval()
-
-
-def rank_slice(num_samples, rank, world_size):
-    """Contiguous, near-equal slice of range(num_samples) for this rank."""
-    bounds = np.linspace(0, num_samples, world_size + 1).round().astype(int)
-    return range(bounds[rank], bounds[rank + 1])
 
 
 @torch.no_grad()
@@ -209,6 +203,14 @@ def _claim_dump(out_path, rank):
     return claim, all_gather_objects(f"{out_path}.{secrets.token_hex(6)}")[0]
 
 
+def check_class_balanced(num_samples, num_classes):
+    """A class-balanced dump (label i % num_classes) holds each class equally often only when num_samples is a
+    multiple of num_classes (any number for an unconditional model, num_classes 0)."""
+    if num_classes > 0 and num_samples % num_classes:
+        raise ValueError(f"--class-balanced needs --num-samples ({num_samples}) divisible by {num_classes}, the "
+                         f"number of classes")
+
+
 def dump_samples(model, out_path, num_samples, nfe, seed, batch_size, device, rank=0, world_size=1, decode=None,
                  class_balanced=False, precision="fp32", progress=True, on_batch=None, write=True):
     """Samples `num_samples` images over all ranks (rank r its contiguous share) and writes them to `out_path`
@@ -218,10 +220,9 @@ def dump_samples(model, out_path, num_samples, nfe, seed, batch_size, device, ra
     The output is claimed first (a second writer of the same file is refused, safe_io.ClaimError), the ranks'
     parts carry names unique to this dump, and the file appears complete or not at all. A failure on any rank
     stops every rank with the same OutputError (nobody waits for the process group's timeout)."""
-    if class_balanced and model.num_classes > 0 and num_samples % model.num_classes:
-        raise ValueError(f"--class-balanced needs num_samples ({num_samples}) divisible by the number of "
-                         f"classes ({model.num_classes})")
-    indices = rank_slice(num_samples, rank, world_size)
+    if class_balanced:
+        check_class_balanced(num_samples, model.num_classes)
+    indices = range(*rank_bounds(num_samples, rank, world_size))
     bar = tqdm(total=num_samples, desc=f"sampling {os.path.basename(out_path)}", unit="img",
                disable=not progress or rank != 0, dynamic_ncols=True)
     args = (nfe, seed, batch_size, device, decode, class_balanced, precision, bar, world_size, on_batch)
@@ -422,8 +423,11 @@ def main(argv=None):
         raise SystemExit("--eval-NFE, --num-samples and --eval-batch-size must be >= 1")
     if args.seed < 0:
         raise SystemExit(f"--seed must be >= 0, got {args.seed}")
-    if args.class_balanced and cfg.num_classes and args.num_samples % cfg.num_classes:
-        raise SystemExit(f"--class-balanced needs --num-samples divisible by {cfg.num_classes}")
+    if args.class_balanced:
+        try:
+            check_class_balanced(args.num_samples, cfg.num_classes if cfg.conditional else 0)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     precision = sampling_precision(cfg, args.precision)
     rank, world_size, device = setup_distributed()
     log = setup_logging("inference", rank)

@@ -51,8 +51,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data import LATENT_FILE, LatentDataset, latent_file, validate_latent_file
-from distributed import (all_gather_objects, barrier, cleanup_distributed, configure_backends, crash_hook,
-                         setup_distributed, setup_logging)
+from distributed import (all_gather_objects, cleanup_distributed, configure_backends, crash_hook, first_error,
+                         rank_bounds, setup_distributed, setup_logging)
+from safe_io import Claim, OutputError, WriteError, atomic_write, check_writable
 
 OUTPUT_NAME = LATENT_FILE
 # Same extensions as torchvision.datasets.ImageFolder, matched case-insensitively.
@@ -295,11 +296,6 @@ def settings_fingerprint(samples, classes, args):
     return digest.hexdigest()
 
 
-def shard_bounds(num_items, rank, world):
-    """Contiguous, near-equal [start, stop) slice of the item list for `rank`."""
-    return num_items * rank // world, num_items * (rank + 1) // world
-
-
 def part_path(save_path, rank, world):
     return os.path.join(save_path, 'parts', f'part_{rank:05d}_of_{world:05d}.hdf5')
 
@@ -331,14 +327,17 @@ def create_part(path, fingerprint, start, stop, latent_shape):
 
     Row k holds global index start + k; `indices` is -1 for rows not written yet or skipped.
     """
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     n = stop - start
-    with h5py.File(path, 'w') as f:
-        f.create_dataset('latents', (n, *latent_shape), dtype=np.float32)
-        f.create_dataset('labels', (n,), dtype=np.int64, fillvalue=-1)
-        f.create_dataset('indices', (n,), dtype=np.int64, fillvalue=-1)
-        f.create_dataset('failures', (0,), maxshape=(None,), dtype=h5py.string_dtype())
-        f.attrs.update(fingerprint=fingerprint, start=start, stop=stop, num_done=0, complete=False)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with h5py.File(path, 'w') as f:
+            f.create_dataset('latents', (n, *latent_shape), dtype=np.float32)
+            f.create_dataset('labels', (n,), dtype=np.int64, fillvalue=-1)
+            f.create_dataset('indices', (n,), dtype=np.int64, fillvalue=-1)
+            f.create_dataset('failures', (0,), maxshape=(None,), dtype=h5py.string_dtype())
+            f.attrs.update(fingerprint=fingerprint, start=start, stop=stop, num_done=0, complete=False)
+    except Exception as e:
+        raise WriteError(path, e, 'latent part') from e
 
 
 def read_failures(f, below=None):
@@ -406,7 +405,6 @@ def write_chunks(args, loader, vae, device, f, start, latent_shape, skipped, pro
     """Encode each batch of the loader and write it to its rows of the part file `f`, one flushed
     chunk at a time. `skipped` is the number of failure records already in the part; returns the
     number after this pass."""
-    latents_ds, labels_ds, indices_ds, failures_ds = f['latents'], f['labels'], f['indices'], f['failures']
     chunks = 0
     for batch in loader:
         for _, bad_path, reason in batch['failures']:
@@ -424,21 +422,32 @@ def write_chunks(args, loader, vae, device, f, start, latent_shape, skipped, pro
             encoded = encode_images(vae, batch['images'].to(device, non_blocking=True))
             block[rows] = encoded.cpu().numpy()
             row_indices[rows] = batch['ok_indices'].numpy()
-        latents_ds[lo:lo + n] = block
-        labels_ds[lo:lo + n] = batch['labels'].numpy()
-        indices_ds[lo:lo + n] = row_indices
-        if batch['failures']:
-            failures_ds.resize((skipped + len(batch['failures']),))
-            failures_ds[skipped:] = [json.dumps(r) for r in batch['failures']]
-            skipped += len(batch['failures'])
-        # num_done is updated last, then flushed: it only ever counts rows that are on disk.
-        f.attrs['num_done'] = lo + n
-        f.flush()
+        skipped = store_chunk(f, lo, block, batch['labels'].numpy(), row_indices, batch['failures'], skipped)
         chunks += 1
         progress.update(n)
         progress.set_postfix(skipped=skipped, refresh=False)
         crash_hook('chunk', chunks, rank)
     return skipped
+
+
+def store_chunk(f, lo, latents, labels, row_indices, failures, skipped):
+    """Writes one chunk to rows lo .. lo + n of the part `f` and flushes it; returns the number of failure records
+    now in the part. Any failure of the write raises safe_io.WriteError naming the part and the free space (the
+    chunks flushed before stay valid: num_done is updated last)."""
+    n = len(latents)
+    try:
+        f['latents'][lo:lo + n] = latents
+        f['labels'][lo:lo + n] = labels
+        f['indices'][lo:lo + n] = row_indices
+        if failures:
+            f['failures'].resize((skipped + len(failures),))
+            f['failures'][skipped:] = [json.dumps(r) for r in failures]
+        # num_done is updated last, then flushed: it only ever counts rows that are on disk.
+        f.attrs['num_done'] = lo + n
+        f.flush()
+    except Exception as e:
+        raise WriteError(f.filename, e, 'latent part') from e
+    return skipped + len(failures)
 
 
 def copy_valid_rows(paths, parts, valid, latents_out, labels_out, indices_out):
@@ -484,57 +493,59 @@ def verify_merged(tmp, paths, samples, classes, failures, indices, labels):
                               f'. Delete {os.path.dirname(paths[0])} and re-run.')
 
 
+def check_parts(args, samples, paths, parts, fingerprint):
+    """The parts are complete and usable; returns (failure records, valid-row masks, total valid rows)."""
+    for p, f in zip(paths, parts):
+        if f.attrs.get('fingerprint') != fingerprint or not f.attrs.get('complete'):
+            raise ExtractionError(f'part {p} is not complete; re-run the same command to finish it')
+    failures = [r for f in parts for r in read_failures(f)]
+    if failures and not args.skip_bad_images:
+        listed = '\n'.join(f'  {path}: {reason}' for _, path, reason in failures)
+        raise ExtractionError(f'{len(failures)} unreadable image(s):\n{listed}\n'
+                              'Repair or remove them, or re-run with --skip-bad-images.')
+    valid = [f['indices'][()] >= 0 for f in parts]
+    total = int(sum(v.sum() for v in valid))
+    if total == 0:
+        raise ExtractionError(f'none of the {len(samples)} images could be read; see the log above')
+    return failures, valid, total
+
+
 def merge_parts(args, samples, classes, world, fingerprint):
-    """Rank 0: join the parts into OUTPUT_NAME.tmp, verify it, rename it to OUTPUT_NAME."""
+    """Rank 0: joins the parts into a temporary file, verifies it and renames it to OUTPUT_NAME
+    (safe_io.atomic_write: a failed write raises WriteError with the path and the free space)."""
     final = os.path.join(args.save_path, OUTPUT_NAME)
-    tmp = final + '.tmp'
     paths = [part_path(args.save_path, rank, world) for rank in range(world)]
     parts = [h5py.File(p, 'r') for p in paths]
-    try:
-        for p, f in zip(paths, parts):
-            if f.attrs.get('fingerprint') != fingerprint or not f.attrs.get('complete'):
-                raise ExtractionError(f'part {p} is not complete; re-run the same command to finish it')
-        failures = [r for f in parts for r in read_failures(f)]
-        if failures and not args.skip_bad_images:
-            listed = '\n'.join(f'  {path}: {reason}' for _, path, reason in failures)
-            raise ExtractionError(f'{len(failures)} unreadable image(s):\n{listed}\n'
-                                  'Repair or remove them, or re-run with --skip-bad-images.')
-        valid = [f['indices'][()] >= 0 for f in parts]
-        total = int(sum(v.sum() for v in valid))
-        if total == 0:
-            raise ExtractionError(f'none of the {len(samples)} images could be read; see the log above')
-        latent_shape = tuple(parts[0]['latents'].shape[1:])
-        log.info('merging %d part(s) into %s: %d latents of shape %s', world, tmp, total, latent_shape)
 
+    def write_merged(tmp):
         with h5py.File(tmp, 'w') as out:
             # Contiguous, uncompressed layout: LatentDataset memory-maps it for fast random access.
             latents_out = out.create_dataset('latents', (total, *latent_shape), dtype=np.float32)
             labels_out = out.create_dataset('labels', (total,), dtype=np.int64)
             indices_out = out.create_dataset('source_indices', (total,), dtype=np.int64)
             indices = copy_valid_rows(paths, parts, valid, latents_out, labels_out, indices_out)
-            pos = len(indices)
             verify_merged(tmp, paths, samples, classes, failures, indices, labels_out[()])
-            out.create_dataset('amount', data=np.int64(pos))
+            out.create_dataset('amount', data=np.int64(len(indices)))
             out.create_dataset('latent_size', data=np.int64(latent_shape[-1]))
             out.create_dataset('class_names', data=classes, dtype=h5py.string_dtype())
             out.attrs.update(fingerprint=fingerprint, image_size=args.image_size, vae=args.vae, dtype=args.dtype,
-                             exact_fp32=args.exact_fp32,
-                             data_path=os.path.abspath(args.data_path), num_images=len(samples),
-                             num_skipped=len(failures))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+                             exact_fp32=args.exact_fp32, data_path=os.path.abspath(args.data_path),
+                             num_images=len(samples), num_skipped=len(failures))
+        validate_latent_file(tmp)  # the layout training will check, before the file gets its final name
+
+    try:
+        failures, valid, total = check_parts(args, samples, paths, parts, fingerprint)
+        latent_shape = tuple(parts[0]['latents'].shape[1:])
+        log.info('merging %d part(s) into %s: %d latents of shape %s', world, final, total, latent_shape)
+        atomic_write(final, write_merged, 'latent file', content_errors=(ExtractionError, ValueError))
     finally:
         for f in parts:
             f.close()
-    validate_latent_file(tmp)  # the layout training will check, before the file gets its final name
-    os.replace(tmp, final)
     if failures:
         log.warning('left out %d bad image(s):\n%s', len(failures),
                     '\n'.join(f'  {path}: {reason}' for _, path, reason in failures))
     log.info('wrote %s: %d latents %s, %d classes, %d bad image(s) skipped',
-             final, pos, latent_shape, len(classes), len(failures))
+             final, total, latent_shape, len(classes), len(failures))
     if not args.keep_parts:
         for p in paths:
             os.remove(p)
@@ -542,7 +553,7 @@ def merge_parts(args, samples, classes, world, fingerprint):
         if not os.listdir(parts_dir):
             os.rmdir(parts_dir)
         log.info('removed the part files (pass --keep-parts to keep them)')
-    return pos, len(failures)
+    return total, len(failures)
 
 
 def existing_output_is_current(final, fingerprint):
@@ -589,27 +600,63 @@ def main(argv=None):
         if len(set(all_gather_objects(fingerprint))) != 1:
             raise ExtractionError('ranks see different image lists under --data-path; make sure every '
                                   'process sees the same, complete folder')
-        start, stop = shard_bounds(len(samples), rank, world)
+        claim = claim_output(final, rank)
+        start, stop = rank_bounds(len(samples), rank, world)
         path = part_path(args.save_path, rank, world)
         log.info('rank %d: images [%d, %d) of %d -> %s', rank, start, stop, len(samples), path)
         if rank == 0 and world > 1:
             log.info('the progress bar follows rank 0; the %d ranks together run about %d times its rate',
                      world, world)
         began = time.time()
-        extract_part(args, samples, start, stop, path, fingerprint, device, rank, world)
-        if world > 1:
+        try:
+            stop_together(lambda: extract_part(args, samples, start, stop, path, fingerprint, device, rank, world),
+                          rank)
             if rank == 0:
-                log.info('rank 0 shard done in %.1f s; waiting for the other ranks', time.time() - began)
-            barrier()
-        if rank == 0:
-            merge_parts(args, samples, classes, world, fingerprint)
-            elapsed = time.time() - began
-            log.info('all done in %.1f s (%.1f images/s over %d rank(s), VAE loading and merge included)',
-                     elapsed, len(samples) / elapsed, world)
+                log.info('shards done in %.1f s', time.time() - began)
+                merge_parts(args, samples, classes, world, fingerprint)
+                elapsed = time.time() - began
+                log.info('all done in %.1f s (%.1f images/s over %d rank(s), VAE loading and merge included)',
+                         elapsed, len(samples) / elapsed, world)
+        finally:
+            claim.release()
     finally:
-        # Other ranks leave right after the barrier; rank 0 merges alone (no collective is pending).
+        # The other ranks leave after the shards' collective; rank 0 merges alone (no collective is pending).
         cleanup_distributed()
     return 0
+
+
+def stop_together(work, rank):
+    """Runs `work` on every rank, then a collective (distributed.first_error): when any rank failed (a bad image,
+    a failed write), every rank raises ExtractionError with the first failure's text instead of the others
+    waiting for the process group's timeout."""
+    error = None
+    try:
+        work()
+    except (ExtractionError, OutputError) as e:
+        error = f'rank {rank}: {e}'
+    error = first_error(error)
+    if error:
+        raise ExtractionError(f'{error}\nThe parts keep every chunk flushed before the failure; after fixing the '
+                              'cause, re-run the same command to continue.')
+
+
+def claim_output(final, rank):
+    """Rank 0 claims the output (the lock `{final}.lock`, safe_io.Claim) and checks that its folder is writable,
+    before any work; every rank raises ExtractionError when that fails (another extraction into the same
+    --save-path is refused, naming its host and process)."""
+    claim, error = Claim(f'{final}.lock', final, 'latent file', 'another --save-path'), None
+    if rank == 0:
+        try:
+            check_writable(os.path.dirname(os.path.abspath(final)), 'latent folder')
+            note = claim.acquire()
+            if note:
+                log.warning('%s', note)
+        except (OutputError, OSError) as e:
+            error = str(e)
+    error = first_error(error)
+    if error:
+        raise ExtractionError(error)
+    return claim
 
 
 if __name__ == '__main__':

@@ -27,6 +27,20 @@ CFG_DECAY_K = 0.025
 MIN_TIME_GAP = 1e-4
 
 
+def is_conditional(model_type, num_classes):
+    """Whether a model is class-conditional: a DiT with num_classes > 0. The U-Net never is (the release builds its
+    CIFAR-10 U-Net with num_classes=10 and passes labels=None)."""
+    return model_type != "UNet" and bool(num_classes)
+
+
+def check_guidance(setting, conditional, labels_given=True):
+    """Guidance (SoFlow's cfg_scale, MeanFlow's cfg_scale / cfg_kappa) contrasts the class-conditional velocity with
+    the null class's, so it needs a class-conditional model and, in a loss call, labels. `setting` names the guiding
+    values in the error (the config check and the loss calls share this rule)."""
+    if not (conditional and labels_given):
+        raise ValueError(f"{setting} needs a class-conditional model and labels (a DiT with num_classes > 0)")
+
+
 def _check_choice(name, value, accepted):
     if value not in accepted:
         raise ValueError(f"unknown {name} {value!r}; accepted: {', '.join(accepted)}")
@@ -313,6 +327,10 @@ class Soflow(nn.Module):
     scalars or shaped [B] or [B, 1, 1, 1] (how the release's training loop passes them). `network_kwargs`
     reach the backbone: SongUNet arguments (dropout, model_channels, channel_mult, num_blocks,
     attn_resolutions) or DiT size overrides (hidden_size, depth, num_heads, patch_size).
+
+    Reading order: the model (inputs, solution operator and velocity, the sampler), the loss (`fused_loss`: the
+    guided target, the Flow Matching part, the consistency part; `forward`), the MeanFlow baseline, then the
+    release's own calls (get_velocity_loss, get_consistency_loss, its schedule helpers) as thin wrappers.
     """
 
     def __init__(self, data_channels, data_size, num_classes, cfg_drop_rate, noising_type="Linear",
@@ -326,12 +344,11 @@ class Soflow(nn.Module):
         self.data_size = data_size
         self.cfg_drop_rate = cfg_drop_rate
         self.model_type = model_type
+        self.num_classes = num_classes if is_conditional(model_type, num_classes) else 0
         if model_type == "UNet":
-            self.num_classes = 0
             self.network = SongUNet(img_resolution=data_size, in_channels=data_channels,
                                     out_channels=data_channels, **(network_kwargs or {}))
         else:
-            self.num_classes = num_classes or 0
             # The null class row exists when labels are dropped for CFG, and is the only row when unconditional.
             self.network = build_dit(model_type, data_size, data_channels, self.num_classes,
                                      has_null_class=cfg_drop_rate > 0 or self.num_classes == 0,
@@ -411,17 +428,33 @@ class Soflow(nn.Module):
         return self._velocity(x_t, t, self._F(x_t, t, t, labels, augment_labels))
 
     # ----------------------------------------------------------------------------------------------
-    # Schedules (kept under the release's names)
-    get_cfg_decay_scale = staticmethod(cfg_decay_scale)
-
-    @staticmethod
-    def get_middle_time(t, s, now_steps, total_steps, init_ratio=0.1, end_ratio=0.002, method="Exponent"):
-        """The release's call: l = t + (s - t) r(now_steps, total_steps) under the `method` schedule (Const,
-        Linear, Cosine, Exponent; see Objective.l_ratio), not clamped: the caller keeps l <= t - 1e-4
-        (`middle_time` does both)."""
-        objective = Objective(l_schedule=method, l_init_ratio=init_ratio, l_end_ratio=end_ratio,
-                              total_steps=total_steps)
-        return time_between(t, s, objective.l_ratio(now_steps))
+    # Sampling
+    @torch.no_grad()
+    def sample(self, noise, labels=None, nfe=1, generator=None, renoise=None, sampler="soflow"):
+        """n-NFE sampling from t = 1 to 0 over t_i = 1 - i / nfe, by `sampler`:
+          soflow    (the paper's) x0 = f(x, t_i, 0) and, except at the last step, re-noise
+                    x = alpha(t_{i+1}) x0 + beta(t_{i+1}) eps. `renoise` [nfe - 1, *noise.shape] fixes the
+                    re-noising draws; otherwise they come from `generator`.
+          meanflow  x = f(x, t_i, t_{i+1}), MeanFlow's z_r = z_t - (t - r) u(z_t, r, t); deterministic.
+          euler     x = x + (t_{i+1} - t_i) v_theta(x, t_i), the Euler solver of a flow-matching model.
+        At nfe = 1 the soflow and meanflow samplers are the same map, f(noise, 1, 0)."""
+        _check_choice("sampler", sampler, SAMPLERS)
+        if nfe < 1:
+            raise ValueError(f"nfe must be >= 1, got {nfe}")
+        if renoise is not None and tuple(renoise.shape) != (nfe - 1, *noise.shape):
+            raise ValueError(f"renoise must be shaped {(nfe - 1, *noise.shape)}, got {tuple(renoise.shape)}")
+        times = [1 - i / nfe for i in range(nfe + 1)]
+        if sampler != "soflow":
+            return _deterministic_sample(self, noise, labels, times, sampler)
+        x = noise
+        for i in range(nfe):
+            x0 = self.solution_operator(x, times[i], 0.0, labels)
+            if i == nfe - 1:
+                return x0
+            eps = renoise[i] if renoise is not None else torch.randn(
+                noise.shape, device=noise.device, dtype=noise.dtype, generator=generator)
+            t_next = torch.tensor(times[i + 1], device=noise.device)
+            x = self.scheduler.alpha(t_next) * x0 + self.scheduler.beta(t_next) * eps
 
     # ----------------------------------------------------------------------------------------------
     # Losses
@@ -443,8 +476,8 @@ class Soflow(nn.Module):
         cfg_mask = self._mask(cfg_mask, samples) if objective.guided else None
         if noise is not None and noise.shape != samples.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != samples shape {tuple(samples.shape)}")
-        if objective.guided and (not self.conditional or labels is None):
-            raise ValueError(f"cfg_scale={objective.cfg_scale} > 1 needs a class-conditional model and labels")
+        if objective.guided:
+            check_guidance(f"cfg_scale={objective.cfg_scale} > 1", self.conditional, labels is not None)
         B = samples.shape[0]
         if B == 0:
             return {}
@@ -532,29 +565,6 @@ class Soflow(nn.Module):
         surrogate = (sign_b * F_t * (Delta * _bcast(weight, Delta))).flatten(1).mean(1)
         return surrogate.mean(), mse.mean(), weight.mean()
 
-    def _release_objective(self, cfg_scale, cfg_decay_time, p, eps, mix_ratio):
-        return Objective(p=p, eps=eps, cfg_scale=cfg_scale, mix_ratio=mix_ratio, cfg_decay_time=cfg_decay_time)
-
-    def get_velocity_loss(self, samples, t, labels=None, cfg_mask=None, cfg_scale=1.0, cfg_decay_time=1.0,
-                          p=1.0, eps=0.01, mix_ratio=1.0, augment_labels=None, noise=None):
-        """The release's Flow Matching loss call (noise: one randn_like(samples) unless given). The CFG mask
-        acts only with cfg_scale > 1. Returns (loss, mean mse, mean weight); zeros for an empty batch."""
-        t = self._times(t, samples)
-        parts = self.fused_loss(samples, t=t, s=t, l=t, n_fm=samples.shape[0], labels=labels, cfg_mask=cfg_mask,
-                                objective=self._release_objective(cfg_scale, cfg_decay_time, p, eps, mix_ratio),
-                                augment_labels=augment_labels, noise=noise)
-        return parts.get("fm", _no_rows(samples))
-
-    def get_consistency_loss(self, samples, t, l, s, labels=None, cfg_mask=None, cfg_scale=1.0,
-                             cfg_decay_time=1.0, p=1.0, eps=0.01, mix_ratio=1.0, augment_labels=None, noise=None):
-        """The release's consistency loss call (s < l < t; noise as in `get_velocity_loss`). Returns (surrogate
-        loss, mean |Delta|^2, mean weight); zeros for an empty batch."""
-        t, l, s = self._times(t, samples), self._times(l, samples), self._times(s, samples)
-        parts = self.fused_loss(samples, t=t, s=s, l=l, n_fm=0, labels=labels, cfg_mask=cfg_mask,
-                                objective=self._release_objective(cfg_scale, cfg_decay_time, p, eps, mix_ratio),
-                                augment_labels=augment_labels, noise=noise)
-        return parts.get("cons", _no_rows(samples))
-
     def forward(self, samples, labels=None, augment_labels=None, *, objective: Optional[Objective] = None,
                 finished_steps=0, noise=None, guidance_dtype=None, draws=None, batch_rows=None,
                 get_velocity_loss=None, **release_kwargs):
@@ -609,9 +619,8 @@ class Soflow(nn.Module):
         call), v on CFG-masked rows, and v everywhere when unguided (cfg_scale 1, cfg_kappa 0)."""
         if cfg_scale == 1 and cfg_kappa == 0:
             return v
-        if not self.conditional or labels is None:
-            raise ValueError(f"MeanFlow guidance (cfg_scale {cfg_scale}, cfg_kappa {cfg_kappa}) needs a "
-                             f"class-conditional model and labels")
+        check_guidance(f"MeanFlow guidance (cfg_scale {cfg_scale}, cfg_kappa {cfg_kappa})", self.conditional,
+                       labels is not None)
         B = z.shape[0]
         aug = None if augment_labels is None else torch.cat([augment_labels, augment_labels])
         u = self._F(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t]),
@@ -641,16 +650,6 @@ class Soflow(nn.Module):
         mse = (u - u_tgt).square().flatten(1).mean(1)
         return mse, 1 / (mse.detach() + eps) ** p, u, u_tgt
 
-    def get_meanflow_loss(self, samples, t, r, labels=None, cfg_mask=None, cfg_scale=1.0, cfg_kappa=0.0, p=1.0,
-                          eps=1e-3, noise=None, augment_labels=None):
-        """The MeanFlow loss in the style of the release's loss calls (times [B] or [B, 1, 1, 1], r <= t):
-        loss = batch mean of weight * mse. Returns (loss, mean mse, mean weight)."""
-        t, r = self._times(t, samples), self._times(r, samples)
-        mse, weight, _, _ = self.meanflow_rows(samples, t, r, labels=labels, cfg_mask=cfg_mask, cfg_scale=cfg_scale,
-                                               cfg_kappa=cfg_kappa, p=p, eps=eps, noise=noise,
-                                               augment_labels=augment_labels)
-        return (weight * mse).mean(), mse.detach().mean(), weight.mean()
-
     def meanflow_forward(self, samples, labels, augment_labels, objective, draws, noise, batch_rows):
         """`forward` under `method: meanflow` (draws from draw_meanflow_times): total = sum of weight * mse over
         the rows / batch_rows. Stats: Vel_* over the rows with r = t (the first draws.n_fm), Con_* over r < t."""
@@ -670,33 +669,51 @@ class Soflow(nn.Module):
         return total, stats
 
     # ----------------------------------------------------------------------------------------------
-    # Sampling
-    @torch.no_grad()
-    def sample(self, noise, labels=None, nfe=1, generator=None, renoise=None, sampler="soflow"):
-        """n-NFE sampling from t = 1 to 0 over t_i = 1 - i / nfe, by `sampler`:
-          soflow    (the paper's) x0 = f(x, t_i, 0) and, except at the last step, re-noise
-                    x = alpha(t_{i+1}) x0 + beta(t_{i+1}) eps. `renoise` [nfe - 1, *noise.shape] fixes the
-                    re-noising draws; otherwise they come from `generator`.
-          meanflow  x = f(x, t_i, t_{i+1}), MeanFlow's z_r = z_t - (t - r) u(z_t, r, t); deterministic.
-          euler     x = x + (t_{i+1} - t_i) v_theta(x, t_i), the Euler solver of a flow-matching model.
-        At nfe = 1 the soflow and meanflow samplers are the same map, f(noise, 1, 0)."""
-        _check_choice("sampler", sampler, SAMPLERS)
-        if nfe < 1:
-            raise ValueError(f"nfe must be >= 1, got {nfe}")
-        if renoise is not None and tuple(renoise.shape) != (nfe - 1, *noise.shape):
-            raise ValueError(f"renoise must be shaped {(nfe - 1, *noise.shape)}, got {tuple(renoise.shape)}")
-        times = [1 - i / nfe for i in range(nfe + 1)]
-        if sampler != "soflow":
-            return _deterministic_sample(self, noise, labels, times, sampler)
-        x = noise
-        for i in range(nfe):
-            x0 = self.solution_operator(x, times[i], 0.0, labels)
-            if i == nfe - 1:
-                return x0
-            eps = renoise[i] if renoise is not None else torch.randn(
-                noise.shape, device=noise.device, dtype=noise.dtype, generator=generator)
-            t_next = torch.tensor(times[i + 1], device=noise.device)
-            x = self.scheduler.alpha(t_next) * x0 + self.scheduler.beta(t_next) * eps
+    # Release-compatible calls: its schedule helpers and loss calls under its names and signatures
+    # (SPEC section 10), each a thin wrapper over the methods above; and MeanFlow's loss in the same style.
+    get_cfg_decay_scale = staticmethod(cfg_decay_scale)
+
+    @staticmethod
+    def get_middle_time(t, s, now_steps, total_steps, init_ratio=0.1, end_ratio=0.002, method="Exponent"):
+        """The release's call: l = t + (s - t) r(now_steps, total_steps) under the `method` schedule (Const,
+        Linear, Cosine, Exponent; see Objective.l_ratio), not clamped: the caller keeps l <= t - 1e-4
+        (`middle_time` does both)."""
+        objective = Objective(l_schedule=method, l_init_ratio=init_ratio, l_end_ratio=end_ratio,
+                              total_steps=total_steps)
+        return time_between(t, s, objective.l_ratio(now_steps))
+
+    def _release_objective(self, cfg_scale, cfg_decay_time, p, eps, mix_ratio):
+        return Objective(p=p, eps=eps, cfg_scale=cfg_scale, mix_ratio=mix_ratio, cfg_decay_time=cfg_decay_time)
+
+    def get_velocity_loss(self, samples, t, labels=None, cfg_mask=None, cfg_scale=1.0, cfg_decay_time=1.0,
+                          p=1.0, eps=0.01, mix_ratio=1.0, augment_labels=None, noise=None):
+        """The release's Flow Matching loss call (noise: one randn_like(samples) unless given). The CFG mask
+        acts only with cfg_scale > 1. Returns (loss, mean mse, mean weight); zeros for an empty batch."""
+        t = self._times(t, samples)
+        parts = self.fused_loss(samples, t=t, s=t, l=t, n_fm=samples.shape[0], labels=labels, cfg_mask=cfg_mask,
+                                objective=self._release_objective(cfg_scale, cfg_decay_time, p, eps, mix_ratio),
+                                augment_labels=augment_labels, noise=noise)
+        return parts.get("fm", _no_rows(samples))
+
+    def get_consistency_loss(self, samples, t, l, s, labels=None, cfg_mask=None, cfg_scale=1.0,
+                             cfg_decay_time=1.0, p=1.0, eps=0.01, mix_ratio=1.0, augment_labels=None, noise=None):
+        """The release's consistency loss call (s < l < t; noise as in `get_velocity_loss`). Returns (surrogate
+        loss, mean |Delta|^2, mean weight); zeros for an empty batch."""
+        t, l, s = self._times(t, samples), self._times(l, samples), self._times(s, samples)
+        parts = self.fused_loss(samples, t=t, s=s, l=l, n_fm=0, labels=labels, cfg_mask=cfg_mask,
+                                objective=self._release_objective(cfg_scale, cfg_decay_time, p, eps, mix_ratio),
+                                augment_labels=augment_labels, noise=noise)
+        return parts.get("cons", _no_rows(samples))
+
+    def get_meanflow_loss(self, samples, t, r, labels=None, cfg_mask=None, cfg_scale=1.0, cfg_kappa=0.0, p=1.0,
+                          eps=1e-3, noise=None, augment_labels=None):
+        """The MeanFlow loss in the style of the release's loss calls (times [B] or [B, 1, 1, 1], r <= t):
+        loss = batch mean of weight * mse. Returns (loss, mean mse, mean weight)."""
+        t, r = self._times(t, samples), self._times(r, samples)
+        mse, weight, _, _ = self.meanflow_rows(samples, t, r, labels=labels, cfg_mask=cfg_mask, cfg_scale=cfg_scale,
+                                               cfg_kappa=cfg_kappa, p=p, eps=eps, noise=noise,
+                                               augment_labels=augment_labels)
+        return (weight * mse).mean(), mse.detach().mean(), weight.mean()
 
 
 def _no_rows(samples):

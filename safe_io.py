@@ -50,11 +50,13 @@ def free_space(path):
         return f"free space unknown ({e})"
 
 
-def atomic_write(path, write, what="file", before_rename=None):
+def atomic_write(path, write, what="file", before_rename=None, content_errors=()):
     """`write(tmp)` writes a temporary file beside `path`; it is fsynced and renamed onto `path`, then the folder
     is fsynced, so a crash leaves the previous file or the complete new one. Any exception of the write (torch.save
     raises RuntimeError, not OSError, on a full or read-only disk) becomes a WriteError naming `path`; interrupts
-    (KeyboardInterrupt, SystemExit) pass unchanged. `before_rename(tmp)` is a hook for crash tests."""
+    (KeyboardInterrupt, SystemExit) and the `content_errors` types (what `write` raises about the content it
+    checks, e.g. a failed verification or a bad download) pass unchanged. The temporary file never outlives the
+    call. `before_rename(tmp)` is a hook for crash tests."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = temporary_name(path)
     try:
@@ -70,6 +72,8 @@ def atomic_write(path, write, what="file", before_rename=None):
             os.fsync(dir_fd)  # make the rename itself durable
         finally:
             os.close(dir_fd)
+    except content_errors:
+        raise
     except Exception as e:
         raise WriteError(path, e, what) from e
     finally:

@@ -11,7 +11,7 @@ import torch
 
 import data
 from config import from_dict
-from helpers import TINY_DIT, Planted, make_cifar_folder
+from helpers import TINY_DIT, Planted, make_cifar_folder, write_latent_file
 
 
 def test_a_planted_cifar_batch_runs_nothing(tmp_path):
@@ -73,6 +73,29 @@ def test_latent_labels_reaching_num_classes_are_refused_on_opening(tmp_path, top
         data.build_dataset(cfg)
     write_latents(tmp_path / data.LATENT_FILE, [0, 1, 2, 2])
     assert len(data.build_dataset(cfg)) == 4
+
+
+def test_dataset_identity_sees_data_rewritten_in_place(tmp_path):
+    """The same path with other content (another extraction, other labels, other order) has another identity;
+    the same content read again (or loaded into memory) has the same one."""
+    path = tmp_path / data.LATENT_FILE
+    rng = np.random.default_rng(0)
+    latents = rng.normal(size=(200, 8, 4, 4)).astype(np.float32)
+    labels = rng.integers(0, 5, 200)
+    write_latent_file(path, 200, latents=latents, labels=labels)
+    first = data.dataset_identity(data.LatentBatches(tmp_path, 0.18215, False))
+    assert first["samples"] == 200
+    assert data.dataset_identity(data.LatentBatches(tmp_path, 0.18215, True)) == first
+    changed = {"one sampled latent": dict(latents=np.where(np.arange(200)[:, None, None, None] == 199, 0, latents)),
+               "one label": dict(labels=np.where(np.arange(200) == 3, (labels + 1) % 5, labels)),
+               "the order": dict(latents=latents[::-1].copy(), labels=labels[::-1].copy())}
+    for what, overrides in changed.items():
+        write_latent_file(path, 200, **{"latents": latents, "labels": labels, **overrides})
+        assert data.dataset_identity(data.LatentBatches(tmp_path, 0.18215, False)) != first, what
+    images = torch.from_numpy(rng.normal(size=(10, 1, 8, 8)).astype(np.float32))
+    tensors = data.TensorDataset(images, torch.arange(10))
+    assert data.dataset_identity(tensors) == data.dataset_identity(data.TensorDataset(images.clone(), torch.arange(10)))
+    assert data.dataset_identity(tensors) != data.dataset_identity(data.TensorDataset(images, torch.arange(10) % 3))
 
 
 def test_mnist_digits_as_shipped_and_padded():

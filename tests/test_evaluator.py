@@ -296,6 +296,19 @@ def test_float16_sums_are_rounded_once(device):
     np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
 
 
+def test_radii_and_points_on_the_radius_over_many_points(device):
+    """2,000 x 2,000 float16 distances (many of them tied): every radius is the square root of its row's (k+1)-th
+    smallest squared distance, correctly rounded, so that a point exactly on a radius counts as inside, as in ADM's
+    comparison of the squares; precision and recall equal the independent computation's."""
+    rng = np.random.default_rng(7)
+    ref, sample = pool_like(rng, 2000, 16), pool_like(rng, 2000, 16, shift=0.02)
+    squared = adm_sq_distances(ref, ref)
+    want = np.sqrt(np.partition(squared, K, axis=1)[:, K].astype(np.float64))
+    radii = ev.manifold_radii(ref, K, device=device)
+    np.testing.assert_array_equal(radii, want)
+    assert ev.precision_recall(ref, sample, K, device=device) == adm_precision_recall(ref, sample)
+
+
 def test_float16_and_float32_agree_on_well_separated_data(device):
     """Groups of k+1 points, far apart; samples are near copies of 30 of the 40 reference groups plus 10
     groups elsewhere. Every distance is far from every radius compared with float16's resolution, so both

@@ -7,6 +7,7 @@ import torch
 
 import inference
 import train
+from distributed import rank_bounds
 from helpers import DIGITS_TINY, grid_tiles, make_tiny_vae, torchrun, write_config
 
 pytestmark = pytest.mark.usefixtures("single_process")  # conftest.py
@@ -75,7 +76,7 @@ def test_what_a_dump_keeps_across_world_and_batch_sizes(trained, tmp_path, monke
     for world in (1, 2, 4):
         for batch in (1, 2, 9):
             parts = [inference.sample_inputs(list(r)[lo:lo + batch], 10, False, shape, 2, seed=3)
-                     for rank in range(world) for r in [inference.rank_slice(9, rank, world)]
+                     for rank in range(world) for r in [range(*rank_bounds(9, rank, world))]
                      for lo in range(0, len(r), batch)]
             assert torch.equal(torch.cat([p[0] for p in parts if len(p[0])]), whole[0])
             assert torch.equal(torch.cat([p[1] for p in parts if p[1].shape[1]], dim=1), whole[1])

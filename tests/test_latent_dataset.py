@@ -1,11 +1,14 @@
 """Tests of latent_dataset.py: extraction (2 ranks on CPU through torchrun, resume, bad images, argument
 checks) and the reader training uses (data.LatentDataset). A tiny randomly initialised AutoencoderKL saved to a temporary
 folder stands in for the SD-VAE, so nothing is downloaded."""
+import errno
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -16,6 +19,7 @@ from PIL import Image
 import data as datasets
 import latent_dataset as ld
 from helpers import ROOT, make_image_folder, make_tiny_vae, torchrun, write_latent_file
+from safe_io import Claim
 
 IMAGE_SIZE = 16
 # (width, height), file extension, PIL mode: non-square, smaller than / larger than 2 x IMAGE_SIZE,
@@ -154,6 +158,50 @@ def test_killed_rank_resumes_and_complete_part_is_reused(workspace, extracted, t
     assert expected.keys() == got.keys()
     for name in expected:
         assert np.array_equal(expected[name], got[name]), name
+
+
+def test_a_failed_part_write_stops_every_rank_and_names_the_part(workspace, extracted, tmp_path):
+    """Rank 1 cannot create its part (its path is a folder): both ranks stop at once with the part's path and the
+    free space, rank 0's finished part is kept, and no output appears."""
+    out = tmp_path / 'out'
+    (out / 'parts' / 'part_00001_of_00002.hdf5').mkdir(parents=True)
+    began = time.time()
+    failed = extract(cli_args(workspace / 'images', out, workspace / 'vae', '--keep-parts'), check=False)
+    assert failed.returncode != 0 and time.time() - began < 300  # not the process group's timeout
+    assert re.search(r'rank 1: could not write latent part \S*part_00001_of_00002.hdf5 .*GiB free', failed.stderr)
+    assert 're-run the same command to continue' in failed.stderr
+    assert not (out / ld.OUTPUT_NAME).exists()
+    with h5py.File(out / 'parts' / 'part_00000_of_00002.hdf5', 'r') as f:
+        assert f.attrs['complete']
+
+
+def test_second_extraction_into_one_folder_is_refused_and_write_failures_lose_nothing(workspace, extracted,
+                                                                                      tmp_path, monkeypatch):
+    save, _ = extracted
+    out = tmp_path / 'out'
+    args = cli_args(workspace / 'images', out, workspace / 'vae')
+    held = Claim(out / f'{ld.OUTPUT_NAME}.lock', out / ld.OUTPUT_NAME, 'latent file')
+    held.acquire()  # a live process (this one) extracting into the same folder
+    with pytest.raises(ld.ExtractionError, match=rf'in use by another process: pid {os.getpid()}.*another --save-path'):
+        ld.main(args)
+    assert not (out / 'parts').exists()  # refused before any work
+    held.release()
+
+    def full_disk(self):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(h5py.File, 'flush', full_disk)
+    with pytest.raises(ld.ExtractionError, match=r'could not write latent part .*No space left.*GiB free'):
+        ld.main(args)
+    monkeypatch.undo()
+    assert ld.main(args) == 0  # the same command again: it finishes
+    assert not (out / f'{ld.OUTPUT_NAME}.lock').exists() and not list(out.glob('*.tmp*'))
+    expected, got = read_all(save / ld.OUTPUT_NAME), read_all(out / ld.OUTPUT_NAME)
+    assert expected.keys() == got.keys()
+    for name in expected:  # one process with every core against the reference's 2 ranks of one thread each
+        if name == 'latents':
+            np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6)
+        else:
+            assert np.array_equal(expected[name], got[name]), name
 
 
 def test_bad_image_stops_or_is_skipped(workspace, tmp_path, caplog):
