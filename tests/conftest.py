@@ -44,3 +44,37 @@ def device(request):
     from distributed import tf32_mode
     with tf32_mode(False):
         yield torch.device(request.param)
+
+
+@pytest.fixture
+def isolated(monkeypatch, tmp_path):
+    """The evaluator with no network, no writes to the real cache folder, and a fresh in-process reference memo
+    (the evaluator's test modules use it for every test: `pytestmark = pytest.mark.usefixtures("isolated")`)."""
+    import evaluator
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tests must not touch the network")
+    monkeypatch.setattr(evaluator, "urlopen", refuse)
+    monkeypatch.setenv("SOFLOW_CACHE_DIR", str(tmp_path / "default_cache"))
+    evaluator._REFERENCE_MEMO.clear()
+    yield
+    evaluator._REFERENCE_MEMO.clear()
+
+
+@pytest.fixture(scope="module")
+def tf():
+    """The TensorFlow module; the test is skipped where it cannot be imported."""
+    from helpers import import_tf_or_skip
+    return import_tf_or_skip()
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """The scripts run in-process as one process, whatever torchrun / SLURM variables an earlier test left in
+    os.environ (tests/test_distributed.py's SLURM test sets RANK and WORLD_SIZE directly); the modules of the
+    sampling scripts use it for all their tests (`pytestmark = pytest.mark.usefixtures("single_process")`)."""
+    from helpers import TORCHRUN_VARIABLES
+    with pytest.MonkeyPatch.context() as mp:
+        for key in TORCHRUN_VARIABLES:
+            mp.delenv(key, raising=False)
+        yield

@@ -1,4 +1,7 @@
-"""Shared test utilities: generated data sets, config files and torchrun launches."""
+"""Shared test utilities: generated data sets, config files (the release's values read from configs/), tiny runs
+and torchrun launches. Fixtures live in conftest.py; test modules import from here (and from inception_graphs.py),
+never from each other."""
+import dataclasses
 import os
 import pickle
 import subprocess
@@ -10,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from config import write_variant
+import inference
+from checkpoints import save_checkpoint
+from config import load_config, read_values, save_config, write_variant
 from models import Soflow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,31 +69,38 @@ def make_cifar_folder(root, per_batch=8, seed=0):
     return root
 
 
-# The release's two config files, key for key, in its order, with its published values.
-RELEASE_CONFIGS = {
-    "imagenet": dict(
-        working_dir="./your_experiment_name", noising_type="Linear", coefficient_type="Euler", model_type="DiT-B-4",
-        dataset_type="Imagenet", data_size=32, dataset_path="./imagenet_latent", velocity_loss_ratio=0.75, p=1.0,
-        eps=0.01, time_mean=[-0.2, -1.0, 0.2], time_std=[1.0, 0.8, 0.8], cfg_scale=3.0, mix_ratio=0.25,
-        cfg_drop_rate=0.1, cfg_decay_time=0.8, l_schedule="Exponent", l_init_ratio=0.1, l_end_ratio=0.002,
-        total_steps=400000, ema_decay_rate=0.9999, learning_rate=1e-4, betas=[0.9, 0.99], weight_decay=0.0,
-        batch_size=256, num_workers=8, prefetch_factor=4, eval_steps=25000, eval_batch_size=125, eval_NFE=1,
-        eval_demo_steps=1000, eval_demo_shape=[4, 8], ckpt_saving_steps=25000, logging_steps=100, seed=42),
-    "cifar": dict(
-        working_dir="./your_experiment_name_cifar", noising_type="Linear", coefficient_type="Euler",
-        model_type="UNet", dataset_type="CIFAR10", data_size=32, dataset_path="./CIFAR10", velocity_loss_ratio=0.0,
-        p=0.75, eps=0.001, time_mean=[-0.9, -4.0, -0.9], time_std=[1.6, 1.6, 1.6], cfg_scale=1.0, mix_ratio=1.0,
-        cfg_drop_rate=0.0, cfg_decay_time=1.0, l_schedule="Exponent", l_init_ratio=1.0, l_end_ratio=0.0003125,
-        total_steps=800000, ema_decay_rate=0.9999, learning_rate=1e-4, betas=[0.9, 0.999], weight_decay=0.0,
-        batch_size=1024, num_workers=12, prefetch_factor=6, eval_steps=25000, eval_batch_size=125, eval_NFE=1,
-        eval_demo_steps=1000, eval_demo_shape=[4, 8], ckpt_saving_steps=25000, logging_steps=100, seed=42),
-}
+# The release's two config files (its imagenet.yaml and cifar.yaml), shipped in configs/ key for key: the one
+# copy of the release's values the tests read.
+RELEASE_CONFIG_FILES = {"imagenet": "imagenet_B4.yaml", "cifar": "cifar.yaml"}
+
+
+def release_config_path(kind):
+    return os.path.join(ROOT, "configs", RELEASE_CONFIG_FILES[kind])
+
+
+def release_config(kind, *keys):
+    """The keys and values of the release's `imagenet` or `cifar` config, in its order, as its YAML reads; only
+    `keys` where some are named."""
+    values, _ = read_values(release_config_path(kind))
+    return {key: values[key] for key in keys} if keys else values
+
+
+def release_objective(kind, **changes):
+    """The loss settings (models.Objective) of the release's `imagenet` or `cifar` config, with `changes`."""
+    objective = load_config(release_config_path(kind)).objective()
+    return dataclasses.replace(objective, **changes)
+
+
+def release_guidance(kind):
+    """The guidance and loss-weight keywords of the release's `kind` config that the loss functions
+    (Soflow.get_velocity_loss / get_consistency_loss) take, in their argument order."""
+    return release_config(kind, "cfg_scale", "cfg_decay_time", "p", "eps", "mix_ratio")
 
 
 def write_release_config(kind, path, **changes):
     """The release's `imagenet.yaml` or `cifar.yaml` as its authors wrote it (1e-4 as YAML reads it: a
     string), with `changes` applied."""
-    values = {**RELEASE_CONFIGS[kind], **changes}
+    values = {**release_config(kind), **changes}
     with open(path, "w") as f:
         for key, value in values.items():
             f.write(f"{key}: {'1e-4' if key == 'learning_rate' and value == 1e-4 else value}\n")
@@ -108,6 +120,15 @@ def assert_same_final_state(run_a, run_b, step=6):
             assert torch.equal(torch.as_tensor(sa[name]), torch.as_tensor(sb[name]))
 
 
+def import_tf_or_skip():
+    """TensorFlow, imported as the evaluator imports it; the calling test is skipped where that fails."""
+    import evaluator
+    try:
+        return evaluator._import_tensorflow()
+    except ImportError as err:
+        pytest.skip(f"TensorFlow is not importable ({err})")
+
+
 def write_config(base_name, path, **changes):
     return write_variant(os.path.join(ROOT, "configs", base_name), path, **changes)
 
@@ -120,6 +141,52 @@ def torchrun(script, args, nproc=2, env=None, check=True, timeout=600, torchrun_
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tiny runs of the sampling scripts (inference.py, sample.py, checkpoint sources)
+
+# The environment variables through which torchrun and SLURM name a process's rank and world size.
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS")
+
+# A 2-step class-conditional Digits run of a tiny DiT (the variant of imagenet_B4.yaml the sampling tests train).
+DIGITS_TINY = dict(dataset_type="Digits", model_type="DiT-B-4", hidden_size=32, depth=2, num_heads=2, patch_size=2,
+                   data_size=8, data_channels=1, num_classes=10, batch_size=16, total_steps=2, logging_steps=1,
+                   eval_demo_steps=2, ckpt_saving_steps=2, eval_steps=2, num_eval_samples=10, eval_batch_size=5,
+                   eval_demo_shape=[10, 2], cfg_scale=2.0, cfg_drop_rate=0.1, mix_ratio=0.5, num_workers=0)
+
+
+def grid_tiles(grid, rows, cols, size=8, scale=8, gap=inference.GRID_GAP):
+    """The raw tiles [rows, cols, size, size, 3] of a saved grid, checking its layout: every tile enlarged
+    scale x scale by nearest neighbour, `gap` black pixels between tiles."""
+    step = size * scale + gap
+    assert grid.shape == (rows * step - gap, cols * step - gap, 3)
+    out = np.zeros((rows, cols, size, size, 3), np.uint8)
+    gaps = np.ones(grid.shape[:2], bool)
+    for r in range(rows):
+        for c in range(cols):
+            tile = grid[r * step:r * step + size * scale, c * step:c * step + size * scale]
+            out[r, c] = tile[::scale, ::scale]
+            assert np.array_equal(out[r, c].repeat(scale, 0).repeat(scale, 1), tile)
+            gaps[r * step:r * step + size * scale, c * step:c * step + size * scale] = False
+    assert not grid[gaps].any()
+    return out
+
+
+def make_run(root, std=0.05, base="imagenet_B4.yaml", **changes):
+    """A run folder as train.py lays it out (config.yaml, ckpts/2.pt in the release's layout) holding a tiny
+    DiT with random weights (a trained 2-step EMA is too close to adaLN-Zero's identity to tell classes apart):
+    by default DIGITS_TINY, else `base` with `changes`. Returns (config path, checkpoint)."""
+    src = write_config(base, root / "src.yaml", working_dir=str(root / "run"),
+                       **{**(DIGITS_TINY if base == "imagenet_B4.yaml" else {}), **changes})
+    cfg = load_config(src)
+    os.makedirs(root / "run" / "ckpts")
+    save_config(cfg, root / "run" / "config.yaml")
+    weights = randomise(cfg.build_model(), std=std).state_dict()
+    ckpt = root / "run" / "ckpts" / "2.pt"
+    save_checkpoint({"model": weights, "ema_model": weights, "optimizer": {}, "finished_steps": 2,
+                     "finished_epochs": 0}, str(ckpt))
+    return str(root / "run" / "config.yaml"), str(ckpt)
 
 
 # Images for the latent extractor: (width, height), extension, PIL mode -- non-square, smaller and larger

@@ -12,6 +12,7 @@ over `model.module.network.parameters()`, and a sampling loop over the EMA copy'
 noise; the U-Net's dropout masks too) and writes both, with what the test checks, to OUT_DIR/{kind}_rank{R}.json.
 """
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -24,22 +25,23 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from augmentation import AugmentPipe  # noqa: E402
-from helpers import TINY_DIT, TINY_UNET, randomise  # noqa: E402
+from helpers import TINY_DIT, TINY_UNET, randomise, release_config  # noqa: E402
 from latent_dataset import ImagenetDataset  # noqa: E402
 from models import Objective, Soflow  # noqa: E402
 
 LATENT_SCALE = 0.18215
 STEPS = 3
 LOCAL_BATCH = 8
-# The loss settings of the release's two configs (imagenet.yaml, cifar.yaml), total_steps shortened.
-RECIPES = {
-    "dit": dict(velocity_loss_ratio=0.75, p=1.0, eps=0.01, time_mean=[-0.2, -1.0, 0.2], time_std=[1.0, 0.8, 0.8],
-                cfg_scale=3.0, mix_ratio=0.25, cfg_drop_rate=0.1, cfg_decay_time=0.8, l_schedule="Exponent",
-                l_init_ratio=0.1, l_end_ratio=0.002),
-    "unet": dict(velocity_loss_ratio=0.0, p=0.75, eps=0.001, time_mean=[-0.9, -4.0, -0.9], time_std=[1.6, 1.6, 1.6],
-                 cfg_scale=1.0, mix_ratio=1.0, cfg_drop_rate=0.0, cfg_decay_time=1.0, l_schedule="Exponent",
-                 l_init_ratio=1.0, l_end_ratio=0.0003125),
-}
+
+
+def loss_settings(kind):
+    """The loss settings and cfg_drop_rate of the release's `imagenet` or `cifar` config (read from configs/ as
+    the release reads its YAML); total_steps is left out: this loop runs STEPS steps."""
+    keys = ({f.name for f in dataclasses.fields(Objective)} - {"total_steps"}) | {"cfg_drop_rate"}
+    return {key: value for key, value in release_config(kind).items() if key in keys}
+
+
+RECIPES = {"dit": loss_settings("imagenet"), "unet": loss_settings("cifar")}
 
 
 def logit_normal(n, mean, std):

@@ -15,9 +15,9 @@ import sample
 from checkpoints import (CheckpointSourceError, HubFile, companion_path, config_beside, load_checkpoint, parse_hub,
                          resolve_checkpoint, save_weights)
 from config import load_config, write_variant
-from helpers import ROOT, Planted
-from test_inference import single_process  # noqa: F401 (autouse)
-from test_sample import make_run
+from helpers import ROOT, Planted, make_run
+
+pytestmark = pytest.mark.usefixtures("single_process")  # conftest.py
 
 REPO = "soflow-test/tiny-digits"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import distributed
+from helpers import release_config
 
 
 def test_slurm_task_ids_become_ranks(monkeypatch):
@@ -110,7 +111,7 @@ def test_tf32_one_api_through_training_fid_and_evaluator(cifar_root, tmp_path, m
     import evaluator
     import train
     from helpers import write_config
-    from test_inception_torch import write_inception_like
+    from inception_graphs import write_inception_like
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
     graph = write_inception_like(tmp_path / "graph.pb", writer="plain")
@@ -148,9 +149,10 @@ def test_tf32_one_api_through_training_fid_and_evaluator(cifar_root, tmp_path, m
 
 # Every network at a tiny width that keeps what CUDA's kernels look at: the head dims of the release's sizes
 # (DiT: hidden / heads; the CIFAR U-Net: 256 channels in one head at its attention resolution).
+GUIDANCE = release_config("imagenet", "cfg_scale", "cfg_drop_rate", "mix_ratio")  # the release's: the DiTs run guided
 NETWORKS = {
     **{name: dict(dataset_type="Imagenet", model_type=name, data_size=2 * patch, num_heads=2,
-                  hidden_size=2 * (hidden // heads), depth=1, cfg_scale=3.0, cfg_drop_rate=0.1, mix_ratio=0.25)
+                  hidden_size=2 * (hidden // heads), depth=1, **GUIDANCE)
        for name, (patch, hidden, _, heads) in __import__("dit").DIT_SIZES.items()},
     "UNet": dict(dataset_type="Digits", model_type="UNet", num_classes=0, data_channels=3, data_size=8,
                  model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.1),

@@ -30,24 +30,7 @@ K = 3
 # Fixtures
 # --------------------------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path):
-    """No network, no writes to the real cache folder, and a fresh in-process reference memo."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("tests must not touch the network")
-    monkeypatch.setattr(ev, "urlopen", refuse)
-    monkeypatch.setenv("SOFLOW_CACHE_DIR", str(tmp_path / "default_cache"))
-    ev._REFERENCE_MEMO.clear()
-    yield
-    ev._REFERENCE_MEMO.clear()
-
-
-@pytest.fixture(scope="module")
-def tf():
-    try:
-        return ev._import_tensorflow()
-    except ImportError as err:
-        pytest.skip(f"TensorFlow is not importable ({err})")
+pytestmark = pytest.mark.usefixtures("isolated")  # conftest.py: no network, own cache, fresh memo
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import train
 from config import from_dict
 from distributed import precision_context
-from helpers import tiny_dit, tiny_unet
-from models import Objective
+from helpers import release_objective, tiny_dit, tiny_unet
 
 TINY = dict(hidden_size=64, num_heads=4)
 
@@ -31,7 +30,7 @@ def fixed_batch(B=8, seed=1, device="cpu"):
 
 def reference_loss(model):
     x0, x1, t, s, l, labels, mask = fixed_batch(device=next(model.parameters()).device)
-    objective = Objective(cfg_scale=3.0, cfg_decay_time=0.8, p=1.0, eps=0.01, mix_ratio=0.25)
+    objective = release_objective("imagenet")
     parts = model.fused_loss(x0, t=t, s=s, l=l, n_fm=6, objective=objective, labels=labels, cfg_mask=mask, noise=x1)
     return parts["fm"][0] * 6 / 8 + parts["cons"][0] * 2 / 8
 

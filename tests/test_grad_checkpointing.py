@@ -13,16 +13,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import unet as unet_module
-from helpers import tiny_dit, tiny_unet
-from models import Objective
+from helpers import release_objective, tiny_dit, tiny_unet
 from unet import UNetBlock
-
-# The release's ImageNet objective (configs/imagenet_B4.yaml) and CIFAR-10 objective (configs/cifar*.yaml).
-IMAGENET = dict(velocity_loss_ratio=0.75, p=1.0, eps=0.01, time_mean=[-0.2, -1.0, 0.2], time_std=[1.0, 0.8, 0.8],
-                cfg_scale=3.0, mix_ratio=0.25, cfg_decay_time=0.8, l_schedule="Exponent", l_init_ratio=0.1,
-                l_end_ratio=0.002, total_steps=400_000)
-CIFAR = dict(p=0.75, eps=0.001, time_mean=[-0.9, -4.0, -0.9], time_std=[1.6, 1.6, 1.6], cfg_scale=1.0,
-             l_schedule="Exponent", l_init_ratio=1.0, l_end_ratio=0.0003125, total_steps=800_000)
 
 
 @pytest.fixture(autouse=True)
@@ -101,7 +93,7 @@ def test_dit_soflow_loss_and_gradients_bitwise_equal(dtype, device):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(8, 4, 8, 8, generator=g).to(dtype).to(device)
     labels = torch.randint(0, 10, (8,), generator=g).to(device)
-    objective = Objective(**IMAGENET)
+    objective = release_objective("imagenet")
     plain = loss_and_grads(model, False, x, labels, objective)
     checkpointed = loss_and_grads(model, True, x, labels, objective)
     assert_bitwise_equal(plain, checkpointed)
@@ -112,7 +104,7 @@ def test_dit_bitwise_equal_under_bf16_autocast(device):
     """The recomputation runs under the forward's autocast state, not the backward's (none here)."""
     model = tiny_dit(dtype=torch.float32).train().to(device)
     x, labels = torch.randn(8, 4, 8, 8).to(device), torch.randint(0, 10, (8,)).to(device)
-    objective = Objective(**IMAGENET)
+    objective = release_objective("imagenet")
 
     def run(checkpointing):
         model.network.set_grad_checkpointing(checkpointing)
@@ -153,7 +145,7 @@ def test_unet_dropout_masks_replayed_and_shared_by_calls_2_and_3(velocity_loss_r
     call 2's whole batch layout (Flow Matching rows included) so that every row meets its call-2 mask."""
     model = tiny_unet(dropout=0.3).train().to(device)
     x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(device)
-    objective = Objective(velocity_loss_ratio=velocity_loss_ratio, **CIFAR)
+    objective = release_objective("cifar", velocity_loss_ratio=velocity_loss_ratio)
     rows = []
     hook = model.network.register_forward_pre_hook(lambda m, args: rows.append((args[0].shape[0],
                                                                                torch.is_grad_enabled())))
@@ -180,7 +172,7 @@ def test_unet_dropout_masks_replayed_and_shared_by_calls_2_and_3(velocity_loss_r
 def test_dit_blocks_recomputed_in_backward_and_activations_released(monkeypatch, device):
     model = tiny_dit(dtype=torch.float32).train().to(device)
     x, labels = torch.randn(8, 4, 8, 8).to(device), torch.randint(0, 10, (8,)).to(device)
-    objective = Objective(**IMAGENET)
+    objective = release_objective("imagenet")
     block = model.network.blocks[0]
     calls = {"forward": 0, "backward": 0}
     phase = ["forward"]
@@ -231,10 +223,10 @@ def saved_bytes(fn):
 def test_saved_activation_bytes_drop(backbone, device):
     if backbone == "dit":
         model, x, labels, objective = (tiny_dit(dtype=torch.float32, depth=4).train(), torch.randn(8, 4, 8, 8),
-                                       torch.randint(0, 10, (8,)), Objective(**IMAGENET))
+                                       torch.randint(0, 10, (8,)), release_objective("imagenet"))
     else:
         model, x, labels, objective = (tiny_unet(dropout=0.3).train(), torch.randn(8, 3, 8, 8), None,
-                                       Objective(velocity_loss_ratio=0.0, **CIFAR))
+                                       release_objective("cifar", velocity_loss_ratio=0.0))
     model, x = model.to(device), x.to(device)
     labels = labels.to(device) if labels is not None else None
 
@@ -260,7 +252,7 @@ def test_unet_every_block_checkpointed_once_and_recomputed(monkeypatch, device):
     counter = CheckpointCalls(monkeypatch)
     model.network.set_grad_checkpointing(True)
     torch.manual_seed(5)
-    loss, _ = model(torch.randn(8, 3, 8, 8).to(device), objective=Objective(velocity_loss_ratio=0.5, **CIFAR))
+    loss, _ = model(torch.randn(8, 3, 8, 8).to(device), objective=release_objective("cifar", velocity_loss_ratio=0.5))
     assert counter.count == len(blocks)  # call 2 only: call 3 runs without gradient
     in_backward[0] = True
     loss.backward()

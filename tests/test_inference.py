@@ -8,39 +8,9 @@ import torch
 import inference
 import train
 from distributed import rank_bounds
-from helpers import make_tiny_vae, torchrun, write_config
+from helpers import DIGITS_TINY, grid_tiles, make_tiny_vae, torchrun, write_config
 
-DIGITS_TINY = dict(dataset_type="Digits", model_type="DiT-B-4", hidden_size=32, depth=2, num_heads=2, patch_size=2,
-                   data_size=8, data_channels=1, num_classes=10, batch_size=16, total_steps=2, logging_steps=1,
-                   eval_demo_steps=2, ckpt_saving_steps=2, eval_steps=2, num_eval_samples=10, eval_batch_size=5,
-                   eval_demo_shape=[10, 2], cfg_scale=2.0, cfg_drop_rate=0.1, mix_ratio=0.5, num_workers=0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_process():
-    """The scripts run in-process as one process, whatever torchrun / SLURM variables an earlier test left in
-    os.environ (tests/test_distributed.py's SLURM test sets RANK and WORLD_SIZE directly)."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-            mp.delenv(key, raising=False)
-        yield
-
-
-def grid_tiles(grid, rows, cols, size=8, scale=8, gap=inference.GRID_GAP):
-    """The raw tiles [rows, cols, size, size, 3] of a saved grid, checking its layout: every tile enlarged
-    scale x scale by nearest neighbour, `gap` black pixels between tiles."""
-    step = size * scale + gap
-    assert grid.shape == (rows * step - gap, cols * step - gap, 3)
-    out = np.zeros((rows, cols, size, size, 3), np.uint8)
-    gaps = np.ones(grid.shape[:2], bool)
-    for r in range(rows):
-        for c in range(cols):
-            tile = grid[r * step:r * step + size * scale, c * step:c * step + size * scale]
-            out[r, c] = tile[::scale, ::scale]
-            assert np.array_equal(out[r, c].repeat(scale, 0).repeat(scale, 1), tile)
-            gaps[r * step:r * step + size * scale, c * step:c * step + size * scale] = False
-    assert not grid[gaps].any()
-    return out
+pytestmark = pytest.mark.usefixtures("single_process")  # conftest.py
 
 
 @pytest.fixture(scope="module")

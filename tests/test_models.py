@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import DEVICES, tiny_dit, tiny_unet, torchrun, write_latent_file
+from helpers import DEVICES, release_guidance, release_objective, tiny_dit, tiny_unet, torchrun, write_latent_file
 from models import (MIN_TIME_GAP, Objective, Scheduler, Soflow, draw_training_times, middle_time, shared_random_state,
                     to_uint8)
 
@@ -154,8 +154,8 @@ def test_fused_training_losses_equal_separate_calls(device):
     t = (torch.rand(B, dtype=torch.float64) * 0.9 + 0.1).to(device)
     s = t * 0.3
     l = t - 0.05
-    kw = dict(cfg_scale=3.0, cfg_decay_time=0.8, p=1.0, eps=0.01, mix_ratio=0.25, augment_labels=None)
-    objective = Objective(cfg_scale=3.0, cfg_decay_time=0.8, p=1.0, eps=0.01, mix_ratio=0.25)
+    kw = dict(**release_guidance("imagenet"), augment_labels=None)
+    objective = release_objective("imagenet")
     parts = model.fused_loss(x0, t=t, s=s, l=l, n_fm=n_fm, objective=objective, labels=labels, cfg_mask=mask,
                              noise=x1)
     fused = parts["fm"][0] * n_fm / B + parts["cons"][0] * (B - n_fm) / B
@@ -181,7 +181,7 @@ def test_training_forward_objective_and_time_ordering(monkeypatch, device):
         seen.update(kwargs)
         return original(samples, **kwargs)
     monkeypatch.setattr(model, "fused_loss", spy)
-    objective = Objective(cfg_scale=3.0, mix_ratio=0.25, cfg_decay_time=0.8)
+    objective = release_objective("imagenet")
     torch.manual_seed(0)
     x = torch.randn(16, 4, 8, 8).to(device)
     loss, stats = model(x, torch.randint(0, 10, (16,)).to(device), objective=objective, finished_steps=100)
@@ -351,7 +351,7 @@ def test_release_loss_calls_accept_both_time_shapes(shape, device):
     t = (torch.rand(B, generator=g, dtype=torch.float64) * 0.8 + 0.2).to(device)
     l, s = t - 0.002 * t, 0.3 * t
     shaped = (lambda v: v.view(B, 1, 1, 1)) if shape == "[B,1,1,1]" else (lambda v: v)
-    settings = (3.0, 0.8, 1.0, 0.01, 0.25, None)  # cfg_scale, cfg_decay_time, p, eps, mix_ratio, augment_labels
+    settings = (*release_guidance("imagenet").values(), None)  # cfg_scale, ..., mix_ratio, augment_labels
     results = []
     for times, m in ((shaped, shaped), (lambda v: v, lambda v: v)):
         torch.manual_seed(1)
@@ -365,8 +365,7 @@ def test_release_loss_calls_accept_both_time_shapes(shape, device):
             assert torch.equal(a, b)
     torch.manual_seed(2)
     by_keyword = model.get_consistency_loss(samples=x, t=shaped(t), l=shaped(l), s=shaped(s), labels=labels,
-                                            cfg_mask=mask, cfg_scale=3.0, cfg_decay_time=0.8, p=1.0, eps=0.01,
-                                            mix_ratio=0.25, augment_labels=None)
+                                            cfg_mask=mask, **release_guidance("imagenet"), augment_labels=None)
     assert torch.equal(by_keyword[0], results[1][1][0])
     assert torch.equal(model.solution_operator(x, shaped(t), shaped(s), labels, None),
                        model.solution_operator(x, t, s, labels, None))
@@ -484,8 +483,7 @@ def test_forward_dispatches_the_release_loss_calls(velocity, device):
     noise is one randn_like(samples) drawn first; the native forward(samples, labels, objective=...) is unchanged."""
     model = tiny_dit().to(device)
     x, labels, t, mask = release_batch(device)
-    settings = dict(labels=labels, cfg_mask=mask, cfg_scale=3.0, cfg_decay_time=0.8, p=1.0, eps=0.01, mix_ratio=0.25,
-                    augment_labels=None)
+    settings = dict(labels=labels, cfg_mask=mask, **release_guidance("imagenet"), augment_labels=None)
     times = dict(t=t) if velocity else dict(t=t, l=t - 0.01, s=t * 0.3)
     torch.manual_seed(3)
     got = model(get_velocity_loss=velocity, samples=x, **times, **settings)
@@ -494,7 +492,7 @@ def test_forward_dispatches_the_release_loss_calls(velocity, device):
     loss = model.get_velocity_loss if velocity else model.get_consistency_loss
     want = loss(x, **times, **settings, noise=noise)
     assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, want))
-    total, stats = model(x, labels, objective=Objective(cfg_scale=3.0, mix_ratio=0.25, cfg_decay_time=0.8))
+    total, stats = model(x, labels, objective=release_objective("imagenet"))
     assert torch.isfinite(total) and set(stats) == {"Vel_MSE", "Vel_Weight", "Con_MSE", "Con_Weight"}
     with pytest.raises(TypeError, match="needs objective= .* or get_velocity_loss=True or False"):
         model(x, labels)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import ROOT
+from helpers import ROOT, release_objective
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import precision  # noqa: E402
@@ -54,7 +54,7 @@ def test_emulation_rounds_matmul_operands_only():
 def tiny_dit_measurement():
     model, cfg, redrawn = precision.recipe_model("imagenet", seed=0, **TINY_DIT)
     objective = cfg.objective()
-    assert objective.guided and objective.l_end_ratio == 0.002
+    assert objective.guided and objective.l_end_ratio == release_objective("imagenet").l_end_ratio
     inputs = precision.make_inputs(model, objective, cfg.cfg_drop_rate, 6, seed=0)
     rows, ref = precision.measure(model, objective, inputs, precision.modes_for("cpu"), "cpu", log=lambda m: None)
     return model, objective, inputs, redrawn, rows, ref
@@ -75,7 +75,7 @@ def test_zero_layers_redrawn_and_reference_exact(tiny_dit_measurement):
         assert precision.relative_errors(again["Delta"][gap], ref["Delta"][gap]) == (0.0, 0.0, 0.0)
     # the last gap is the recipe's: t - l = l_end_ratio (t - s) (or the 1e-4 floor)
     t, s, l = inputs["t"].double(), inputs["s"].double(), inputs["l"]["last"].double()
-    expected = torch.maximum((t - s) * 0.002, torch.full_like(t, 1e-4))
+    expected = torch.maximum((t - s) * objective.l_end_ratio, torch.full_like(t, 1e-4))
     assert torch.allclose(t - l, expected, rtol=1e-3, atol=1e-7)
 
 

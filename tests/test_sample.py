@@ -10,29 +10,14 @@ from PIL import Image
 
 import inference
 import sample
-from checkpoints import companion_path, save_checkpoint
-from config import load_config, save_config
+from checkpoints import companion_path
+from config import load_config
 from distributed import attention_context
-from helpers import make_tiny_vae, randomise, write_config
-from test_inference import DIGITS_TINY, grid_tiles, single_process  # noqa: F401 (autouse)
+from helpers import grid_tiles, make_run, make_tiny_vae
+
+pytestmark = pytest.mark.usefixtures("single_process")  # conftest.py
 
 UNCONDITIONAL = dict(num_classes=0, cfg_scale=1.0, cfg_drop_rate=0.0)
-
-
-def make_run(root, std=0.05, base="imagenet_B4.yaml", **changes):
-    """A run folder as train.py lays it out (config.yaml, ckpts/2.pt in the release's layout) holding a tiny
-    DiT with random weights (a trained 2-step EMA is too close to adaLN-Zero's identity to tell classes apart):
-    by default the Digits one of test_inference, else `base` with `changes`. Returns (config path, checkpoint)."""
-    src = write_config(base, root / "src.yaml", working_dir=str(root / "run"),
-                       **{**(DIGITS_TINY if base == "imagenet_B4.yaml" else {}), **changes})
-    cfg = load_config(src)
-    os.makedirs(root / "run" / "ckpts")
-    save_config(cfg, root / "run" / "config.yaml")
-    weights = randomise(cfg.build_model(), std=std).state_dict()
-    ckpt = root / "run" / "ckpts" / "2.pt"
-    save_checkpoint({"model": weights, "ema_model": weights, "optimizer": {}, "finished_steps": 2,
-                     "finished_epochs": 0}, str(ckpt))
-    return str(root / "run" / "config.yaml"), str(ckpt)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import yaml
 import train
 from checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from config import RELEASE_KEYS, load_config
-from helpers import assert_same_final_state, requires_cuda, torchrun, write_config
+from helpers import assert_same_final_state, release_config, requires_cuda, torchrun, write_config
 
 
 def test_cifar_run_writes_everything(reference_run):
@@ -102,8 +102,9 @@ def test_ema_cadence_and_float64_blend():
     """The release's CIFAR EMA: after steps 1, 17, 33, ... (step counts 0, 16, 32 before the increment) with
     0.9999 ** 16, blended in float64; every step with the plain decay otherwise."""
     model = torch.nn.Linear(3, 3)
-    ema = train.EMA(model, 0.9999, every=16)
-    assert ema.decay == float(torch.tensor(0.9999, dtype=torch.float64) ** 16)
+    decay = release_config("cifar")["ema_decay_rate"]
+    ema = train.EMA(model, decay, every=16)
+    assert ema.decay == float(torch.tensor(decay, dtype=torch.float64) ** 16)
     updated = []
     for step in range(40):
         with torch.no_grad():
@@ -305,7 +306,7 @@ def test_vae_loaded_only_when_needed_and_its_failure_is_clear(imagenet_latents, 
 
 def test_fid_inside_training_writes_the_evaluators_line(cifar_root, tmp_path):
     import evaluator
-    from test_inception_torch import write_inception_like
+    from inception_graphs import write_inception_like
     graph = write_inception_like(tmp_path / "graph.pb", writer="plain")
     ref = tmp_path / "ref.npz"
     np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8))

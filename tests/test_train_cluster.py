@@ -10,9 +10,9 @@ import torch.distributed as dist
 
 import train
 from checkpoints import list_checkpoints, load_checkpoint
-from config import from_dict
+from config import from_dict, load_config
 from data import StepBatches, TensorDataset
-from helpers import TINY_DIT, assert_same_final_state, randomise, torchrun, write_config
+from helpers import TINY_DIT, assert_same_final_state, randomise, release_config, torchrun, write_config
 
 
 def steps_of(run):
@@ -99,7 +99,7 @@ def test_world_size_change_continues_the_global_batch_sequence(reference_run, ci
 def grads_of_one_step(accum, world_group=False):
     """Gradients of one train_step of a float64 tiny DiT with the ImageNet recipe (guided, mixed batch)."""
     cfg = from_dict({"dataset_type": "Imagenet", "num_classes": 10, "data_size": 8,
-                     "cfg_scale": 3.0, "cfg_drop_rate": 0.1, "mix_ratio": 0.25, "cfg_decay_time": 0.8,
+                     **release_config("imagenet", "cfg_scale", "cfg_drop_rate", "mix_ratio", "cfg_decay_time"),
                      "grad_accum_steps": accum, **TINY_DIT})
     torch.manual_seed(0)
     model = randomise(cfg.build_model()).double()
@@ -153,7 +153,7 @@ def test_tensorboard_events_and_throughput(reference_run):
                  "train/l_ratio", "train/learning_rate", "speed/images_per_s", "speed/images_per_s_per_rank"):
         assert name in tags["scalars"], name
         assert [e.step for e in events.Scalars(name)] == [2, 4, 6]
-    cfg = from_dict({"dataset_type": "CIFAR10", "l_init_ratio": 1.0, "l_end_ratio": 0.0003125, "total_steps": 6})
+    cfg = load_config(str(reference_run.parent / "cfg.yaml"))  # the config the run was started with
     for e in events.Scalars("train/l_ratio"):
         assert e.value == pytest.approx(cfg.objective().l_ratio(e.step), rel=1e-6)
     assert [e.value for e in events.Scalars("train/learning_rate")] == pytest.approx([1e-4] * 3)

@@ -13,7 +13,7 @@ import torch
 
 import train
 from checkpoints import list_checkpoints, load_checkpoint
-from helpers import make_cifar_folder, torchrun, write_config
+from helpers import TORCHRUN_VARIABLES, make_cifar_folder, torchrun, write_config
 from safe_io import OutputError
 
 
@@ -29,7 +29,7 @@ def single_process(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def no_torchrun_variables(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+    for key in TORCHRUN_VARIABLES:
         monkeypatch.delenv(key, raising=False)
 
 
