@@ -1,4 +1,5 @@
-"""The one checkpoint reader/writer, and where checkpoints come from.
+"""The one checkpoint reader/writer, where checkpoints come from, and a training run's checkpoints
+(CheckpointKeeper: save, prune, the newest good one, failed writes).
 
 A checkpoint is `ckpts/{step}.pt`, a dict with `model`, `ema_model`, `optimizer`, `finished_steps`,
 `finished_epochs` (the reference layout) and, from this implementation, `rng_states` (one per rank) so

@@ -535,11 +535,12 @@ def stop_on_record_failure(logger, tracker, checkpoints, step):
     checkpoint is written, and the run stops with the path, the cause and the free space. The same command then
     resumes from that checkpoint, bit-exactly."""
     failure = record_failure(logger, tracker)
-    error = first_error(str(failure) if failure is not None else None)
+    hint = " (or set tracker: none)" if failure is not None and failure is tracker.failure else ""
+    error = first_error(None if failure is None else
+                        f"{failure}. The run stopped after step {step} with checkpoint {checkpoints.newest}; free "
+                        f"space or fix the permissions{hint}, then re-run the same command to resume")
     if error:
-        raise RecordWriteError(f"{error}. The run stopped after step {step} with checkpoint {checkpoints.newest}; "
-                               f"free space or fix the permissions (or set tracker: none), then re-run the same "
-                               f"command to resume")
+        raise RecordWriteError(error)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -600,7 +601,7 @@ def main(argv=None):
                                                prefetch_factor=cfg.prefetch_factor)
         test_faults = FaultInjection.from_env(rank)  # None unless a test asks for faults (SOFLOW_TEST_CRASH)
         keeper = CheckpointKeeper(ckpt_dir, rank, ckpt_path, cfg.ckpt_keep_last, cfg.ckpt_keep_every, log,
-                                  before_rename=test_faults and (lambda step: test_faults.at("ckpt", step)))
+                                  before_rename=(lambda step: test_faults.at("ckpt", step)) if test_faults else None)
         window = LogWindow(cfg, device, world_size, tracker, log, weights=(model, ema.model))
         checkpoints = RunCheckpoints(keeper, window, model, ema, optimizer, steps_per_epoch, device)
         if state is None:

@@ -1,5 +1,5 @@
-"""distributed.py: ranks from SLURM under a plain srun, the fault-injection hook, random-state rewinding, one TF32
-API through a whole process."""
+"""distributed.py: ranks from SLURM under a plain srun, the fault-injection hook, the log file's failed writes,
+random-state rewinding, one TF32 API through a whole process."""
 import errno
 import os
 import sys
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import distributed
+from safe_io import WriteError
 
 
 def test_slurm_task_ids_become_ranks(monkeypatch):
@@ -83,7 +84,7 @@ def test_a_failed_log_file_write_is_kept_said_once_and_never_raised(error, tmp_p
         logger.info(f"line {i}")  # raises nothing
     assert stream.lines == ["line 0\n", "line 1\n"]  # nothing written after the failure
     failure = distributed.log_file_failure(logger)
-    assert isinstance(failure, distributed.WriteError)
+    assert isinstance(failure, WriteError)
     assert str(failure).startswith(f"could not write log file {tmp_path / 'log.txt'} ({type(error).__name__}: ")
     assert "GiB free on its file system" in str(failure)
     err = capsys.readouterr().err
@@ -93,7 +94,7 @@ def test_a_failed_log_file_write_is_kept_said_once_and_never_raised(error, tmp_p
 
 def test_a_log_file_that_cannot_be_opened_names_the_path_and_free_space(tmp_path):
     (tmp_path / "log.txt").mkdir()  # cannot be opened for appending, whoever runs the test
-    with pytest.raises(distributed.WriteError, match=r"could not write log file .*log\.txt \(IsADirectoryError.*"
+    with pytest.raises(WriteError, match=r"could not write log file .*log\.txt \(IsADirectoryError.*"
                                                      r"GiB free"):
         distributed.setup_logging("test_log_file", 0, tmp_path / "log.txt")
     distributed.setup_logging("test_log_file", 0)  # other ranks and scripts without a file are unaffected
