@@ -64,7 +64,11 @@ class Tracker:
             write()
         except Exception as e:
             self.failure = WriteError(self._folder, e, f"{self.kind} log folder")
-            self._writer = self._run = None
+            writer, self._writer, self._run = self._writer or self._run, None, None
+            try:  # let go of the open event file; a broken writer may fail again here
+                getattr(writer, "close", getattr(writer, "finish", lambda: None))()
+            except Exception:  # noqa: BLE001 (the first failure is the one reported)
+                pass
             if raise_error:
                 raise self.failure from e
 
@@ -95,7 +99,9 @@ class Tracker:
         self._run.log({tag: wandb.Image(image)}, step=step)
 
     def close(self):
+        """Flushes and closes (once; a later call does nothing)."""
         if self._writer is not None:
             self._guarded(self._writer.close)
         elif self._run is not None:
             self._guarded(self._run.finish)
+        self._writer = self._run = None

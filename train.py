@@ -651,6 +651,7 @@ def main(argv=None):
         bar.close()
         if exit_code == 0:
             log(f"finished {finished_steps} steps")
+        tracker.close()  # before the last check: its final flush may fail too
         stop_on_record_failure(logger, tracker, checkpoints, finished_steps)
         return exit_code
     finally:
