@@ -1,4 +1,5 @@
-"""The one checkpoint reader/writer, and where checkpoints come from.
+"""The one checkpoint reader/writer, where checkpoints come from, and a training run's checkpoints
+(CheckpointKeeper: save, prune, the newest good one, failed writes).
 
 A checkpoint is `ckpts/{step}.pt`, a dict with `model`, `ema_model`, `optimizer`, `finished_steps`,
 `finished_epochs` (the reference layout) and, from this implementation, `rng_states` (one per rank) so
@@ -20,7 +21,8 @@ from urllib.parse import unquote
 
 import torch
 
-from safe_io import atomic_write
+from distributed import first_error
+from safe_io import OutputError, atomic_write
 
 _NAME = re.compile(r"^(\d+)\.pt$")
 HUB_PREFIX = "hf://"
@@ -129,6 +131,59 @@ def latest_checkpoint(directory, log=print):
             warnings.warn(f"skipping {e}")
             log(f"warning: skipping {path}: {e}")
     return None, None
+
+
+def prune_checkpoints(directory, keep_last, keep_every, newest):
+    """Deletes periodic checkpoints beyond the newest `keep_last`, except those whose step is divisible by
+    `keep_every`, and never `newest` (the one just written, already durable). Returns the deleted paths."""
+    if not keep_last:
+        return []
+    found = [(step, path) for step, path in list_checkpoints(directory) if path != newest]
+    removable = [(step, path) for step, path in found if not (keep_every and step % keep_every == 0)]
+    doomed = removable[:max(len(removable) - (keep_last - 1), 0)]
+    for _, path in doomed:
+        os.remove(path)
+    return [path for _, path in doomed]
+
+
+class CheckpointWriteError(OutputError):
+    """A checkpoint that could not be written; the message names it, the free space and the newest intact one."""
+
+
+class CheckpointKeeper:
+    """The checkpoints of a training run, `directory/{step}.pt`: written by rank 0 (atomically), pruned to
+    `keep_last` / `keep_every` (prune_checkpoints), and the newest good one (`newest`, a path or None) remembered.
+    `save` is a collective: a failed write (any exception type: torch.save raises RuntimeError on a full or
+    read-only disk) stops every rank at once with CheckpointWriteError, instead of the others waiting in the next
+    collective until the process group's timeout. `before_rename(step)` is a test hook (distributed.FaultInjection)."""
+
+    def __init__(self, directory, rank, newest=None, keep_last=0, keep_every=0, log=print, before_rename=None):
+        self.directory, self.rank, self.newest = directory, rank, newest
+        self.keep_last, self.keep_every, self.log, self.before_rename = keep_last, keep_every, log, before_rename
+
+    def path(self, step):
+        return os.path.join(self.directory, f"{step}.pt")
+
+    def save(self, step, state):
+        """Writes `state` (a checkpoint dict, read on rank 0 only) as the checkpoint of `step`."""
+        path, error = self.path(step), None
+        if self.rank == 0:
+            hook = (lambda tmp: self.before_rename(step)) if self.before_rename else None
+            try:
+                save_checkpoint(state, path, before_rename=hook)
+            except Exception as e:  # any type, see above
+                reason = str(e) if isinstance(e, OutputError) else (f"could not write checkpoint {path} "
+                                                                     f"({type(e).__name__}: {e})")
+                error = (f"{reason}. Earlier checkpoints are intact (newest: {self.newest or 'none'}); free space "
+                         f"or fix the permissions, then re-run the same command to resume")
+            else:
+                self.log(f"saved checkpoint {path}")
+                for old in prune_checkpoints(self.directory, self.keep_last, self.keep_every, path):
+                    self.log(f"removed {old} (ckpt_keep_last={self.keep_last})")
+        error = first_error(error)
+        if error:
+            raise CheckpointWriteError(error)
+        self.newest = path
 
 
 def model_state(state, use_ema=True):

@@ -161,6 +161,11 @@ class Config(Objective):
         return Soflow(self.data_channels, self.data_size, self.num_classes or None, self.cfg_drop_rate,
                       self.noising_type, self.coefficient_type, self.model_type, network_kwargs=self.network_kwargs())
 
+    def uses_channels_last(self, device):
+        """Whether the network and its inputs are channels_last on `device`: with `channels_last`, for the U-Net
+        (the DiT's patch embedding gains nothing) on CUDA (cuDNN's NHWC convolutions; the CPU's are slower)."""
+        return self.channels_last and self.model_type == "UNet" and device.type == "cuda"
+
     def to_dict(self):
         """All keys, the release's first and in its order."""
         names = [f.name for f in dataclasses.fields(self)]

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from safe_io import WriteError
+
 
 # ----------------------------------------------------------------------------------------------------
 # Processes
@@ -155,35 +157,97 @@ def setup_logging(name, rank=0, path=None, prefix="", all_ranks=False):
     console.setFormatter(logging.Formatter(prefix + "%(message)s", datefmt="%H:%M:%S"))
     logger.addHandler(console)
     if path is not None and rank == 0:
-        file_handler = logging.FileHandler(path)
+        file_handler = LogFile(path)
         file_handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(file_handler)
     return logger
 
 
-def crash_hook(point, count, rank):
-    """Test-only fault injection: SOFLOW_TEST_CRASH="POINT:N[@RANK][=ACTION]" (rank 0 by default) acts when this
-    process reaches `point` N: train.py's "step" (the start of step N), "ckpt" (the middle of writing checkpoint
-    N), latent_dataset.py's "chunk" (after flushing its N-th chunk). ACTION: SIGKILL (default), SIGTERM or
-    SIGUSR1 (sent to this process), ENOSPC or EACCES (an OSError raised here, as a full or read-only disk would),
-    ERROR (a RuntimeError, the type torch.save raises when its write fails).
-    Only the first incarnation of a torchrun group acts, so that a restarted group can run through."""
-    spec = os.environ.get("SOFLOW_TEST_CRASH")
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    where, _, action = spec.partition("=")
-    where, _, at_rank = where.partition("@")
-    kind, _, n = where.partition(":")
-    if kind != point or int(n) != count or rank != int(at_rank or 0):
-        return
-    action = action or "SIGKILL"
-    print(f"SOFLOW_TEST_CRASH={spec}: {action} on rank {rank} at {point} {count}", file=sys.stderr, flush=True)
-    if action == "ERROR":
-        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file (test)")
-    if action in ("ENOSPC", "EACCES"):
-        code = getattr(errno, action)
-        raise OSError(code, os.strerror(code))
-    os.kill(os.getpid(), getattr(signal, action))
+class LogFile(logging.FileHandler):
+    """The log file of a script (e.g. train.py's log.txt), appended to and flushed line by line. A file that cannot
+    be opened raises safe_io.WriteError naming it and the free space. A failed write (of any exception type) does
+    not raise where it happened (logging never raises into the code that logs) and prints no traceback: the first
+    one is kept in `failure` (a WriteError), said once on the console, and nothing more is written to the file, so
+    that it ends where the record stopped being complete; the script decides what to do (log_file_failure)."""
+
+    def __init__(self, path):
+        self.failure = None
+        try:
+            super().__init__(path)
+        except Exception as e:
+            raise WriteError(path, e, "log file") from e
+
+    def emit(self, record):
+        if self.failure is None:
+            super().emit(record)  # a failed write or flush comes back through handleError
+
+    def flush(self):
+        try:
+            super().flush()
+        except Exception as e:
+            self._fail(e)
+
+    def close(self):
+        try:
+            super().close()  # flushes what is buffered
+        except Exception as e:
+            self._fail(e)
+
+    def handleError(self, record):
+        self._fail(sys.exc_info()[1])
+
+    def _fail(self, error):
+        if self.failure is not None or error is None:
+            return
+        self.failure = WriteError(self.baseFilename, error, "log file")
+        try:
+            tqdm.write(f"warning: {self.failure}; nothing more is written to it", file=sys.stderr)
+        except Exception:  # noqa: BLE001 (the console may be gone too)
+            pass
+
+
+def log_file_failure(logger):
+    """The first failed write of the log file of `logger` (a safe_io.WriteError naming the file, the cause and the
+    free space), or None."""
+    failures = [h.failure for h in logger.handlers if isinstance(h, LogFile) and h.failure is not None]
+    return failures[0] if failures else None
+
+
+class FaultInjection:
+    """Test-only fault injection, which exists only when the environment asks for it: `from_env(rank)` is None
+    unless SOFLOW_TEST_CRASH="POINT:N[@RANK][=ACTION]" is set (rank 0 by default), so that a production run
+    calls nothing for it (`if test_faults: test_faults.at(...)`). `at(point, count)` acts when this process
+    reaches `point` N: train.py's "step" (the start of step N), "ckpt" (the middle of writing checkpoint N),
+    latent_dataset.py's "chunk" (after flushing its N-th chunk). ACTION: SIGKILL (default), SIGTERM or SIGUSR1
+    (sent to this process), ENOSPC or EACCES (an OSError raised there, as a full or read-only disk would), ERROR
+    (a RuntimeError, the type torch.save raises when its write fails). Only the first incarnation of a torchrun
+    group acts, so that a restarted group can run through."""
+
+    def __init__(self, spec, rank):
+        self.spec, self.rank = spec, rank
+        where, _, action = spec.partition("=")
+        where, _, at_rank = where.partition("@")
+        self.point, _, n = where.partition(":")
+        self.count, self.at_rank, self.action = int(n), int(at_rank or 0), action or "SIGKILL"
+
+    @classmethod
+    def from_env(cls, rank):
+        spec = os.environ.get("SOFLOW_TEST_CRASH")
+        if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+            return None
+        return cls(spec, rank)
+
+    def at(self, point, count):
+        if point != self.point or count != self.count or self.rank != self.at_rank:
+            return
+        print(f"SOFLOW_TEST_CRASH={self.spec}: {self.action} on rank {self.rank} at {point} {count}", file=sys.stderr,
+              flush=True)
+        if self.action == "ERROR":
+            raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file (test)")
+        if self.action in ("ENOSPC", "EACCES"):
+            code = getattr(errno, self.action)
+            raise OSError(code, os.strerror(code))
+        os.kill(os.getpid(), getattr(signal, self.action))
 
 
 # ----------------------------------------------------------------------------------------------------

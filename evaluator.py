@@ -947,6 +947,25 @@ def evaluated_files(results_path):
         return {line.split(" # ", 1)[0] for line in f if " # " in line}
 
 
+def append_result(results_path, line):
+    """Appends `line` to an eval_results.txt, flushed and fsynced; any failure raises safe_io.WriteError naming the
+    file and the free space. The evaluator's writer, and train.py's for its in-training FID (training_fid.py)."""
+    try:
+        with open(results_path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except Exception as err:
+        raise WriteError(results_path, err, "results file") from err
+
+
+def results_claim(results_path):
+    """The lock on an eval_results.txt (safe_io.Claim, file RESULTS.lock) that its writers hold: a second evaluator
+    of the folder is refused (it would score the files twice), and train.py holds it while it appends."""
+    results_path = Path(results_path)
+    return Claim(f"{results_path}.lock", results_path.parent, "sample folder", "another --sample_batch_dir")
+
+
 class UnreadableSamplesError(BadInputError):
     """Some sample files were corrupt and not scored (the others were); `results` holds those scored."""
 
@@ -999,10 +1018,7 @@ def _score_files(pending, reference, features, batch_size, results_path, pr_floa
         result = {"file": path.name, "path": str(path),
                   **compute_metrics(reference, pool, spatial, probs, pr_float32=pr_float32, device=device)}
         line = format_result(result)
-        with open(results_path, "a") as f:
-            f.write(line + "\n")
-            f.flush()  # one line per finished file: a later crash loses nothing already computed
-            os.fsync(f.fileno())
+        append_result(results_path, line)  # one line per finished file: a later crash loses nothing computed
         log.info("%s", line)
         results.append(result)
     return results, unreadable
@@ -1038,7 +1054,7 @@ def evaluate_folder(ref_batch, sample_dir, graph_path=None, batch_size=64, cache
     for path in pending:
         check_batch(path, role="sample batch")
     check_results_writable(results_path)
-    claim = Claim(f"{results_path}.lock", sample_dir, "sample folder", "another --sample_batch_dir")
+    claim = results_claim(results_path)
     try:
         claim.acquire()  # a second evaluator of the same folder is refused (it would score the files twice)
     except (ClaimError, WriteError, OSError) as err:
@@ -1100,7 +1116,7 @@ def main(argv=None):
                                   args.batch_size, args.cache_dir, args.inception_sha256,
                                   backend=args.backend, device=args.device, tf_check=args.tf_check,
                                   pr_float32=args.pr_float32)
-    except (BadInputError, DownloadError, BackendMismatchError) as err:
+    except (BadInputError, DownloadError, BackendMismatchError, WriteError) as err:
         raise SystemExit(f"evaluator: error: {err}") from None
     except ValueError as err:
         graph_error = getattr(sys.modules.get("inception_torch"), "GraphError", None)

@@ -30,7 +30,7 @@ Numerics: PyTorch's defaults, as the release (on CUDA, cuDNN runs float32 convol
 --dtype float16 is faster on GPUs.
 
 Test-only hook: SOFLOW_TEST_CRASH="chunk:N@RANK" kills rank RANK (SIGKILL) right after it flushed its N-th
-chunk (`distributed.crash_hook`, the fault injection train.py uses too).
+chunk (`distributed.FaultInjection`, the fault injection train.py uses too).
 
 The reader training uses (`LatentDataset`, `sample_latents`) lives in data.py with the other datasets;
 `ImagenetDataset` here is the release's name for it (`from latent_dataset import ImagenetDataset`).
@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data import LATENT_FILE, LatentDataset, latent_file, validate_latent_file
-from distributed import (all_gather_objects, cleanup_distributed, configure_backends, crash_hook, first_error,
+from distributed import (FaultInjection, all_gather_objects, cleanup_distributed, configure_backends, first_error,
                          rank_bounds, setup_distributed, setup_logging)
 from safe_io import Claim, OutputError, WriteError, atomic_write, check_writable
 
@@ -405,7 +405,7 @@ def write_chunks(args, loader, vae, device, f, start, latent_shape, skipped, pro
     """Encode each batch of the loader and write it to its rows of the part file `f`, one flushed
     chunk at a time. `skipped` is the number of failure records already in the part; returns the
     number after this pass."""
-    chunks = 0
+    chunks, test_faults = 0, FaultInjection.from_env(rank)
     for batch in loader:
         for _, bad_path, reason in batch['failures']:
             if not args.skip_bad_images:
@@ -426,7 +426,8 @@ def write_chunks(args, loader, vae, device, f, start, latent_shape, skipped, pro
         chunks += 1
         progress.update(n)
         progress.set_postfix(skipped=skipped, refresh=False)
-        crash_hook('chunk', chunks, rank)
+        if test_faults:
+            test_faults.at('chunk', chunks)
     return skipped
 
 

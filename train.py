@@ -3,15 +3,16 @@
 Runs on CPU (gloo) and GPUs (NCCL). Follows the release's recipe: float32 with TF32, optimizer over every
 network parameter, EMA of the whole model, `ckpts/0.pt` before the first step. Writes to working_dir:
 config.yaml (the release's keys) with config.soflow.yaml (this code's), log.txt, tb/ (TensorBoard),
-ckpts/{step}.pt, figs/{step}.png (EMA sample grids) and evals/{step}.npz (EMA sample dumps for FID). A run resumes from its newest readable checkpoint and then
-continues exactly as if it had never stopped. SIGTERM or SIGUSR1 to any rank (what SLURM sends before it
-kills a job) makes every rank finish its step, write a checkpoint and exit with status 75.
+ckpts/{step}.pt, figs/{step}.png (EMA sample grids) and evals/{step}.npz (EMA sample dumps for FID). A run resumes
+from its newest readable checkpoint and then continues exactly as if it had never stopped. SIGTERM or SIGUSR1 to
+any rank (what SLURM sends before it kills a job) makes every rank finish its step, write a checkpoint and exit
+with status 75. A write that fails (any exception type, on any of these files) stops every rank with the path, the
+cause and the free space, after the checkpoint of the last finished step is written (unless that is the write that
+failed: then the previous one is the newest); the same command resumes there.
 """
 import argparse
 import contextlib
 import copy
-import dataclasses
-import logging
 import os
 import resource
 import signal
@@ -25,14 +26,13 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoints import (CheckpointMismatchError, check_weights_fit, latest_checkpoint, list_checkpoints,
-                         save_checkpoint)
+from checkpoints import (CheckpointKeeper, CheckpointMismatchError, CheckpointWriteError,  # noqa: F401 (train.X)
+                         check_weights_fit, latest_checkpoint)
 from config import RESUME_NO_EFFECT, ConfigError, check_resume, check_world_size, load_config, save_config
 from data import batch_loader, build_dataset
-from distributed import (RowShare, all_gather_objects, attention_context, barrier, broadcast_object,
-                         cleanup_distributed, configure_backends, crash_hook, first_error, get_rng_state,
-                         guidance_dtype, precision_context, process_group_backend, set_rng_state, setup_distributed,
-                         setup_logging)
+from distributed import (FaultInjection, all_gather_objects, attention_context, cleanup_distributed,
+                         configure_backends, first_error, get_rng_state, guidance_dtype, log_file_failure,
+                         precision_context, process_group_backend, set_rng_state, setup_distributed, setup_logging)
 from inference import build_decoder, dump_samples, sample_grid
 from models import draw_training_times
 from safe_io import Claim, OutputError, free_space
@@ -82,13 +82,15 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-class CheckpointWriteError(OutputError):
-    pass
+class RecordWriteError(OutputError):
+    """log.txt or the tracker (TensorBoard's tb/) could not be written; the message names the path, the cause, the
+    free space and the checkpoint the run stopped with."""
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; `requested()` (a collective, once per step on every rank) tells every
-    rank whether any rank got one. The flag travels on a CPU (gloo) group, so no device synchronisation."""
+    """SIGTERM / SIGUSR1 set a flag; `poll()` (a collective, once per step on every rank) tells every rank whether
+    any rank got one, and whether a rank's run record could not be written (RecordWriteError). The flags travel on
+    a CPU (gloo) group, so no device synchronisation."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -101,27 +103,19 @@ class Preemption:
         self.signum = signum
 
     def requested(self):
-        flag = torch.tensor([self.signum or 0])
+        return self.poll()[0]
+
+    def poll(self, write_failed=False):
+        """(the signal any rank got, 0 for none; whether any rank's `write_failed`): one collective for both."""
+        flag = torch.tensor([self.signum or 0, int(write_failed)])
         if self._group is not None:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        return int(flag.item())
+        signum, failed = flag.tolist()
+        return signum, bool(failed)
 
     def close(self):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
-
-
-def prune_checkpoints(directory, keep_last, keep_every, newest):
-    """Deletes periodic checkpoints beyond the newest `keep_last`, except those whose step is divisible by
-    `keep_every`, and never `newest` (the one just written, already durable). Returns the deleted paths."""
-    if not keep_last:
-        return []
-    found = [(step, path) for step, path in list_checkpoints(directory) if path != newest]
-    removable = [(step, path) for step, path in found if not (keep_every and step % keep_every == 0)]
-    doomed = removable[:max(len(removable) - (keep_last - 1), 0)]
-    for _, path in doomed:
-        os.remove(path)
-    return [path for _, path in doomed]
 
 
 def peak_memory_gib(device):
@@ -130,67 +124,59 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
 
 
-# ----------------------------------------------------------------------------------------------------
-# FID inside training
+class LogWindow:
+    """The figures of a "Step N | ..." log line over the steps since the previous one: the running sums of
+    LOG_KEYS and the first step whose loss or gradient was non-finite, kept as device tensors (no host
+    synchronisation per step), averaged over the ranks when the line is written (with the tracker's scalars)."""
 
-
-class TrainingFID:
-    """Scores the periodic dumps in the training processes with the evaluator's PyTorch Inception backend:
-    each rank computes the features of its share as it is sampled and writes them next to the dump; every rank
-    reads them all and computes its rows of the precision/recall work (evaluator.compute_metrics with a
-    RowShare); rank 0 computes IS, FID and sFID and writes the evaluator's line to log.txt and
-    evals/eval_results.txt. The reference batch is checked, and its statistics and radii computed (or read
-    from the evaluator's cache), before step 1."""
-
-    def __init__(self, cfg, device, rank, eval_dir):
-        import evaluator
-        self.evaluator, self.rank, self.eval_dir = evaluator, rank, eval_dir
-        if rank == 0:  # a download, if any, happens once
-            evaluator.check_batch(cfg.fid_ref_batch, role="reference batch")
-            evaluator.resolve_inception_graph(cfg.fid_inception_graph)
-        barrier()
-        graph = evaluator.resolve_inception_graph(cfg.fid_inception_graph)
-        # The TensorFlow self-check of the first batch runs on rank 0 when TensorFlow is importable.
-        self.features = evaluator.make_feature_extractor("torch", graph, device=device, tf_check=rank == 0)
-        self.reference = evaluator.load_reference(cfg.fid_ref_batch, self.features) if rank == 0 else None
-        # The precision/recall rows are split over the ranks, which all need the reference pool features (and
-        # their radii, computed here the same way unless the evaluator's cache holds them).
+    def __init__(self, cfg, device, world_size, tracker, log, weights):
+        self.cfg, self.world_size, self.tracker, self.log, self.weights = cfg, world_size, tracker, log, weights
         self.device = device
-        self.share = RowShare() if dist.is_initialized() else None
-        if self.share is not None:
-            received = broadcast_object(dataclasses.replace(self.reference, spatial=None) if rank == 0 else None)
-            self.reference = self.reference if rank == 0 else received
-        self.reference.radii(device=device, share=self.share)
-        self.parts = None
+        self.sums = torch.zeros(len(LOG_KEYS), device=device)
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.start, self.steps = time.time(), 0
 
-    def start(self):
-        self.parts = ([], [], [])
+    def add(self, step, loss, stats, grad_norm):
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        self.first_bad_step.copy_(torch.where((self.first_bad_step < 0) & ~finite, step, self.first_bad_step))
+        self.sums += torch.stack([stats[k] for k in LOG_KEYS[:-1]] + [grad_norm]).float()
+        self.steps += 1
 
-    def add(self, images):
-        for out, value in zip(self.parts, self.features.features_of(images)):
-            out.append(value)
+    def check_finite(self, step, last_good):
+        """Stops every rank (NonFiniteLoss) when a loss or gradient was non-finite since the start, or the weights
+        (`weights`: the model and its EMA) are now; a collective."""
+        flag = torch.stack([self.first_bad_step, torch.where(weights_finite(*self.weights), -1, step)])
+        if self.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad_loss, bad_weights = flag.tolist()
+        if bad_loss >= 0:
+            raise NonFiniteLoss(f"non-finite loss or gradient at step {bad_loss + 1}; stopped at step {step} "
+                                f"without writing these weights. Last good checkpoint: {last_good or 'none'}")
+        if bad_weights >= 0:
+            raise NonFiniteLoss(f"non-finite weights after step {step} although the losses and gradients were "
+                                f"finite (an update too large: learning_rate {self.cfg.learning_rate}?); stopped "
+                                f"without writing them. Last good checkpoint: {last_good or 'none'}")
 
-    def finish(self, name, world_size):
-        """The line of `name` (rank 0; None elsewhere)."""
-        stem = os.path.join(self.eval_dir, f".{name}.features")
-        np.savez(f"{stem}{self.rank}.npz", *(np.concatenate(p) if p else np.zeros((0, 0), np.float32)
-                                             for p in self.parts))
-        barrier()
-        line = None
-        loaded = [np.load(f"{stem}{r}.npz") for r in range(world_size)]
-        pool, spatial, probs = (np.concatenate([f[f"arr_{i}"] for f in loaded if f[f"arr_{i}"].size])
-                                for i in range(3))
-        # Every rank takes part (its rows of the precision/recall work); rank 0 gets the result.
-        result = self.evaluator.compute_metrics(self.reference, pool, spatial, probs, device=self.device,
-                                                share=self.share)
-        if self.rank == 0:
-            line = self.evaluator.format_result({"file": name, **result})
-            with open(os.path.join(self.eval_dir, "eval_results.txt"), "a") as f:
-                f.write(line + "\n")
-            for r in range(world_size):
-                os.remove(f"{stem}{r}.npz")
-        barrier()
-        return line
+    def write(self, step, objective, optimizer):
+        """The log line and tracker scalars of the window ending at `step` (a collective); returns the averages and
+        starts the next window."""
+        if self.world_size > 1:
+            dist.all_reduce(self.sums)
+            self.sums /= self.world_size
+        values = dict(zip(LOG_KEYS, (self.sums / self.steps).tolist()))
+        elapsed = time.time() - self.start
+        per_rank = self.steps * self.cfg.batch_size / self.world_size / elapsed
+        peak = peak_memory_gib(self.device)
+        self.log(f"Step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in values.items())
+                 + f" | Peak_Mem {peak:.2f}GiB | Img/s {per_rank * self.world_size:.1f} ({per_rank:.1f}/rank) | "
+                 f"Time {elapsed:.1f}s")
+        self.tracker.scalars(step, {
+            **{f"train/{k}": v for k, v in values.items()}, "train/Peak_Mem_GiB": peak,
+            "train/l_ratio": objective.l_ratio(step), "train/learning_rate": optimizer.param_groups[0]["lr"],
+            "speed/images_per_s": per_rank * self.world_size, "speed/images_per_s_per_rank": per_rank})
+        self.sums.zero_()
+        self.start, self.steps = time.time(), 0
+        return values
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -266,10 +252,6 @@ def train_step(ddp, model, optimizer, batch, objective, step, cfg, device):
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     optimizer.step()
     return loss, stats, grad_norm
-
-
-# ----------------------------------------------------------------------------------------------------
-# Training
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -415,6 +397,153 @@ class PeriodicOutputs:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Start-up: the model, the run's record, the resumed state
+
+
+def build_training(cfg, device, rank):
+    """(model, its DDP wrapper or the model itself outside a process group, EMA, optimizer), seeded as the release:
+    seed + rank, and DDP then broadcasts rank 0's weights."""
+    torch.manual_seed(cfg.seed + rank)
+    model = cfg.build_model().to(device)
+    if cfg.grad_checkpointing:
+        model.network.set_grad_checkpointing(True)
+    if cfg.uses_channels_last(device):
+        model.to(memory_format=torch.channels_last)
+    # Gradients as views of DDP's buckets: no copy into and out of the buckets on every step.
+    ddp = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+               gradient_as_bucket_view=True) if dist.is_initialized() else model)
+    ema = EMA(model, cfg.ema_decay_rate, cfg.ema_steps)  # after DDP's broadcast: the same EMA on every rank
+    if cfg.compile:
+        model.network.compile()  # in place (state-dict keys stay the release's); the EMA copy stays eager
+    return model, ddp, ema, build_optimizer(cfg, model)
+
+
+def open_run_record(cfg, work, rank):
+    """Once the checks have passed: the run's folders and config.yaml written, log.txt and the tracker (TensorBoard's
+    tb/) opened, on rank 0. A failure stops every rank before step 1 (SystemExit naming the path and the free
+    space). Returns (logger, tracker)."""
+    logger = tracker = error = None
+    try:
+        if rank == 0:
+            for d in ("ckpts", "evals", "figs"):
+                os.makedirs(os.path.join(work, d), exist_ok=True)
+            save_config(cfg, os.path.join(work, "config.yaml"))
+        logger = setup_logging("train", rank, os.path.join(work, "log.txt"))
+        tracker = Tracker(cfg.tracker, work, rank, config=cfg.to_dict(), project=cfg.wandb_project)
+    except (OSError, OutputError) as e:
+        error = f"{e}; {free_space(work)}" if isinstance(e, OSError) else str(e)
+    error = first_error(error)
+    if error:
+        raise SystemExit(f"error: {error}")
+    return logger, tracker
+
+
+def restore_random_state(state, changes, applied, cfg, rank, world_size, device):
+    """This rank's random state from the checkpoint, or reseeded when the checkpoint has none (the release's) or
+    was written by another number of ranks. Returns how the run continues, for the log."""
+    rng = state.get("rng_states")
+    if rng is not None and len(rng) == world_size:
+        set_rng_state(rng[rank], device)
+        altered = [k for k, _, _ in changes if k not in RESUME_NO_EFFECT] + [k for k, _, _ in applied]
+        return ("bit-exact continuation" if not altered else
+                f"continued with changed settings ({', '.join(altered)}), not a bit-exact continuation")
+    torch.manual_seed(cfg.seed + rank + 1_000_003 * int(state["finished_steps"]))
+    return ("random states reseeded: a checkpoint without them, e.g. the release's" if rng is None else
+            f"world size {len(rng)} -> {world_size}: the same global batches follow (the batch order depends on "
+            f"seed and step only), random states reseeded")
+
+
+def log_resume(log, ckpt_path, step, changes, applied, how):
+    for key, old, new in changes:
+        log(f"changed since the run's config.yaml: {key}: {old!r} -> {new!r}")
+    for key, old, new in applied:
+        log(f"applied to the optimizer: {key} {old!r} -> {new!r} (the checkpoint's value)")
+    log(f"resumed from {ckpt_path} at step {step} ({how})")
+
+
+def log_setup(log, cfg, model, dataset, device, tracker):
+    backend = process_group_backend()
+    log(f"process group: {backend}, the model in DDP" if backend else
+        "process group: none (one process outside torchrun), the model without DDP")
+    log(f"model {cfg.model_type}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+        f"dataset {cfg.dataset_type}: {len(dataset)} samples; global batch {cfg.batch_size}"
+        + (f" in {cfg.grad_accum_steps} micro-batches per rank" if cfg.grad_accum_steps > 1 else "")
+        + f"; precision {cfg.precision}" + (f" (TF32 {'on' if cfg.tf32 else 'off'})" if device.type == "cuda"
+                                            else ""))
+    if tracker.path:
+        log(f"TensorBoard: tensorboard --logdir {tracker.path}")
+
+
+def training_fid(cfg, device, rank, eval_dir):
+    from training_fid import TrainingFID  # imports the evaluator, which a run without in-training FID never needs
+    return TrainingFID(cfg, device, rank, eval_dir)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints, outputs and the run's record during training
+
+
+class RunCheckpoints:
+    """The checkpoint of a step (the model, its EMA, the optimizer and every rank's random state), written through
+    checkpoints.CheckpointKeeper (`keeper`: save, prune, the newest good one) once the window has found the losses,
+    gradients and weights finite: a non-finite run stops without writing them."""
+
+    def __init__(self, keeper, window, model, ema, optimizer, steps_per_epoch, device):
+        self.keeper, self.window, self.model, self.ema, self.optimizer = keeper, window, model, ema, optimizer
+        self.steps_per_epoch, self.device = steps_per_epoch, device
+
+    @property
+    def newest(self):
+        return self.keeper.newest
+
+    def check_finite(self, step):
+        self.window.check_finite(step, self.keeper.newest)
+
+    def save(self, step):
+        """A collective: every rank stops (CheckpointWriteError) when the write fails."""
+        self.check_finite(step)
+        rng_states = all_gather_objects(get_rng_state(self.device))
+        self.keeper.save(step, {"model": self.model.state_dict(), "ema_model": self.ema.model.state_dict(),
+                                "optimizer": self.optimizer.state_dict(), "finished_steps": step,
+                                "finished_epochs": step // self.steps_per_epoch, "rng_states": rng_states})
+
+
+def write_outputs(outputs, checkpoints, step, which, log):
+    """The grid and dump of `step` (its checkpoint already written, or written now if one fails)."""
+    if not any(which):
+        return
+    checkpoints.check_finite(step)
+    try:
+        outputs.write(checkpoints.ema.model, step, which, log)
+    except OutputError as e:
+        if checkpoints.newest != checkpoints.keeper.path(step):
+            checkpoints.save(step)
+        raise OutputError(f"{e}. Checkpoint {checkpoints.newest} holds step {step}: fix the cause, then re-run the "
+                          f"same command; it resumes there and draws this step's grid and dump first") from None
+
+
+def record_failure(logger, tracker):
+    """The first failed write of log.txt or of the tracker on this rank (only rank 0 writes them), or None."""
+    return log_file_failure(logger) or tracker.failure
+
+
+def stop_on_record_failure(logger, tracker, checkpoints, step):
+    """A collective: RecordWriteError on every rank when rank 0 could not write log.txt or the tracker.
+
+    A failed write of the run's record, of any exception type, neither kills the run silently nor crashes it: it
+    is noted where it happens (distributed.LogFile, tracking.Tracker); the step that is running finishes, its
+    checkpoint is written, and the run stops with the path, the cause and the free space. The same command then
+    resumes from that checkpoint, bit-exactly."""
+    failure = record_failure(logger, tracker)
+    hint = " (or set tracker: none)" if failure is not None and failure is tracker.failure else ""
+    error = first_error(None if failure is None else
+                        f"{failure}. The run stopped after step {step} with checkpoint {checkpoints.newest}; free "
+                        f"space or fix the permissions{hint}, then re-run the same command to resume")
+    if error:
+        raise RecordWriteError(error)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Training
 
 
@@ -432,11 +561,11 @@ def main(argv=None):
     created = not os.path.isdir(work)
     try:
         configure_backends(device, cfg.tf32)
-        ckpt_dir, eval_dir, fig_dir = (os.path.join(work, d) for d in ("ckpts", "evals", "figs"))
+        ckpt_dir, eval_dir = os.path.join(work, "ckpts"), os.path.join(work, "evals")
         # Nothing is written into working_dir (config.yaml, log.txt, ckpts/) before the lock and the checks.
         claim, note = claim_working_dir(work, rank)
         deferred = [note] if note else []  # messages for log.txt, which is opened once the checks have passed
-        log = setup_logging("train", rank).info
+        setup_logging("train", rank)
 
         dataset = build_dataset(cfg)  # fails early, with a clear message, when data are missing or mislabelled
         ckpt_path, state = latest_checkpoint(ckpt_dir, log=deferred.append)
@@ -451,193 +580,80 @@ def main(argv=None):
         # The SD-VAE is loaded (before step 1) only when something will be decoded.
         decode = (build_decoder(cfg.vae, cfg.latent_scale, device) if decoder_needed(cfg, finished_steps, any(owed))
                   else None)
-
-        torch.manual_seed(cfg.seed + rank)  # the release's seeding; DDP then broadcasts rank 0's weights
-        model = cfg.build_model().to(device)
-        if cfg.grad_checkpointing:
-            model.network.set_grad_checkpointing(True)
-        if device.type == "cuda" and cfg.channels_last and cfg.model_type == "UNet":
-            model.to(memory_format=torch.channels_last)
-        # Gradients as views of DDP's buckets: no copy into and out of the buckets on every step.
-        ddp = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                   gradient_as_bucket_view=True) if dist.is_initialized() else model)
-        ema = EMA(model, cfg.ema_decay_rate, cfg.ema_steps)  # after DDP's broadcast: the same EMA on every rank
-        if cfg.compile:
-            model.network.compile()  # in place (state-dict keys stay the release's); the EMA copy stays eager
-        optimizer = build_optimizer(cfg, model)
+        model, ddp, ema, optimizer = build_training(cfg, device, rank)
         applied = load_training_state(model, ema, optimizer, state, cfg, ckpt_path) if state is not None else []
 
-        # The checks passed: the run's record is written now.
-        error = None
-        if rank == 0:
-            try:
-                for d in (ckpt_dir, eval_dir, fig_dir):
-                    os.makedirs(d, exist_ok=True)
-                save_config(cfg, os.path.join(work, "config.yaml"))
-            except (OSError, OutputError) as e:
-                error = f"{e}; {free_space(work)}" if isinstance(e, OSError) else str(e)
-        error = first_error(error)
-        if error:
-            raise SystemExit(f"error: {error}")
-        log = setup_logging("train", rank, os.path.join(work, "log.txt")).info
+        logger, tracker = open_run_record(cfg, work, rank)  # the checks passed: the run's record starts now
+        log = logger.info
         for message in deferred:
-            logging.getLogger("train").warning(message)
-
+            logger.warning(message)
         if state is not None:
-            rng = state.get("rng_states")
-            for key, old, new in changes:
-                log(f"changed since the run's config.yaml: {key}: {old!r} -> {new!r}")
-            for key, old, new in applied:
-                log(f"applied to the optimizer: {key} {old!r} -> {new!r} (the checkpoint's value)")
-            altered = [k for k, _, _ in changes if k not in RESUME_NO_EFFECT] + [k for k, _, _ in applied]
-            if rng is not None and len(rng) == world_size:
-                set_rng_state(rng[rank], device)
-                exact = ("bit-exact continuation" if not altered else
-                         f"continued with changed settings ({', '.join(altered)}), not a bit-exact continuation")
-            else:
-                torch.manual_seed(cfg.seed + rank + 1_000_003 * finished_steps)
-                exact = ("random states reseeded: a checkpoint without them, e.g. the release's" if rng is None else
-                         f"world size {len(rng)} -> {world_size}: the same global batches follow (the batch "
-                         f"order depends on seed and step only), random states reseeded")
-            log(f"resumed from {ckpt_path} at step {finished_steps} ({exact})")
+            how = restore_random_state(state, changes, applied, cfg, rank, world_size, device)
+            log_resume(log, ckpt_path, finished_steps, changes, applied, how)
         else:
             log(f"starting a new run in {work} on {world_size} rank(s), device {device.type}")
-        backend = process_group_backend()
-        log(f"process group: {backend}, the model in DDP" if backend else
-            "process group: none (one process outside torchrun), the model without DDP")
-        log(f"model {cfg.model_type}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-            f"dataset {cfg.dataset_type}: {len(dataset)} samples; global batch {cfg.batch_size}"
-            + (f" in {cfg.grad_accum_steps} micro-batches per rank" if cfg.grad_accum_steps > 1 else "")
-            + f"; precision {cfg.precision}" + (f" (TF32 {'on' if cfg.tf32 else 'off'})" if device.type == "cuda"
-                                                else ""))
-        tracker = Tracker(cfg.tracker, work, rank, config=cfg.to_dict(), project=cfg.wandb_project)
-        if tracker.path:
-            log(f"TensorBoard: tensorboard --logdir {tracker.path}")
+        log_setup(log, cfg, model, dataset, device, tracker)
 
-        fid = TrainingFID(cfg, device, rank, eval_dir) if cfg.fid_ref_batch and dumps_due else None
+        fid = training_fid(cfg, device, rank, eval_dir) if cfg.fid_ref_batch and dumps_due else None
         outputs = PeriodicOutputs(cfg, device, rank, world_size, work, decode, fid, tracker)
         loader, steps_per_epoch = batch_loader(dataset, cfg.batch_size, rank, world_size, cfg.seed, finished_steps,
                                                cfg.total_steps, cfg.num_workers, pin_memory=device.type == "cuda",
                                                prefetch_factor=cfg.prefetch_factor)
-        last_good = ckpt_path
-
-        def save(step):
-            """Writes ckpts/{step}.pt on rank 0; every rank learns whether it worked (a failed write stops all)."""
-            nonlocal last_good
-            rng_states = all_gather_objects(get_rng_state(device))
-            path = os.path.join(ckpt_dir, f"{step}.pt")
-            error = None
-            if rank == 0:
-                try:
-                    save_checkpoint({"model": model.state_dict(), "ema_model": ema.model.state_dict(),
-                                     "optimizer": optimizer.state_dict(), "finished_steps": step,
-                                     "finished_epochs": step // steps_per_epoch, "rng_states": rng_states}, path,
-                                    before_rename=lambda tmp: crash_hook("ckpt", step, rank))
-                except Exception as e:  # any type: torch.save raises RuntimeError on a full or read-only disk
-                    reason = str(e) if isinstance(e, OutputError) else (f"could not write checkpoint {path} "
-                                                                         f"({type(e).__name__}: {e})")
-                    error = (f"{reason}. Earlier checkpoints are intact (newest: {last_good or 'none'}); free space "
-                             f"or fix the permissions, then re-run the same command to resume")
-                else:
-                    log(f"saved checkpoint {path}")
-                    for old in prune_checkpoints(ckpt_dir, cfg.ckpt_keep_last, cfg.ckpt_keep_every, path):
-                        log(f"removed {old} (ckpt_keep_last={cfg.ckpt_keep_last})")
-            error = first_error(error)
-            if error:
-                raise CheckpointWriteError(error)
-            last_good = path
-
+        test_faults = FaultInjection.from_env(rank)  # None unless a test asks for faults (SOFLOW_TEST_CRASH)
+        keeper = CheckpointKeeper(ckpt_dir, rank, ckpt_path, cfg.ckpt_keep_last, cfg.ckpt_keep_every, log,
+                                  before_rename=(lambda step: test_faults.at("ckpt", step)) if test_faults else None)
+        window = LogWindow(cfg, device, world_size, tracker, log, weights=(model, ema.model))
+        checkpoints = RunCheckpoints(keeper, window, model, ema, optimizer, steps_per_epoch, device)
         if state is None:
-            save(0)  # as the release: the initial weights, before the first step
+            checkpoints.save(0)  # as the release: the initial weights, before the first step
 
         objective = cfg.objective()
-        window = torch.zeros(len(LOG_KEYS), device=device)
-        first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # checked without per-step syncs
-        window_start, window_steps = time.time(), 0
         bar = tqdm(total=cfg.total_steps, initial=finished_steps, desc="train", disable=rank != 0,
                    dynamic_ncols=True)
-
-        def check_finite(step):
-            """Stops every rank when a loss or gradient was non-finite since the start, or the weights are now."""
-            flag = torch.stack([first_bad_step, torch.where(weights_finite(model, ema.model), -1, step)])
-            if world_size > 1:
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            bad_loss, bad_weights = flag.tolist()
-            if bad_loss >= 0:
-                raise NonFiniteLoss(f"non-finite loss or gradient at step {bad_loss + 1}; stopped at step {step} "
-                                    f"without writing these weights. Last good checkpoint: {last_good or 'none'}")
-            if bad_weights >= 0:
-                raise NonFiniteLoss(f"non-finite weights after step {step} although the losses and gradients were "
-                                    f"finite (an update too large: learning_rate {cfg.learning_rate}?); stopped "
-                                    f"without writing them. Last good checkpoint: {last_good or 'none'}")
-
-        def write_outputs(step, which):
-            """The grid and dump of `step` (its checkpoint already written, or written now if one fails)."""
-            if not any(which):
-                return
-            check_finite(step)
-            try:
-                outputs.write(ema.model, step, which, log)
-            except OutputError as e:
-                if last_good != os.path.join(ckpt_dir, f"{step}.pt"):
-                    save(step)
-                raise OutputError(f"{e}. Checkpoint {last_good} holds step {step}: fix the cause, then re-run the "
-                                  f"same command; it resumes there and draws this step's grid and dump first") from None
-
-        write_outputs(finished_steps, owed)
+        write_outputs(outputs, checkpoints, finished_steps, owed, log)
         model.train()
+        exit_code = 0
         for x, labels in loader:
             step = finished_steps
-            crash_hook("step", step, rank)
+            if test_faults:
+                test_faults.at("step", step)
             x = x.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True) if cfg.conditional else None
             samples, augment_labels = dataset.prepare(x)
-            if device.type == "cuda" and cfg.channels_last and cfg.model_type == "UNet":
+            if cfg.uses_channels_last(device):
                 samples = samples.contiguous(memory_format=torch.channels_last)
             loss, stats, grad_norm = train_step(ddp, model, optimizer, (samples, labels, augment_labels), objective,
                                                 step, cfg, device)
-            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-            first_bad_step.copy_(torch.where((first_bad_step < 0) & ~finite, step, first_bad_step))
+            window.add(step, loss, stats, grad_norm)
             ema.update(model, step)
             finished_steps = step + 1
-            window += torch.stack([stats[k] for k in LOG_KEYS[:-1]] + [grad_norm]).float()
-            window_steps += 1
             bar.update(1)
             last = finished_steps == cfg.total_steps
-            signum = preemption.requested()
+            signum, record_failed = preemption.poll(record_failure(logger, tracker) is not None)
+            stop = signum or record_failed
 
-            if finished_steps % cfg.logging_steps == 0 or last or signum:
-                check_finite(finished_steps)
-                if world_size > 1:
-                    dist.all_reduce(window)
-                    window /= world_size
-                values = dict(zip(LOG_KEYS, (window / window_steps).tolist()))
-                elapsed = time.time() - window_start
-                per_rank = window_steps * cfg.batch_size / world_size / elapsed
-                log(f"Step {finished_steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in values.items())
-                    + f" | Peak_Mem {peak_memory_gib(device):.2f}GiB | Img/s {per_rank * world_size:.1f} "
-                    f"({per_rank:.1f}/rank) | Time {elapsed:.1f}s")
-                tracker.scalars(finished_steps, {
-                    **{f"train/{k}": v for k, v in values.items()}, "train/Peak_Mem_GiB": peak_memory_gib(device),
-                    "train/l_ratio": objective.l_ratio(finished_steps),
-                    "train/learning_rate": optimizer.param_groups[0]["lr"],
-                    "speed/images_per_s": per_rank * world_size, "speed/images_per_s_per_rank": per_rank})
+            if finished_steps % cfg.logging_steps == 0 or last or stop:
+                checkpoints.check_finite(finished_steps)
+                values = window.write(finished_steps, objective, optimizer)
                 bar.set_postfix(loss=f"{values['Vel_MSE'] + values['Con_MSE']:.4f}")
-                window.zero_()
-                window_start, window_steps = time.time(), 0
             # The checkpoint first: a grid or dump that fails, or a stop, loses no training.
-            if finished_steps % cfg.ckpt_saving_steps == 0 or last or signum:
-                check_finite(finished_steps)
-                save(finished_steps)
+            if finished_steps % cfg.ckpt_saving_steps == 0 or last or stop:
+                checkpoints.save(finished_steps)
+            if record_failed:
+                stop_on_record_failure(logger, tracker, checkpoints, finished_steps)
             if signum and not last:
-                log(f"stopped by {signal.Signals(signum).name} after step {finished_steps}: checkpoint {last_good} "
-                    f"written; re-run the same command to resume (exit status {PREEMPTED_EXIT_CODE})")
-                bar.close()
-                return PREEMPTED_EXIT_CODE
-            write_outputs(finished_steps, outputs.due(finished_steps))
+                log(f"stopped by {signal.Signals(signum).name} after step {finished_steps}: checkpoint "
+                    f"{checkpoints.newest} written; re-run the same command to resume (exit status "
+                    f"{PREEMPTED_EXIT_CODE})")
+                exit_code = PREEMPTED_EXIT_CODE
+                break
+            write_outputs(outputs, checkpoints, finished_steps, outputs.due(finished_steps), log)
         bar.close()
-        log(f"finished {finished_steps} steps")
-        return 0
+        if exit_code == 0:
+            log(f"finished {finished_steps} steps")
+        tracker.close()  # before the last check: its final flush may fail too
+        stop_on_record_failure(logger, tracker, checkpoints, finished_steps)
+        return exit_code
     finally:
         if tracker is not None:
             tracker.close()
@@ -652,6 +668,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (NonFiniteLoss, OutputError) as e:
+    except (NonFiniteLoss, OutputError) as e:  # CheckpointWriteError and RecordWriteError among them
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -121,11 +121,11 @@ def unet_step_figures(run, cfg, batch_size, steps):
     configure_backends(run.device, cfg.tf32)
     torch.manual_seed(0)
     model = cfg.build_model().to(run.device)
-    if run.device.type == "cuda" and cfg.channels_last:
+    if cfg.uses_channels_last(run.device):
         model.to(memory_format=torch.channels_last)
     optimizer = train.build_optimizer(cfg, model)
     x = torch.randn(batch_size, 3, 32, 32, device=run.device)
-    if run.device.type == "cuda" and cfg.channels_last:
+    if cfg.uses_channels_last(run.device):
         x = x.contiguous(memory_format=torch.channels_last)
     batch = (x, None, torch.zeros(batch_size, 6, device=run.device))
     objective = cfg.objective()

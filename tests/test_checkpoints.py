@@ -215,3 +215,42 @@ def test_hub_path_traversal_is_refused_without_a_download_hint():
         with pytest.raises(CheckpointSourceError, match="is refused: it must name a file inside the repository") as e:
             resolve_checkpoint(bad)
         assert "hf download" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A training run's checkpoints: save, prune, the newest good one, failed writes
+
+
+def test_checkpoint_keeper_saves_prunes_and_remembers_the_newest(tmp_path):
+    from checkpoints import CheckpointKeeper, list_checkpoints
+    logged = []
+    keeper = CheckpointKeeper(str(tmp_path), rank=0, keep_last=2, keep_every=4, log=logged.append)
+    for step in range(7):
+        keeper.save(step, {"model": {"w": torch.full((2,), float(step))}, "finished_steps": step})
+        assert keeper.newest == keeper.path(step) == os.path.join(str(tmp_path), f"{step}.pt")
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [0, 4, 5, 6]  # the newest two, and steps % 4 == 0
+    assert load_checkpoint(keeper.newest)["model"]["w"].tolist() == [6.0, 6.0]
+    assert logged[:2] == [f"saved checkpoint {keeper.path(0)}", f"saved checkpoint {keeper.path(1)}"]
+    assert f"removed {keeper.path(1)} (ckpt_keep_last=2)" in logged
+
+
+@pytest.mark.parametrize("error", [RuntimeError("PytorchStreamWriter failed writing file"),
+                                   OSError(28, "No space left on device")])
+def test_checkpoint_keeper_reports_a_failed_write_of_any_type(error, tmp_path, monkeypatch):
+    from checkpoints import CheckpointKeeper, CheckpointWriteError
+    keeper = CheckpointKeeper(str(tmp_path), rank=0, newest=str(tmp_path / "2.pt"), log=lambda s: None)
+
+    def failing(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(torch, "save", failing)
+    with pytest.raises(CheckpointWriteError, match=rf"could not write checkpoint .*4\.pt \({type(error).__name__}: .*"
+                                                   rf"GiB free on its file system.*newest: .*2\.pt.*re-run"):
+        keeper.save(4, {"model": {}})
+    assert keeper.newest == str(tmp_path / "2.pt") and os.listdir(tmp_path) == []  # no temporary left
+
+
+def test_checkpoint_keeper_on_other_ranks_writes_nothing(tmp_path):
+    from checkpoints import CheckpointKeeper
+    keeper = CheckpointKeeper(str(tmp_path), rank=1, log=lambda s: None)
+    keeper.save(3, {"model": {}})
+    assert os.listdir(tmp_path) == [] and keeper.newest == keeper.path(3)  # rank 0 wrote it (first_error agrees)

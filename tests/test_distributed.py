@@ -1,5 +1,5 @@
-"""distributed.py: ranks from SLURM under a plain srun, the fault-injection hook, random-state rewinding, one TF32
-API through a whole process."""
+"""distributed.py: ranks from SLURM under a plain srun, the fault-injection hook, the log file's failed writes,
+random-state rewinding, one TF32 API through a whole process."""
 import errno
 import os
 import sys
@@ -10,6 +10,7 @@ import torch
 
 import distributed
 from helpers import release_config
+from safe_io import WriteError
 
 
 def test_slurm_task_ids_become_ranks(monkeypatch):
@@ -31,15 +32,73 @@ def test_slurm_task_ids_become_ranks(monkeypatch):
     assert os.environ["RANK"] == "2"
 
 
-def test_crash_hook_actions(monkeypatch):
+def test_fault_injection_actions(monkeypatch):
     monkeypatch.setenv("SOFLOW_TEST_CRASH", "ckpt:4@1=ENOSPC")
-    distributed.crash_hook("ckpt", 4, rank=0)  # another rank: nothing
-    distributed.crash_hook("step", 4, rank=1)  # another point: nothing
+    distributed.FaultInjection.from_env(rank=0).at("ckpt", 4)  # another rank: nothing
+    distributed.FaultInjection.from_env(rank=1).at("step", 4)  # another point: nothing
     with pytest.raises(OSError) as info:
-        distributed.crash_hook("ckpt", 4, rank=1)
+        distributed.FaultInjection.from_env(rank=1).at("ckpt", 4)
     assert info.value.errno == errno.ENOSPC
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a restarted torchrun group runs through
-    distributed.crash_hook("ckpt", 4, rank=1)
+    assert distributed.FaultInjection.from_env(rank=1) is None
+
+
+def test_fault_injection_exists_only_when_a_test_asks(monkeypatch):
+    monkeypatch.delenv("SOFLOW_TEST_CRASH", raising=False)
+    assert distributed.FaultInjection.from_env(rank=0) is None  # a production run calls nothing for it
+    monkeypatch.setenv("SOFLOW_TEST_CRASH", "step:3=ERROR")
+    faults = distributed.FaultInjection.from_env(rank=0)
+    faults.at("step", 2)  # another count: nothing
+    with pytest.raises(RuntimeError, match="PytorchStreamWriter failed writing file"):
+        faults.at("step", 3)
+    assert distributed.FaultInjection.from_env(rank=1) is not None  # present, acting on rank 0 only
+    distributed.FaultInjection.from_env(rank=1).at("step", 3)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert distributed.FaultInjection.from_env(rank=0) is None
+
+
+class FailingStream:
+    """A log file's stream whose writes fail from the `after`-th on, with `error`."""
+
+    def __init__(self, after, error):
+        self.lines, self.after, self.error = [], after, error
+
+    def write(self, text):
+        if len(self.lines) >= self.after:
+            raise self.error
+        self.lines.append(text)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), RuntimeError("disk gone")])
+def test_a_failed_log_file_write_is_kept_said_once_and_never_raised(error, tmp_path, monkeypatch, capsys):
+    import logging
+    stream = FailingStream(after=2, error=error)
+    monkeypatch.setattr(logging.FileHandler, "_open", lambda self: stream)
+    logger = distributed.setup_logging("test_log_file", 0, tmp_path / "log.txt")
+    for i in range(4):
+        logger.info(f"line {i}")  # raises nothing
+    assert stream.lines == ["line 0\n", "line 1\n"]  # nothing written after the failure
+    failure = distributed.log_file_failure(logger)
+    assert isinstance(failure, WriteError)
+    assert str(failure).startswith(f"could not write log file {tmp_path / 'log.txt'} ({type(error).__name__}: ")
+    assert "GiB free on its file system" in str(failure)
+    err = capsys.readouterr().err
+    assert err.count("warning: could not write log file") == 1 and "Traceback" not in err
+    assert distributed.log_file_failure(distributed.setup_logging("test_log_file", 0, tmp_path / "b.txt")) is None
+
+
+def test_a_log_file_that_cannot_be_opened_names_the_path_and_free_space(tmp_path):
+    (tmp_path / "log.txt").mkdir()  # cannot be opened for appending, whoever runs the test
+    with pytest.raises(WriteError, match=r"could not write log file .*log\.txt \(IsADirectoryError.*"
+                                                     r"GiB free"):
+        distributed.setup_logging("test_log_file", 0, tmp_path / "log.txt")
+    distributed.setup_logging("test_log_file", 0)  # other ranks and scripts without a file are unaffected
 
 
 def test_shared_random_state_rewinds():

@@ -211,3 +211,47 @@ def test_a_failed_last_dump_is_redone_on_rerun(cifar_root, tmp_path, monkeypatch
     assert train.main(["--config", cfg]) == 0
     log = (run / "log.txt").read_text()
     assert log.rindex("wrote 4 EMA samples") > log.rindex("resumed from") and os.listdir(run / "evals") == ["2.npz"]
+
+
+
+def test_a_log_file_on_a_full_disk_stops_the_run_at_a_checkpoint_and_resumes(cifar_root, tmp_path):
+    """log.txt on a full disk (/dev/full: every write fails with ENOSPC): no traceback, the running step is
+    checkpointed, the run stops naming log.txt and the free space; the same command resumes bit-exactly."""
+    run = tmp_path / "run"
+    cfg = config(tmp_path, cifar_root, run, total_steps=2, eval_steps=100, eval_demo_steps=100)
+    run.mkdir()
+    os.symlink("/dev/full", run / "log.txt")
+    with pytest.raises(train.RecordWriteError, match=r"could not write log file .*log\.txt \(OSError: \[Errno 28\] "
+                                                     r".*GiB free.*stopped after step 1 with checkpoint .*1\.pt"):
+        train.main(["--config", cfg])
+    assert steps_of(run) == [0, 1]
+    (run / "log.txt").unlink()
+    assert train.main(["--config", cfg]) == 0
+    log = (run / "log.txt").read_text()
+    assert "1.pt at step 1 (bit-exact continuation)" in log and "finished 2 steps" in log
+
+
+def test_a_failed_tensorboard_write_of_any_type_stops_the_run_at_a_checkpoint(cifar_root, tmp_path, monkeypatch,
+                                                                             capsys):
+    """The TensorBoard writer raises RuntimeError at the step-2 scalars: the run finishes step 3, writes its
+    checkpoint and stops naming tb/ and the free space; without the fault the same command resumes there."""
+    from torch.utils.tensorboard import SummaryWriter
+    run = tmp_path / "run"
+    cfg = config(tmp_path, cifar_root, run, total_steps=4, eval_steps=100, eval_demo_steps=100, tracker="tensorboard")
+    add_scalar = SummaryWriter.add_scalar
+
+    def failing(self, tag, value, step, *args, **kwargs):
+        if step == 2:
+            raise RuntimeError("event writer died (test)")
+        return add_scalar(self, tag, value, step, *args, **kwargs)
+    monkeypatch.setattr(SummaryWriter, "add_scalar", failing)
+    with pytest.raises(train.RecordWriteError, match=r"could not write tensorboard log folder .*tb \(RuntimeError: "
+                                                     r"event writer died.*GiB free.*stopped after step 3 with "
+                                                     r"checkpoint .*3\.pt"):
+        train.main(["--config", cfg])
+    assert steps_of(run) == [0, 2, 3] and "Traceback" not in capsys.readouterr().err
+    assert "Step 3 | " in (run / "log.txt").read_text()  # log.txt kept the whole record
+    monkeypatch.setattr(SummaryWriter, "add_scalar", add_scalar)
+    assert train.main(["--config", cfg]) == 0
+    log = (run / "log.txt").read_text()
+    assert "3.pt at step 3 (bit-exact continuation)" in log and "finished 4 steps" in log
