@@ -29,7 +29,7 @@ from tqdm import tqdm
 from checkpoints import (CheckpointKeeper, CheckpointMismatchError, CheckpointWriteError,  # noqa: F401 (train.X)
                          check_weights_fit, latest_checkpoint)
 from config import RESUME_NO_EFFECT, ConfigError, check_resume, check_world_size, load_config, save_config
-from data import batch_loader, build_dataset
+from data import batch_loader, build_dataset, dataset_identity
 from distributed import (FaultInjection, all_gather_objects, attention_context, cleanup_distributed,
                          configure_backends, first_error, get_rng_state, guidance_dtype, log_file_failure,
                          precision_context, process_group_backend, set_rng_state, setup_distributed, setup_logging)
@@ -290,6 +290,20 @@ def recorded_changes(cfg, config_path, work):
                          f"be read.)") from None
 
 
+def check_same_data(state, identity, cfg, ckpt_path):
+    """SystemExit when the training data differ from those the checkpoint was trained on (data.dataset_identity:
+    sample count and a digest of the labels and of spread samples), e.g. a latent file re-extracted in place under
+    the same dataset_path: a resume would continue on other data. Checkpoints without the record (the release's)
+    pass."""
+    recorded = state.get("dataset")
+    if recorded is None or recorded == identity:
+        return
+    raise SystemExit(f"config error: the training data at {cfg.dataset_path or cfg.dataset_type} differ from those "
+                     f"{ckpt_path} was trained on ({recorded['samples']} samples, digest {recorded['sha256'][:12]}; "
+                     f"now {identity['samples']}, {identity['sha256'][:12]}): the data were changed or re-extracted "
+                     f"in place. Restore the data the run started with, or start a new run with another working_dir")
+
+
 def apply_optimizer_settings(optimizer, cfg):
     """The config's learning_rate, betas and weight_decay replace those a loaded optimizer state brought back.
     Returns [(key, checkpoint's value, config's value)] of those that changed."""
@@ -488,9 +502,9 @@ class RunCheckpoints:
     checkpoints.CheckpointKeeper (`keeper`: save, prune, the newest good one) once the window has found the losses,
     gradients and weights finite: a non-finite run stops without writing them."""
 
-    def __init__(self, keeper, window, model, ema, optimizer, steps_per_epoch, device):
+    def __init__(self, keeper, window, model, ema, optimizer, steps_per_epoch, device, data_identity):
         self.keeper, self.window, self.model, self.ema, self.optimizer = keeper, window, model, ema, optimizer
-        self.steps_per_epoch, self.device = steps_per_epoch, device
+        self.steps_per_epoch, self.device, self.data_identity = steps_per_epoch, device, data_identity
 
     @property
     def newest(self):
@@ -505,7 +519,8 @@ class RunCheckpoints:
         rng_states = all_gather_objects(get_rng_state(self.device))
         self.keeper.save(step, {"model": self.model.state_dict(), "ema_model": self.ema.model.state_dict(),
                                 "optimizer": self.optimizer.state_dict(), "finished_steps": step,
-                                "finished_epochs": step // self.steps_per_epoch, "rng_states": rng_states})
+                                "finished_epochs": step // self.steps_per_epoch, "rng_states": rng_states,
+                                "dataset": self.data_identity})
 
 
 def write_outputs(outputs, checkpoints, step, which, log):
@@ -572,6 +587,9 @@ def main(argv=None):
         if state is not None and args.no_resume:
             raise SystemExit(f"{ckpt_dir} holds checkpoints and --no-resume was given")
         changes = recorded_changes(cfg, args.config, work) if state is not None else []
+        data_identity = dataset_identity(dataset)
+        if state is not None:
+            check_same_data(state, data_identity, cfg, ckpt_path)
         finished_steps = int(state["finished_steps"]) if state is not None else 0
         outputs = PeriodicOutputs(cfg, device, rank, world_size, work, None, None, None)
         # A checkpoint of this code whose step's grid or dump is missing: drawn before the next step.
@@ -603,7 +621,7 @@ def main(argv=None):
         keeper = CheckpointKeeper(ckpt_dir, rank, ckpt_path, cfg.ckpt_keep_last, cfg.ckpt_keep_every, log,
                                   before_rename=(lambda step: test_faults.at("ckpt", step)) if test_faults else None)
         window = LogWindow(cfg, device, world_size, tracker, log, weights=(model, ema.model))
-        checkpoints = RunCheckpoints(keeper, window, model, ema, optimizer, steps_per_epoch, device)
+        checkpoints = RunCheckpoints(keeper, window, model, ema, optimizer, steps_per_epoch, device, data_identity)
         if state is None:
             checkpoints.save(0)  # as the release: the initial weights, before the first step
 

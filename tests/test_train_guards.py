@@ -120,6 +120,21 @@ def test_a_changed_model_or_data_key_refuses_to_resume(key, reference_run, cifar
         train.main(["--config", cfg])
 
 
+def test_data_changed_in_place_refuse_to_resume(tmp_path):
+    """The same dataset_path with other content (a folder re-extracted or replaced in place): the checkpoint's
+    record of the data (dataset_identity) no longer matches, so the run refuses before writing anything."""
+    data, run = make_cifar_folder(str(tmp_path / "data"), seed=0), tmp_path / "run"
+    quiet = dict(eval_steps=100, eval_demo_steps=100, total_steps=2)
+    assert train.main(["--config", config(tmp_path, data, run, **quiet)]) == 0
+    assert load_checkpoint(run / "ckpts" / "2.pt")["dataset"]["samples"] > 0
+    make_cifar_folder(data, seed=1)  # other images under the same path
+    record = (run / "config.yaml").read_text(), (run / "log.txt").read_text()
+    with pytest.raises(SystemExit, match=r"training data at .*data differ from those .*2\.pt was trained on .*"
+                                         r"changed or re-extracted in place"):
+        train.main(["--config", config(tmp_path, data, run, "more.yaml", **{**quiet, "total_steps": 4})])
+    assert ((run / "config.yaml").read_text(), (run / "log.txt").read_text()) == record and steps_of(run) == [0, 2]
+
+
 def test_changed_optimizer_settings_are_applied_and_logged(cifar_root, tmp_path):
     run = tmp_path / "run"
     quiet = dict(eval_steps=100, eval_demo_steps=100)
