@@ -151,6 +151,10 @@ def run(path, args):
     batched(f'LatentDataset(load_into_memory=True).get_batch [load {time.perf_counter() - start:.1f} s]',
             in_memory)
 
+    print_speedups(results)
+
+
+def print_speedups(results):
     baseline = results[0][1]
     print('speed-up over the naive per-sample read:')
     for name, rate in results:
