@@ -214,7 +214,7 @@ class WorkerProcess:
         if self.proc.poll() is None:
             with contextlib.suppress(BrokenPipeError):
                 self.proc.stdin.write("quit\n")
-                self.proc.stdin.flush()
+                self.proc.stdin.close()  # and end of input, for a worker that reads to the end
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
