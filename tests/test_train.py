@@ -311,7 +311,7 @@ def test_vae_loaded_only_when_needed_and_its_failure_is_clear(imagenet_latents, 
 def test_fid_inside_training_writes_the_evaluators_line(cifar_root, tmp_path):
     import evaluator
     from inception_graphs import write_inception_like
-    graph = write_inception_like(tmp_path / "graph.pb", writer="plain", image_size=139)  # small mixed_6 maps: a fast sFID
+    graph = write_inception_like(tmp_path / "graph.pb", writer="plain", image_size=139)  # a fast sFID
     ref = tmp_path / "ref.npz"
     np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8))
     run = tmp_path / "run"
