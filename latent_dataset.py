@@ -663,6 +663,6 @@ def claim_output(final, rank):
 if __name__ == '__main__':
     try:
         sys.exit(main())
-    except ExtractionError as error:
+    except (ExtractionError, OutputError) as error:  # OutputError: the merged file's write (safe_io.WriteError)
         log.error('%s', error)
         sys.exit(1)
