@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from safe_io import WriteError
+from safe_io import OutputError, WriteError
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -107,6 +107,21 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def claim_on_rank_zero(claim, rank, before=None):
+    """Rank 0 acquires `claim` (a safe_io.Claim on an output every rank writes to), after `before()` (e.g. a write
+    check) when given; every rank learns the outcome (first_error). Returns (the note of a stale lock taken over, on
+    rank 0, else None; the refusal's or failure's text, the same on every rank, else None)."""
+    note = error = None
+    if rank == 0:
+        try:
+            if before is not None:
+                before()
+            note = claim.acquire()
+        except (OutputError, OSError) as e:
+            error = str(e)
+    return note, first_error(error)
 
 
 def rank_bounds(n, rank, world_size):

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from distributed import (all_gather_objects, attention_context, cleanup_distributed, configure_backends, first_error,
-                         precision_context, rank_bounds, setup_distributed, setup_logging)
+from distributed import (all_gather_objects, attention_context, claim_on_rank_zero, cleanup_distributed,
+                         configure_backends, first_error, precision_context, rank_bounds, setup_distributed,
+                         setup_logging)
 from models import to_uint8
 from safe_io import Claim, ClaimError, OutputError, WriteError, atomic_write
 
@@ -191,13 +192,8 @@ def _failure(rank, error):
 def _claim_dump(out_path, rank):
     """Rank 0 claims `out_path` (the lock `{out_path}.lock`); every rank learns the outcome and the name stem of
     this dump's parts, unique to it. Raises ClaimError on every rank when another process writes `out_path`."""
-    claim, error = Claim(f"{out_path}.lock", out_path, "sample dump", "another --out"), None
-    if rank == 0:
-        try:
-            claim.acquire()
-        except (OutputError, OSError) as e:
-            error = str(e)
-    error = first_error(error)
+    claim = Claim(f"{out_path}.lock", out_path, "sample dump", "another --out")
+    _, error = claim_on_rank_zero(claim, rank)
     if error:
         raise ClaimError(error)
     return claim, all_gather_objects(f"{out_path}.{secrets.token_hex(6)}")[0]

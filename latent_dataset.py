@@ -51,8 +51,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data import LATENT_FILE, LatentDataset, latent_file, validate_latent_file
-from distributed import (FaultInjection, all_gather_objects, cleanup_distributed, configure_backends, first_error,
-                         rank_bounds, setup_distributed, setup_logging)
+from distributed import (FaultInjection, all_gather_objects, claim_on_rank_zero, cleanup_distributed,
+                         configure_backends, first_error, rank_bounds, setup_distributed, setup_logging)
 from safe_io import Claim, OutputError, WriteError, atomic_write, check_writable
 
 OUTPUT_NAME = LATENT_FILE
@@ -645,18 +645,13 @@ def claim_output(final, rank):
     """Rank 0 claims the output (the lock `{final}.lock`, safe_io.Claim) and checks that its folder is writable,
     before any work; every rank raises ExtractionError when that fails (another extraction into the same
     --save-path is refused, naming its host and process)."""
-    claim, error = Claim(f'{final}.lock', final, 'latent file', 'another --save-path'), None
-    if rank == 0:
-        try:
-            check_writable(os.path.dirname(os.path.abspath(final)), 'latent folder')
-            note = claim.acquire()
-            if note:
-                log.warning('%s', note)
-        except (OutputError, OSError) as e:
-            error = str(e)
-    error = first_error(error)
+    claim = Claim(f'{final}.lock', final, 'latent file', 'another --save-path')
+    note, error = claim_on_rank_zero(
+        claim, rank, before=lambda: check_writable(os.path.dirname(os.path.abspath(final)), 'latent folder'))
     if error:
         raise ExtractionError(error)
+    if note:
+        log.warning('%s', note)
     return claim
 
 
