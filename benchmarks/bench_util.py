@@ -11,6 +11,7 @@ gpu_report.py, paper_table.py).
   WorkerChannel         parent writes one command a line to the worker's stdin, the worker answers each
                         with one JSON object a line on its stdout
   markdown_table        a Markdown table of cells
+  log_windows           the "Step N | ... | Time Xs" windows of a train.py log.txt, parsed
 """
 import contextlib
 import ctypes
@@ -23,6 +24,8 @@ import tempfile
 import time
 
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,6 +227,30 @@ class WorkerProcess:
 
 # ----------------------------------------------------------------------------------------------------
 # Report
+
+
+_LOG_WINDOW = re.compile(r"^Step (\d+) \|(.*)\| Time ([0-9.]+)s$")
+
+
+def log_windows(path):
+    """The logging windows of a train.py log.txt, in order: dicts of the step that ends the window, its
+    seconds, and its numeric fields ({'Vel_MSE': .., 'Con_MSE': .., 'Grad_Norm': .., ...}; fields with units,
+    Peak_Mem and Img/s, are left out)."""
+    windows = []
+    with open(path) as f:
+        for line in f:
+            m = _LOG_WINDOW.match(line.strip())
+            if not m:
+                continue
+            values = {}
+            for field in m.group(2).split("|"):
+                name, _, value = field.strip().partition(" ")
+                try:
+                    values[name] = float(value)
+                except ValueError:
+                    pass
+            windows.append(dict(step=int(m.group(1)), seconds=float(m.group(3)), values=values))
+    return windows
 
 
 def markdown_table(header, rows, align=None):

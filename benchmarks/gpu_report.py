@@ -75,12 +75,12 @@ def part_tests(run):
 def step_cost_smoke():
     """Each of step_cost's variants, one step in this process, on a tiny DiT (the subprocess driver of the full
     run starts one process per variant, minutes on a loaded CPU)."""
-    import step_cost
-    model = step_cost.build_model("DiT-B-4", data_size=8, dit_sizes=dict(hidden_size=32, depth=1, num_heads=2))
-    optimizer = step_cost.make_optimizer(model, "default")
+    import step_variants
+    model = step_variants.build_model("DiT-B-4", data_size=8, dit_sizes=dict(hidden_size=32, depth=1, num_heads=2))
+    optimizer = step_variants.make_optimizer(model, "default")
     x, labels = torch.randn(4, 4, 8, 8), torch.randint(0, 1000, (4,))
-    rows = [(variant, f"{step_cost.train_step(model, optimizer, variant, x, labels, 0).item():.4f}")
-            for variant in step_cost.VARIANTS]
+    rows = [(variant, f"{step_variants.train_step(model, optimizer, variant, x, labels, 0).item():.4f}")
+            for variant in step_variants.VARIANTS]
     return "tiny DiT, one step per variant\n\n" + markdown_table(("variant", "loss"), rows)
 
 
@@ -152,10 +152,11 @@ def part_unet_step(run):
 
 def part_precision(run):
     import precision
+    import precision_delta
     if run.smoke:
-        return f"self-check (tiny DiT, every mode): max rel. diff {precision.self_check():.2e}"
+        return f"self-check (tiny DiT, every mode): max rel. diff {precision_delta.self_check():.2e}"
     args = precision.parse_args(["--device", "cuda", "--skip-digits", "--batch-size", "8"])
-    return precision.delta_markdown(precision.delta_part(args, log=lambda s: None))
+    return precision_delta.delta_markdown(precision_delta.delta_part(args, log=lambda s: None))
 
 
 def _random_sd_vae(folder, smoke):

@@ -17,7 +17,6 @@ The last lines project the config's full run, fixed cost + total_steps x step co
 """
 import argparse
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -28,21 +27,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from bench_util import log_windows  # noqa: E402
+
 LAYOUTS = {"2 ranks x 1 thread": 2, "1 process x all threads": 1}
-WINDOW = re.compile(r"^Step (\d+) \|.*\| Time ([0-9.]+)s$")
 
 
 def step_cost(log_path):
     """Seconds per step over the log windows after the first (the first holds the warm-up), and the total
     seconds of all windows."""
     windows, previous = [], 0
-    with open(log_path) as f:
-        for line in f:
-            m = WINDOW.match(line.strip())
-            if m:
-                step, seconds = int(m.group(1)), float(m.group(2))
-                windows.append((step - previous, seconds))
-                previous = step
+    for window in log_windows(log_path):
+        windows.append((window["step"] - previous, window["seconds"]))
+        previous = window["step"]
     if len(windows) < 2:
         raise SystemExit(f"{log_path}: fewer than two logging windows; raise --steps or lower logging_steps")
     steady = windows[1:]

@@ -57,3 +57,22 @@ def test_worker_process_answers_and_a_dead_worker_raises_with_its_stderr():
             dead.request("step")
     finally:
         dead.close()
+
+
+def test_log_windows_reads_the_lines_train_writes(tmp_path):
+    from types import SimpleNamespace
+
+    from train import LOG_KEYS, LogWindow
+    lines = []
+    tracker = SimpleNamespace(scalars=lambda step, values: None)
+    window = LogWindow(SimpleNamespace(batch_size=8), torch.device("cpu"), 1, tracker, lines.append, ())
+    stats = {k: torch.tensor(0.5 + i) for i, k in enumerate(LOG_KEYS[:-1])}
+    for step in range(4):
+        window.add(step, torch.tensor(1.0), stats, torch.tensor(2.0))
+    objective = SimpleNamespace(l_ratio=lambda step: 0.1)
+    window.write(4, objective, SimpleNamespace(param_groups=[{"lr": 1e-4}]))
+    log = tmp_path / "log.txt"
+    log.write_text("starting a new run\n" + "\n".join(lines) + "\nsaved checkpoint ckpts/4.pt\n")
+    (parsed,) = bench_util.log_windows(str(log))
+    assert parsed["step"] == 4 and parsed["seconds"] >= 0
+    assert parsed["values"] == {**{k: 0.5 + i for i, k in enumerate(LOG_KEYS[:-1])}, "Grad_Norm": 2.0}
