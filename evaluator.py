@@ -56,10 +56,9 @@ log = logging.getLogger("evaluator")
 INCEPTION_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
                  "classify_image_graph_def.pb")
 INCEPTION_FILENAME = "classify_image_graph_def.pb"
-# SHA-256 of the file above. The value was not available (no network) when this was written, so it is
-# None and the download is then only checked for completeness (Content-Length) and, on load, for the
-# tensors the metrics need. Set it, or pass --inception-sha256, to have every download and cached copy
-# verified.
+# SHA-256 of the file above: unset, as no checksum of the published file is verified in this repository, so a
+# download is checked only for completeness (Content-Length) and, on load, for the tensors the metrics need.
+# Set it, or pass --inception-sha256, to have every download and cached copy verified.
 INCEPTION_SHA256 = None
 
 NEAREST_K = 3  # neighbourhood size of the precision / recall manifolds

@@ -203,8 +203,8 @@ def check_class_balanced(num_samples, num_classes):
     """A class-balanced dump (label i % num_classes) holds each class equally often only when num_samples is a
     multiple of num_classes (any number for an unconditional model, num_classes 0)."""
     if num_classes > 0 and num_samples % num_classes:
-        raise ValueError(f"--class-balanced needs --num-samples ({num_samples}) divisible by {num_classes}, the "
-                         f"number of classes")
+        raise ValueError(f"class-balanced samples need --num-samples ({num_samples}) divisible by {num_classes}, "
+                         f"the number of classes")
 
 
 def dump_samples(model, out_path, num_samples, nfe, seed, batch_size, device, rank=0, world_size=1, decode=None,

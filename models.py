@@ -20,7 +20,7 @@ NOISING_TYPES = ("Linear", "Trig")
 COEFFICIENT_TYPES = ("Euler", "Trig")
 MODEL_TYPES = ("UNet",) + tuple(DIT_SIZES)
 L_SCHEDULES = ("Const", "Linear", "Cosine", "Exponent")
-METHODS = ("soflow", "meanflow")  # training objectives: the paper's, and the MeanFlow baseline (SPEC section 11)
+METHODS = ("soflow", "meanflow")  # training objectives: the paper's, and the MeanFlow baseline (docs/method.md)
 SAMPLERS = ("soflow", "meanflow", "euler")  # see Soflow.sample
 CFG_DECAY_K = 0.025
 MIN_TIME_GAP = 1e-4
@@ -180,8 +180,8 @@ class Objective:
     # --- MeanFlow ---
     # Keys of this code, read only with `method: meanflow`, which ignores the SoFlow keys above
     # except the class-drop rate `cfg_drop_rate`, shared because it sizes the network's label table. Defaults:
-    # MeanFlow's ImageNet settings (Geng et al. 2025) as benchmarks/step_cost.py had them (MeanFlow's class-drop
-    # rate there, 0.1, is also the release's ImageNet `cfg_drop_rate`); eps is the least certain of them.
+    # MeanFlow's ImageNet settings (Geng et al. 2025); its class-drop rate, 0.1, is also the release's ImageNet
+    # `cfg_drop_rate`; eps is the least certain of them.
     method: str = "soflow"              # soflow (the paper's objective) or meanflow (the baseline)
     meanflow_ratio: float = 0.25        # share of rows with r != t (MeanFlow's ImageNet runs: 25%)
     meanflow_time_mean: float = -0.4    # (t, r) from two logit-normal draws: MeanFlow's ImageNet lognorm(-0.4, 1.0)
@@ -191,8 +191,8 @@ class Objective:
     # Training-time guidance v~ = w v + kappa u(z, t, t | y) + (1 - w - kappa) u(z, t, t | null). MeanFlow's
     # ImageNet runs are guided (a per-size effective scale w / (1 - kappa) of about 2 to 2.5); their (w, kappa)
     # pairs are not verified here, so the defaults are the unguided w = 1, kappa = 0: set both for a guided run.
-    meanflow_cfg_scale: float = 1.0     # w of the training-time guidance above (1: unguided)
-    meanflow_cfg_kappa: float = 0.0     # kappa of the training-time guidance above (0: unguided)
+    meanflow_cfg_scale: float = 1.0     # w of the target w v + kappa u(.|y) + (1 - w - kappa) u(.|null); 1: unguided
+    meanflow_cfg_kappa: float = 0.0     # kappa of that guided target (0: unguided)
 
     def __post_init__(self):
         """The one place these settings are checked (the config loader relies on it)."""
@@ -603,7 +603,7 @@ class Soflow(nn.Module):
         return total, stats
 
     # ----------------------------------------------------------------------------------------------
-    # MeanFlow baseline (`method: meanflow`; SPEC section 11). The average velocity is the same network with
+    # MeanFlow baseline (`method: meanflow`; docs/method.md). The average velocity is the same network with
     # s = r, u(z_t, r, t) = F(z_t, t, r), so that z_r = f(z_t, t, r) = z_t - (t - r) u (Linear / Euler).
     def _check_meanflow_model(self):
         sch = self.scheduler
@@ -669,7 +669,7 @@ class Soflow(nn.Module):
 
     # ----------------------------------------------------------------------------------------------
     # Release-compatible calls: its schedule helpers and loss calls under its names and signatures
-    # (SPEC section 10), each a thin wrapper over the methods above; and MeanFlow's loss in the same style.
+    # (docs/drop_in.md), each a thin wrapper over the methods above; and MeanFlow's loss in the same style.
     get_cfg_decay_scale = staticmethod(cfg_decay_scale)
 
     @staticmethod

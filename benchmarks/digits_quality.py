@@ -223,7 +223,7 @@ def parse_args(argv=None):
                    help="folder for training runs (train mode), results.json and results.md")
     p.add_argument("--nproc", type=int, default=1,
                    help="training ranks: 1 trains in this process (as the quick start), more through torchrun")
-    p.add_argument("--num-samples", type=int, default=10000, help="samples per row, a multiple of 10")
+    p.add_argument("--num-samples", type=int, default=10000, help="samples per row, a multiple of the 10 classes")
     p.add_argument("--batch-size", type=int, default=1000, help="samples per forward pass")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--check", action="store_true", help="exit with status 1 when an acceptance target is missed")
@@ -233,14 +233,18 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     from config import load_config, write_variant
-    from inference import load_sampling_model
+    from inference import check_class_balanced, load_sampling_model
     if args.fm_ckpt and args.train:
         raise SystemExit("--fm-ckpt goes with --ckpt; --train trains both models")
-    if args.num_samples < 10 or args.num_samples % 10 or args.batch_size < 1 or args.nproc < 1:
-        raise SystemExit("--num-samples must be a positive multiple of 10; --batch-size and --nproc >= 1")
+    if args.num_samples < 1 or args.batch_size < 1 or args.nproc < 1:
+        raise SystemExit("--num-samples, --batch-size and --nproc must be >= 1")
     cfg = load_config(args.config)
     if cfg.dataset_type != "Digits" or cfg.num_classes != 10:
         raise SystemExit(f"{args.config}: this benchmark needs dataset_type Digits with num_classes 10")
+    try:
+        check_class_balanced(args.num_samples, cfg.num_classes)
+    except ValueError as error:
+        raise SystemExit(str(error))
     os.makedirs(args.out, exist_ok=True)
 
     def log(msg):

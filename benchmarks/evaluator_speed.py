@@ -7,15 +7,16 @@ time of the five metrics.
 
 The backends (`evaluator.make_feature_extractor('tf' | 'torch')`; `torch-unfolded` is the torch backend with
 fold=False, every node run as the graph has it) compute the pool_3, mixed_6/conv and softmax features of the same
-uint8 images (random, `--image-size` square, resized to 299 inside the graph). Without `--inception-graph` (no
-download here) the graph is a synthetic one with the real graph's op types, names, shapes and channel counts (all
-eleven mixed blocks at full width, random weights: the test suite's builder, tests/test_inception_torch.py), so
-the arithmetic is that of the real network. Each backend first computes one batch (warm-up); the torch backend
-runs without its TensorFlow self-check. Then each round times one pass of every backend over the images, in
-alternating order (reversed every other round), so that a change of the machine's load falls on both: the table
-gives each backend's median images/s and, as `x tf`, the median of its per-round ratios to TensorFlow, with the
-relative difference of its features to TensorFlow's. Threads: torch's intra-op threads as printed; TensorFlow's
-session uses its defaults (intra- and inter-op pools sized by TensorFlow to the machine's cores).
+uint8 images (random, `--image-size` square, resized to 299 inside the graph). Without `--inception-graph` (the
+benchmark downloads nothing) the graph is a synthetic one with the real graph's op types, names, shapes and channel
+counts (all eleven mixed blocks at full width, random weights: the test suite's builder,
+tests/inception_graphs.py), so the arithmetic is that of the real network. Each backend first computes one batch
+(warm-up); the torch backend runs without its TensorFlow self-check. Then each round times one pass of every
+backend over the images, in alternating order (reversed every other round), so that a change of the machine's load
+falls on both: the table gives each backend's median images/s and, as `x tf`, the median of its per-round ratios to
+TensorFlow, with the relative difference of its features to TensorFlow's. Threads: torch's intra-op threads as
+printed; TensorFlow's session uses its defaults (intra- and inter-op pools sized by TensorFlow to the machine's
+cores).
 
 Metrics: `evaluator.compute_metrics` (IS, FID, sFID, precision, recall) for `--metrics-features` reference and as
 many sample features of the real dimensions (pool 2048, spatial 2023, probabilities 1008; synthetic values), on
@@ -41,7 +42,7 @@ import evaluator  # noqa: E402
 
 
 def synthetic_graph(path):
-    from test_inception_torch import write_inception_like
+    from inception_graphs import write_inception_like
     return write_inception_like(path, seed=0, writer="plain", width=1.0, blocks="full")
 
 

@@ -204,7 +204,7 @@ def part_evaluator(run):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if run.smoke:  # the tests' small Inception-like graph
-            from test_inception_torch import write_inception_like
+            from inception_graphs import write_inception_like
             graph = str(write_inception_like(os.path.join(tmp, "small.pb"), writer="plain"))
         else:
             graph = str(evaluator_speed.synthetic_graph(os.path.join(tmp, "inception_like.pb")))

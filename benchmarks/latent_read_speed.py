@@ -91,6 +91,22 @@ def main():
                 os.rmdir(tmpdir)
 
 
+def per_sample_reads(path, order, reopen_samples, report):
+    """Cases 1 and 2: plain h5py reads of one sample at a time, in `order`."""
+    # 1. Naive: one open file, f['latents'][i] and f['labels'][i] one sample at a time.
+    with h5py.File(path, 'r') as f:
+        latents, labels = f['latents'], f['labels']
+        report('h5py per sample, file opened once', len(order),
+               lambda: consume((latents[i], labels[i]) for i in order))
+
+    # 2. Worse: open and close the file for every sample.
+    def reopen():
+        for i in order[:reopen_samples]:
+            with h5py.File(path, 'r') as f:
+                f['latents'][i], f['labels'][i]
+    report('h5py per sample, file reopened each time', len(order[:reopen_samples]), reopen)
+
+
 def run(path, args):
     rng = np.random.default_rng(args.seed)
     with h5py.File(path, 'r') as f:
@@ -105,20 +121,7 @@ def run(path, args):
         results.append((name, rate))
         print(f'  {name:<58s} {rate:>10,.0f} samples/s', flush=True)
 
-    # 1. Naive: one open file, f['latents'][i] and f['labels'][i] one sample at a time.
-    order = rng.permutation(n)[:args.naive_samples]
-    with h5py.File(path, 'r') as f:
-        latents, labels = f['latents'], f['labels']
-        report('h5py per sample, file opened once', len(order),
-               lambda: consume((latents[i], labels[i]) for i in order))
-
-    # 2. Worse: open and close the file for every sample.
-    def reopen():
-        for i in order[:args.reopen_samples]:
-            with h5py.File(path, 'r') as f:
-                f['latents'][i], f['labels'][i]
-    report('h5py per sample, file reopened each time', len(order[:args.reopen_samples]), reopen)
-
+    per_sample_reads(path, rng.permutation(n)[:args.naive_samples], args.reopen_samples, report)
     batches = [rng.choice(n, args.batch_size, replace=False) for _ in range(args.batches)]
     count = args.batch_size * args.batches
 

@@ -293,14 +293,15 @@ def parse_args(argv=None):
         args.num_samples, args.batch_size, args.classifier_epochs, args.classifier_width = 100, 100, 1, 4
         args.cost_steps, args.cost_warmup, args.jobs = 1, 0, 1
     args.grids = args.grids or args.out
-    if args.num_samples < 100 or args.num_samples % 10 or min(args.jobs, args.threads, args.batch_size) < 1:
-        p.error("--num-samples must be a multiple of 10 and >= 100 (the grids); --jobs, --threads, --batch-size >= 1")
+    if args.num_samples < 100 or min(args.jobs, args.threads, args.batch_size) < 1:
+        p.error("--num-samples must be >= 100 (the grids); --jobs, --threads, --batch-size >= 1")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     from config import load_config
+    from inference import check_class_balanced
     wall = time.time()
     torch.set_num_threads(args.threads)
 
@@ -310,6 +311,10 @@ def main(argv=None):
     base = load_config(args.config)
     if base.dataset_type != "MNIST" or base.method != "soflow" or base.num_classes != 10:
         raise SystemExit(f"{args.config}: needs dataset_type MNIST, num_classes 10 and method soflow (the SoFlow run)")
+    try:
+        check_class_balanced(args.num_samples, base.num_classes)
+    except ValueError as error:
+        raise SystemExit(str(error))
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     changes = dict(QUICK) if args.quick else {}

@@ -26,6 +26,8 @@ for _path in (ROOT, os.path.join(ROOT, "benchmarks")):
 
 import precision_delta  # noqa: E402
 import precision_digits  # noqa: E402
+from config import load_config  # noqa: E402
+from inference import check_class_balanced  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -41,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--digits-config", default=precision_digits.DIGITS_CONFIG)
     p.add_argument("--digits-modes", default=",".join(precision_digits.DIGITS_MODES), help="comma-separated precisions")
     p.add_argument("--nproc", type=int, default=2, help="training ranks for the digits runs")
-    p.add_argument("--num-samples", type=int, default=10000, help="1-NFE samples per digits model (multiple of 10)")
+    p.add_argument("--num-samples", type=int, default=10000, help="1-NFE samples per digits model (a multiple of the classes, 10)")
     p.add_argument("--sample-batch-size", type=int, default=1000, help="digits samples per forward pass")
     p.add_argument("--sample-seed", type=int, default=0)
     p.add_argument("--control-seeds", default="",
@@ -56,8 +58,13 @@ def parse_args(argv=None):
     unknown += [m for m in args.digits_modes if m not in precision_digits.DIGITS_MODES]
     if unknown:
         p.error(f"unknown recipe(s) / mode(s): {unknown}")
-    if args.num_samples < 10 or args.num_samples % 10:
-        p.error("--num-samples must be a positive multiple of 10")
+    if args.num_samples < 1:
+        p.error("--num-samples must be >= 1")
+    if not args.skip_digits:  # checked before part 1's minutes of work
+        try:
+            check_class_balanced(args.num_samples, load_config(args.digits_config).num_classes)
+        except ValueError as error:
+            p.error(str(error))
     return args
 
 

@@ -18,7 +18,7 @@ alike; `--sequential` runs them one after the other instead (one model in memory
 Memory: on CUDA, torch.cuda.max_memory_allocated of the variant's process. On CPU, the peak resident set
 (VmHWM, reset through /proc/self/clear_refs after set-up) of the variant's process. "step MiB" is that
 peak minus what the process holds between steps (weights, gradients kept allocated, AdamW moments, data):
-the activations and temporaries of the step, the part that depends on the objective. Ratios of memory use
+the activations and temporaries of the step, the part that depends on the objective; the memory ratios use
 "step MiB". "sys ms" and "faults k" (kernel time and minor page faults per step) show what the CPU allocator
 costs when it hands freed memory back to the kernel between steps; `--malloc retain` turns that off.
 
@@ -26,10 +26,8 @@ The last line reads `ratios: soflow/fm=.. soflow/reference=.. soflow_mem/fm_mem=
 with --grad-checkpointing the lines before it read `gc: time .., step memory .., peak memory .. (soflow+gc / soflow)`.
 """
 import argparse
-import itertools
 import math
 import os
-import resource
 import statistics
 import sys
 import time
@@ -41,11 +39,9 @@ for _path in (ROOT, os.path.join(ROOT, "benchmarks")):
 
 import torch  # noqa: E402
 
-from bench_util import (MemoryMeter, Timer, WorkerChannel, WorkerProcess, default_threads,  # noqa: E402
-                        interleaved_rounds, step_bytes)
-from config import load_config  # noqa: E402
+from bench_util import WorkerProcess, default_threads, interleaved_rounds, step_bytes  # noqa: E402
 from step_variants import (CFG_DROP_RATE, DATA_CHANNELS, GC_SUFFIX, GC_VARIANTS, NUM_CLASSES, VARIANTS,  # noqa: E402
-                           build_model, count_passes, make_optimizer, split_variant, train_step)
+                           serve_variant, split_variant)
 
 WORKER_VARIANTS = VARIANTS + tuple(v + GC_SUFFIX for v in GC_VARIANTS)
 # `--malloc retain`: glibc keeps freed memory (fixed 32 MiB mmap threshold, no heap trimming), the way a
@@ -54,59 +50,7 @@ RETAIN_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THR
 
 
 # ------------------------------------------------------------------------------------------------------
-# Worker process: one variant, stepped on command
-def worker_inputs(args):
-    """(model, batch, labels, objective) of a worker: the latent DiT on random latents and the ImageNet
-    objective, or with `--config` that config's model, random data of its shape and its objective."""
-    g = torch.Generator().manual_seed(args.seed + 1)
-    if args.config is None:
-        model = build_model(args.model_type, args.data_size)
-        x = torch.randn(args.batch_size, DATA_CHANNELS, args.data_size, args.data_size, generator=g)
-        return model, x, torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=g), None
-    cfg = load_config(args.config)
-    model = cfg.build_model()
-    x = torch.randn(args.batch_size, cfg.data_channels, cfg.data_size, cfg.data_size, generator=g)
-    labels = torch.randint(0, cfg.num_classes, (args.batch_size,), generator=g) if cfg.conditional else None
-    return model, x, labels, cfg.objective()
-
-
-def worker(args):
-    channel = WorkerChannel()
-    variant, grad_checkpointing = split_variant(args.worker)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    torch.manual_seed(args.seed)
-    model, x, labels, objective = worker_inputs(args)
-    model, x, labels = model.to(device).train(), x.to(device), labels.to(device) if labels is not None else None
-    model.network.set_grad_checkpointing(grad_checkpointing)
-    optimizer = make_optimizer(model, args.adamw)
-    # Allocate gradients and AdamW moments now (a zero-gradient step leaves the weights unchanged when
-    # weight_decay = 0), so that the memory baseline holds everything that lives between steps.
-    for p in model.network.parameters():
-        if p.requires_grad:
-            p.grad = torch.zeros_like(p)
-    optimizer.step()
-    passes = count_passes(model, variant, x, labels, dtype, objective)
-    if args.compile:
-        model.network = torch.compile(model.network)
-    torch.manual_seed(args.seed + 2)
-    meter = MemoryMeter(device)
-    meter.start()
-    channel.send(ready=True, passes=passes, params=sum(p.numel() for p in model.parameters()), device=str(device),
-                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
-    counter = itertools.count()  # the step number of train_step (0, 1, ...)
-
-    def step():
-        before = resource.getrusage(resource.RUSAGE_SELF)
-        with Timer(device) as timer:
-            loss = train_step(model, optimizer, variant, x, labels, next(counter), dtype, objective)
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        return dict(seconds=timer.seconds, loss=float(loss), sys=after.ru_stime - before.ru_stime,
-                    faults=after.ru_minflt - before.ru_minflt)
-    channel.serve({"step": step, "report": meter.report})
-
-
+# Worker processes: one variant each (step_variants.serve_variant), stepped on command
 def start_worker(variant, args):
     """The process of one variant (this script with --worker), its allocator as --malloc says."""
     env = dict(os.environ, **(RETAIN_MALLOC_ENV if args.malloc == "retain" else {}))
@@ -274,7 +218,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
-        return worker(args)
+        return serve_variant(args)
     wall = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"# step_cost: {args.model_type}, batch {args.batch_size}, latents {DATA_CHANNELS}x{args.data_size}x"

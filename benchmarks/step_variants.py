@@ -1,9 +1,9 @@
-"""The training step of each variant benchmarks/step_cost.py times, on a class-conditional latent DiT.
+"""The training step of each variant benchmarks/step_cost.py times, and the process that runs one variant.
 
 Every variant trains the same class-conditional DiT (1000 classes, cfg_drop_rate 0.1) on latents
 [B, 4, S, S] (or, with step_cost's `--config`, that config's model and objective):
   fm         plain flow matching, `Soflow.get_velocity_loss` with cfg_scale 1: one forward + backward.
-  soflow     `Soflow.forward` with the ImageNet reference objective (SPEC section 7): the fused step of
+  soflow     `Soflow.forward` with the ImageNet reference objective (configs/imagenet_B4.yaml): the fused step of
              three network calls (batched no-grad guidance, the grad call, the no-grad call at l).
   reference  the same loss computed the way the reference release does it: six separate network calls
              (FM: grad + no-grad unconditional; consistency: no-grad unconditional, no-grad conditional,
@@ -15,12 +15,14 @@ A `<variant>+gc` name is the same variant with activation checkpointing of every
 reference; MeanFlow's torch.func.jvp runs the blocks plainly, as checkpointing does not support forward-mode
 transforms).
 """
+import itertools
 import os
+import resource
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench_util import ROOT
+from bench_util import ROOT, MemoryMeter, Timer, WorkerChannel
 from config import load_config
 from distributed import autocast
 from models import (Objective, Soflow, average_velocity_jvp, draw_meanflow_times, draw_training_times,
@@ -252,3 +254,59 @@ def count_passes(model, variant, x, labels, dtype=torch.float32, objective=None)
         counter.remove()
     B = x.shape[0]
     return {"calls": counter.calls, **{k: v / B for k, v in counter.rows.items()}}
+
+
+# ------------------------------------------------------------------------------------------------------
+# The process of one variant (step_cost.py --worker), stepped on command
+def worker_inputs(args):
+    """(model, batch, labels, objective) of a worker: the latent DiT on random latents and the ImageNet
+    objective, or with `--config` that config's model, random data of its shape and its objective."""
+    g = torch.Generator().manual_seed(args.seed + 1)
+    if args.config is None:
+        model = build_model(args.model_type, args.data_size)
+        x = torch.randn(args.batch_size, DATA_CHANNELS, args.data_size, args.data_size, generator=g)
+        return model, x, torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=g), None
+    cfg = load_config(args.config)
+    model = cfg.build_model()
+    x = torch.randn(args.batch_size, cfg.data_channels, cfg.data_size, cfg.data_size, generator=g)
+    labels = torch.randint(0, cfg.num_classes, (args.batch_size,), generator=g) if cfg.conditional else None
+    return model, x, labels, cfg.objective()
+
+
+def serve_variant(args):
+    """The body of one variant's process: builds the model, the batch and the optimizer, sends 'ready' with
+    the pass counts, then answers 'step' (one timed training step) and 'report' (the memory) on stdin/stdout."""
+    channel = WorkerChannel()
+    variant, grad_checkpointing = split_variant(args.worker)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(args.seed)
+    model, x, labels, objective = worker_inputs(args)
+    model, x, labels = model.to(device).train(), x.to(device), labels.to(device) if labels is not None else None
+    model.network.set_grad_checkpointing(grad_checkpointing)
+    optimizer = make_optimizer(model, args.adamw)
+    # Allocate gradients and AdamW moments now (a zero-gradient step leaves the weights unchanged when
+    # weight_decay = 0), so that the memory baseline holds everything that lives between steps.
+    for p in model.network.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    passes = count_passes(model, variant, x, labels, dtype, objective)
+    if args.compile:
+        model.network = torch.compile(model.network)
+    torch.manual_seed(args.seed + 2)
+    meter = MemoryMeter(device)
+    meter.start()
+    channel.send(ready=True, passes=passes, params=sum(p.numel() for p in model.parameters()), device=str(device),
+                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    counter = itertools.count()  # the step number of train_step (0, 1, ...)
+
+    def step():
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        with Timer(device) as timer:
+            loss = train_step(model, optimizer, variant, x, labels, next(counter), dtype, objective)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        return dict(seconds=timer.seconds, loss=float(loss), sys=after.ru_stime - before.ru_stime,
+                    faults=after.ru_minflt - before.ru_minflt)
+    channel.serve({"step": step, "report": meter.report})

@@ -1,4 +1,4 @@
-"""A training loop written the way the SoFlow release writes its own (../shared/SPEC.md, section 10), run by
+"""A training loop written the way the SoFlow release writes its own (its interface: docs/drop_in.md), run by
 tests/test_models.py under torchrun on 2 CPU ranks (gloo):
 
     torchrun --nproc-per-node=2 tests/release_style_loop.py OUT_DIR LATENT_FOLDER

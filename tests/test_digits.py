@@ -98,5 +98,5 @@ def test_quality_script_on_given_checkpoints(quality, tmp_path):
         assert (new["model"], new["nfe"], new["n"]) == (old["model"], old["nfe"], old["n"])
         assert new["agreement"] == pytest.approx(old["agreement"], abs=0.02)
         assert new["frechet"] == pytest.approx(old["frechet"], rel=1e-3)
-    with pytest.raises(SystemExit, match="multiple of 10"):
+    with pytest.raises(SystemExit, match=r"--num-samples \(15\) divisible by 10, the number of classes"):
         digits_quality.main(["--ckpt", "x.pt", "--config", cfg, "--num-samples", "15"])

@@ -399,18 +399,9 @@ def test_folding_follows_what_the_op_sequence_allows(device):
 # Equality with TensorFlow
 # ==================================================================================================
 
-def test_ops_match_tensorflow(tf):
-    """One graph with many branches from one input: every implemented op on odd and even sizes, strides 1-3,
-    asymmetric SAME padding, up- and down-sampling resizes with each alignment mode."""
-    rng = np.random.default_rng(3)
-    g = small_graph()
-    x = rng.uniform(-2, 3, size=(2, 10, 9, 3)).astype(np.float32)
-    fetches = []
-
-    def out(name):
-        fetches.append(name + ":0")
-        return name
-
+def _spatial_ops(g, rng, out):
+    """Convolutions, pools and resizes of the 3-channel input x: odd and even sizes, strides 1-3, asymmetric SAME
+    padding, dilation, explicit padding, up- and down-sampling with each alignment mode."""
     for i, (k, s, padding) in enumerate([((3, 3), 2, "SAME"), ((2, 2), 2, "SAME"), ((4, 4), 3, "SAME"),
                                          ((1, 7), 1, "SAME"), ((7, 1), 1, "SAME"), ((5, 5), 1, "SAME"),
                                          ((3, 3), 2, "VALID"), ((1, 1), 1, "VALID")]):
@@ -428,6 +419,10 @@ def test_ops_match_tensorflow(tf):
         for align, half in ((False, False), (True, False), (False, True)):
             out(g.node(f"resize_{size[0]}_{size[1]}_{align}_{half}", "ResizeBilinear",
                        ["x", f"size_{size[0]}_{size[1]}"], T=Type(FLOAT), align_corners=align, half_pixel_centers=half))
+
+
+def _pointwise_and_shape_ops(g, rng, out):
+    """Batch norms, concatenations, unary and binary element-wise ops, reductions, matmul and shape ops of x."""
     for name, value in dict(mean=rng.normal(size=3), var=rng.uniform(0.1, 2, 3), beta=rng.normal(size=3),
                             gamma=rng.normal(size=3), bias_values=rng.normal(size=3)).items():
         g.const(name, value.astype(np.float32))
@@ -464,6 +459,22 @@ def test_ops_match_tensorflow(tf):
     g.node("batch", "StridedSlice", ["shape", "b0", "b1", "s1"], T=Type(INT32), Index=Type(INT32), shrink_axis_mask=1)
     g.node("packed", "Pack", ["batch", "minus_one"], T=Type(INT32), N=2, axis=0)
     out(g.node("reshape_dynamic", "Reshape", ["x", "packed"], T=Type(FLOAT), Tshape=Type(INT32)))
+
+
+def test_ops_match_tensorflow(tf):
+    """One graph with many branches from one input: every implemented op (_spatial_ops,
+    _pointwise_and_shape_ops) against TensorFlow."""
+    rng = np.random.default_rng(3)
+    g = small_graph()
+    x = rng.uniform(-2, 3, size=(2, 10, 9, 3)).astype(np.float32)
+    fetches = []
+
+    def out(name):
+        fetches.append(name + ":0")
+        return name
+
+    _spatial_ops(g, rng, out)
+    _pointwise_and_shape_ops(g, rng, out)
     data = g.to_bytes("tf")
     want = run_tf(data, {"x:0": x}, fetches)
     got = run_torch(data, {"x:0": x}, fetches)

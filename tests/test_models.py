@@ -373,7 +373,7 @@ def test_release_loss_calls_accept_both_time_shapes(shape, device):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The rest of the release's interface (SPEC section 10): its training loop's calls, its scheduler, its sampler
+# The rest of the release's interface (docs/drop_in.md): its training loop's calls, its scheduler, its sampler
 
 
 def test_release_training_loop_on_two_ranks(tmp_path):
@@ -529,7 +529,7 @@ def test_release_losses_of_an_empty_part_are_zeros(make, device):
 
 
 # --------------------------------------------------------------------------------------------------
-# MeanFlow baseline (`method: meanflow`, SPEC section 11)
+# MeanFlow baseline (`method: meanflow`, docs/method.md)
 
 
 def _meanflow_inputs(shape=(4, 1, 1, 1)):

@@ -91,6 +91,14 @@ def test_unguided_bf16_guidance_equals_fp32():
 # Part 2 (precision_digits.py), without the trainings
 
 
+def test_sample_count_checked_before_part_one(capsys):
+    import precision
+    with pytest.raises(SystemExit):
+        precision.parse_args(["--num-samples", "15"])  # 15 digits are not class-balanced
+    assert "--num-samples (15) divisible by 10, the number of classes" in capsys.readouterr().err
+    assert precision.parse_args(["--num-samples", "15", "--skip-digits"]).num_samples == 15
+
+
 def test_digits_step_cost_steps_every_mode_on_one_ranks_batch():
     cfg = load_config(digits.DIGITS_CONFIG)
     cost = digits.digits_step_cost(cfg, ["fp32", "bf16-guidance"], steps=1, warmup=0)
