@@ -12,7 +12,7 @@ each. `--skip-digits` / `--only-digits` run one part; the other part's results a
 `--out`/precision.json are kept.
 
 Output: Markdown tables on stdout and in `--out`/precision.md, everything in `--out`/precision.json.
-docs/precision.md reports a run and what it means for the `precision` setting.
+docs/precision.md holds the figures and what they mean for the `precision` setting.
 """
 import argparse
 import json
