@@ -369,7 +369,7 @@ def delta_markdown(delta):
             for row in (r for r in rec["rows"] if r["gap"] == gap):
                 rows.append((f"{recipe} ({rec['model_type']})", gap, f"{row['r']:g}", f"{row['median_t_minus_l']:.2e}",
                              row["mode"], *(_fmt(row[k]) for k in ("delta_batch", "delta_median", "delta_max",
-                                                                  "delta_abs_rms", "F_t_batch", "v_star_batch")),
+                                                                   "delta_abs_rms", "F_t_batch", "v_star_batch")),
                              _audit_text(row["audit"])))
     lines.append(markdown_table(("recipe", "gap", "r", "median t - l", "mode", "Delta batch", "Delta median",
                                  "Delta max", "rms dDelta", "F_t (call 2)", "v* (call 1)", "calls"), rows,

@@ -66,8 +66,8 @@ def test_error_ordering_and_dtypes(tiny_dit_measurement):
     mixed = _row(rows, "bf16-guidance + TF32 (emulated)", "last")["audit"]  # autocast calls are not TF32
     assert [c["tf32_rounded_ops"] > 0 for c in mixed.values()] == [False, True, True, True]
     text = delta.delta_markdown(dict(device="cpu", batch_size=6, torch="x", threads=1,
-                                         recipes={"imagenet": dict(model_type="DiT", rows=rows, redrawn_layers=4,
-                                                                   cfg_masked_rows=0, seconds=1.0, guided=True)}))
+                                     recipes={"imagenet": dict(model_type="DiT", rows=rows, redrawn_layers=4,
+                                                               cfg_masked_rows=0, seconds=1.0, guided=True)}))
     assert "| imagenet (DiT) | last | 0.002 |" in text and "1:bfloat16 2:float32 3:float32" in text
 
 
