@@ -12,7 +12,8 @@ each method's own objective (RECIPES; scaled only in steps: the l-schedule spans
   meanflow-guided / meanflow-unguided   MeanFlow's ImageNet recipe, with (omega 3, kappa 0: its B/4 setting)
                    and without training-time guidance
   fm               flow matching (velocity_loss_ratio 1, unguided), the ceiling: Euler at 1, 2, 4, 50 steps
-and the ablations of soflow-imagenet, each changing one key (ABLATIONS; `--ablation-seeds`). Every run is one
+and the ablations of soflow-imagenet, each changing one key (ABLATIONS), against soflow-imagenet itself run
+again at their steps and seeds (`--ablation-steps`, `--ablation-seeds`). Every run is one
 train.py process (`--jobs` at a time, `--threads` threads each) that saves a checkpoint `--points` times; then
 every checkpoint's EMA weights are scored at 1 and 2 NFE (SoFlow's re-noising sampler, MeanFlow's rule, Euler
 for FM; soflow-imagenet also with `sampler="meanflow"`, the sampler ablation), from the same noise and labels
@@ -96,19 +97,21 @@ ABLATIONS = {  # each changes one thing from soflow-imagenet
     "p=0.5": dict(p=0.5),
     "unguided": dict(cfg_scale=1.0, cfg_drop_rate=0.0),  # the release refuses label drop without guidance
 }
+ABLATION_BASE = "ablation:base"  # soflow-imagenet itself at the ablations' steps and seeds, their reference
 RUNS += [Run(f"ablation:{name}", "soflow", "imagenet", name != "unguided", dict(SOFLOW_IMAGENET, **change),
-             SOFLOW_SAMPLERS, "ablation") for name, change in ABLATIONS.items()]
+             SOFLOW_SAMPLERS, "ablation") for name, change in dict(base={}, **ABLATIONS).items()]
 RUN_BY_VARIANT = {run.variant: run for run in RUNS}
 
 # Presets: the config, the study's size, and the scoring settings.
 PRESETS = {
-    "digits": dict(config="configs/paper_table_digits.yaml", total_steps=4000, points=10, num_samples=890,
+    "digits": dict(config="configs/paper_table_digits.yaml", total_steps=4000, ablation_steps=2000, points=10,
+                   num_samples=890,
                    seeds=[0, 1, 2], ablation_seeds=[0, 1], device="cpu", jobs=2, threads=1, classifier_iter=500),
     # Not yet run: a GPU rerun at a larger scale (docs/gpu_path.md); MNIST 28 x 28 with a 33M-parameter DiT.
-    "mnist-cuda": dict(config="configs/paper_table_mnist_cuda.yaml", total_steps=40000, points=20,
+    "mnist-cuda": dict(config="configs/paper_table_mnist_cuda.yaml", total_steps=40000, ablation_steps=40000, points=20,
                        num_samples=2500, seeds=[0, 1, 2], ablation_seeds=[0, 1], device="cuda", jobs=1,
                        threads=4, classifier_iter=500),
-    "quick": dict(config="configs/paper_table_digits.yaml", total_steps=4, points=2, num_samples=100, seeds=[0],
+    "quick": dict(config="configs/paper_table_digits.yaml", total_steps=4, ablation_steps=4, points=2, num_samples=100, seeds=[0],
                   ablation_seeds=[0], device="cpu", jobs=1, threads=1, classifier_iter=30,
                   changes=dict(hidden_size=16, depth=1, num_heads=2, batch_size=16, logging_steps=1)),
 }
@@ -175,7 +178,7 @@ def write_run_config(args, run, seed):
     from config import write_variant
     folder = run_dir(args.out, run, seed)
     preset = PRESETS[args.preset]
-    steps = args.total_steps
+    steps = args.total_steps if run.group == "headline" else args.ablation_steps
     every = max(steps // args.points, 1)
     changes = dict(preset.get("changes", {}), **run.changes, seed=seed, total_steps=steps, working_dir=folder,
                    ckpt_saving_steps=every, ckpt_keep_last=None, tracker="none")
@@ -353,6 +356,7 @@ def parse_args(argv=None):
     p.add_argument("--classifier-seed", type=int, default=0, help="seed of the classifier behind the agreement")
     p.add_argument("--sample-seed", type=int, default=0, help="seed of the fixed sampling noise and labels")
     p.add_argument("--total-steps", type=int, default=None, help="training steps of every run")
+    p.add_argument("--ablation-steps", type=int, default=None, help="training steps of every ablation run")
     p.add_argument("--points", type=int, default=None, help="checkpoints scored along each run")
     p.add_argument("--num-samples", type=int, default=None, help="samples per scoring (<= held-out real images)")
     p.add_argument("--sample-batch", type=int, default=1000, help="samples per sampling forward pass")
@@ -366,7 +370,7 @@ def parse_args(argv=None):
     if args.quick:
         args.preset = "quick"
     preset = PRESETS[args.preset]
-    for key in ("config", "total_steps", "points", "num_samples", "seeds", "ablation_seeds", "jobs", "threads",
+    for key in ("config", "total_steps", "ablation_steps", "points", "num_samples", "seeds", "ablation_seeds", "jobs", "threads",
                 "device"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
@@ -374,9 +378,9 @@ def parse_args(argv=None):
     args.csv = args.csv or os.path.join(default_folder, "paper_table.csv")
     args.figures = args.figures or default_folder
     args.out = os.path.abspath(args.out)
-    if min(args.jobs, args.threads, args.points, args.total_steps, args.sample_batch) < 1:
-        p.error("--jobs, --threads, --points, --total-steps and --sample-batch must be >= 1")
-    if args.points > args.total_steps:
+    if min(args.jobs, args.threads, args.points, args.total_steps, args.ablation_steps, args.sample_batch) < 1:
+        p.error("--jobs, --threads, --points, --total-steps, --ablation-steps and --sample-batch must be >= 1")
+    if args.points > min(args.total_steps, args.ablation_steps):
         p.error(f"--points {args.points} exceeds --total-steps {args.total_steps}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch")

@@ -12,6 +12,7 @@ WITHIN_FLOOR = 1.5  # "comes within 1.5x of the floor" (the table's first-step c
 REGIME_FD, REGIME_AGREEMENT = 2.0, 0.05  # the regime's test: FM 50 steps within 2x the floor and 0.05 of accuracy
 HEADLINE = ("soflow-imagenet", "soflow-cifar", "meanflow-guided", "meanflow-unguided", "fm")
 BASE = "soflow-imagenet"
+ABLATION_BASE = "ablation:base"  # soflow-imagenet at the ablations' steps and seeds
 
 
 def real_row(rows):
@@ -121,11 +122,12 @@ def comparison_table(rows):
 def ablation_table(rows):
     """Each ablation against soflow-imagenet on the ablation's seeds, at 1 and 2 NFE."""
     lines = []
-    ablations = [v for v, s, n in series(rows) if v.startswith("ablation:") and s == "soflow" and n == 1]
+    ablations = [v for v, s, n in series(rows)
+                 if v.startswith("ablation:") and v != ABLATION_BASE and s == "soflow" and n == 1]
     for variant in ablations:
         for nfe in (1, 2):
             c = curves(rows, variant, "soflow", nfe)
-            base = {s: p for s, p in curves(rows, BASE, "soflow", nfe).items() if s in c}
+            base = {s: p for s, p in curves(rows, ABLATION_BASE, "soflow", nfe).items() if s in c}
             fd, base_fd = final(c, 2), final(base, 2)
             verdict = {"a": "better", "b": "worse", "no call": "within spread", "-": "-"}[call(fd, base_fd, True)]
             lines.append((variant.split(":", 1)[1], nfe, ", ".join(str(s) for s in c), spread(fd, "{:.4f}"),
@@ -141,7 +143,6 @@ def ablation_table(rows):
                       spread(final(sampler, 3), "{:.3f}"), spread(final(base, 3), "{:.3f}"), verdict))
     return markdown_table(("change from soflow-imagenet", "NFE", "seeds", "FD", "FD of soflow-imagenet",
                            "agreement", "agreement of soflow-imagenet", "FD call"), lines, "lrlrrrrl")
-
 
 def report_tables(rows):
     return "\n\n".join(f"### {title}\n\n{table}" for title, table in (
@@ -202,7 +203,7 @@ def report_figures(rows, folder):
         paths.append(curve_figure(rows, nfe, entries, os.path.join(folder, f"paper_table_curves_{nfe}nfe.png"),
                                   f"{nfe} NFE: mean over training seeds, band = min to max"))
     entries = [(f"{v.split(':', 1)[-1]} ({s}, {n} NFE)", v, s, n) for v, s, n in series(rows)
-               if (v.startswith("ablation:") or v == BASE) and n == 1]
+               if v.startswith("ablation:") and n == 1]
     entries += [('soflow-imagenet, sampler="meanflow" (2 NFE)', BASE, "meanflow", 2),
                 ("soflow-imagenet (soflow, 2 NFE)", BASE, "soflow", 2)]
     paths.append(curve_figure(rows, 1, entries, os.path.join(folder, "paper_table_ablations.png"),
