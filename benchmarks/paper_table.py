@@ -221,8 +221,8 @@ def score_run(config_path, run, seed, reference, args):
     seconds = train_seconds_by_step(os.path.join(cfg.working_dir, "log.txt"))
     rows = []
     for step, ckpt in list_checkpoints(os.path.join(cfg.working_dir, "ckpts")):
-        if step == 0:
-            continue
+        if step == 0 or (step % cfg.ckpt_saving_steps and step != cfg.total_steps):
+            continue  # step 0, and the checkpoint an interrupted run writes where it stopped
         model = load_sampling_model(cfg, ckpt, args.device)
         for sampler, nfes in run.samplers.items():
             for nfe in nfes:

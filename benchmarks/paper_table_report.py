@@ -157,9 +157,10 @@ def report_tables(rows):
 def plot_band(ax, curve, x_index, y_index, label, style):
     """The mean over seeds as a line and the seeds' min-max as a band, at the steps every seed has."""
     import numpy as np
-    length = min(len(p) for p in curve.values())
-    values = np.array([[point[y_index] for point in p[:length]] for p in curve.values()])
-    x = np.array([[point[x_index] for point in p[:length]] for p in curve.values()]).mean(0)
+    steps = set.intersection(*({point[0] for point in p} for p in curve.values()))
+    kept = [[point for point in p if point[0] in steps] for p in curve.values()]
+    values = np.array([[point[y_index] for point in p] for p in kept])
+    x = np.array([[point[x_index] for point in p] for p in kept]).mean(0)
     line, = ax.plot(x, values.mean(0), style, label=label, marker=".")
     ax.fill_between(x, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
 
