@@ -293,6 +293,9 @@ def train_and_score(run, seed, args, reference, log):
     if rows is not None:
         log(f"{run.variant} seed {seed}: finished, reused")
         return rows
+    if args.finished_only:
+        log(f"{run.variant} seed {seed}: not finished, left out (--finished-only)")
+        return []
     config_path = write_run_config(args, run, seed)
     start = time.time()
     if args.jobs == 1:
@@ -351,6 +354,8 @@ def parse_args(argv=None):
     p.add_argument("--csv", default=None, help="the scores (default docs/paper_table.csv; --quick: --out)")
     p.add_argument("--figures", default=None, help="folder of the PNGs (default docs; --quick: --out)")
     p.add_argument("--report-only", action="store_true", help="tables and figures from --csv, no training")
+    p.add_argument("--finished-only", action="store_true",
+                   help="the CSV, tables and figures from the runs already finished (an interrupted study), no training")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds of the headline runs")
     p.add_argument("--ablation-seeds", type=int, nargs="+", default=None, help="training seeds of the ablations")
     p.add_argument("--classifier-seed", type=int, default=0, help="seed of the classifier behind the agreement")

@@ -128,6 +128,8 @@ def ablation_table(rows):
         for nfe in (1, 2):
             c = curves(rows, variant, "soflow", nfe)
             base = {s: p for s, p in curves(rows, ABLATION_BASE, "soflow", nfe).items() if s in c}
+            if not base:
+                continue  # an interrupted study without the reference run of these seeds
             fd, base_fd = final(c, 2), final(base, 2)
             verdict = {"a": "better", "b": "worse", "no call": "within spread", "-": "-"}[call(fd, base_fd, True)]
             lines.append((variant.split(":", 1)[1], nfe, ", ".join(str(s) for s in c), spread(fd, "{:.4f}"),
