@@ -312,10 +312,13 @@ def train_and_score(run, seed, args, reference, log):
 
 
 def study_jobs(args):
-    """(run, seed) pairs, the expensive ones first (MeanFlow's JVP steps), so the last jobs are short."""
-    jobs = [(run, seed) for run in RUNS
-            for seed in (args.seeds if run.group == "headline" else args.ablation_seeds)]
-    return sorted(jobs, key=lambda job: job[0].method != "meanflow")
+    """(run, seed) pairs in the order that leaves the most complete study when it is stopped early (then
+    --finished-only reports the finished runs): every headline run of one seed after the other, MeanFlow's (the
+    longest) first within a seed; then each ablation with all its seeds."""
+    headline = [run for run in RUNS if run.group == "headline"]
+    headline.sort(key=lambda run: run.method != "meanflow")
+    jobs = [(run, seed) for seed in args.seeds for run in headline]
+    return jobs + [(run, seed) for run in RUNS if run.group == "ablation" for seed in args.ablation_seeds]
 
 
 def run_study(args, reference, log):
