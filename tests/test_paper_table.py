@@ -92,6 +92,17 @@ def test_resume_reuses_finished_runs(quick_study, tmp_path):
     assert paper_table.read_csv(out / "paper_table.csv") == before  # the same weights score the same
 
 
+def test_finished_only_reports_an_interrupted_study_without_training(quick_study, tmp_path):
+    out = copy_study(quick_study, tmp_path)
+    (out / "runs" / "fm" / "seed0" / "scores.csv").unlink()
+    shutil.rmtree(out / "runs" / "soflow-cifar")  # never started
+    run_main(["--quick", "--out", str(out), "--finished-only"])
+    variants = {r["variant"] for r in paper_table.read_csv(out / "paper_table.csv")}
+    assert "fm" not in variants and "soflow-cifar" not in variants and "soflow-imagenet" in variants
+    assert not (out / "runs" / "fm" / "seed0" / "scores.csv").exists()
+    assert not (out / "runs" / "soflow-cifar").exists()
+
+
 def test_new_classifier_seed_rescores_without_retraining(quick_study, tmp_path):
     out = copy_study(quick_study, tmp_path)
     ckpts = list(out.glob("runs/*/seed0/ckpts/*.pt"))
