@@ -285,6 +285,22 @@ def score_command(config_path, run, seed, args):
             "--sample-batch", str(args.sample_batch), "--out", args.out]
 
 
+def run_child(cmd, out, env):
+    """Runs `cmd` in its own session, with its output to the file `out`. Its own session because Linux's autogroup
+    scheduler shares the CPU between sessions: children in this one would split one share between them. A signal
+    to the terminal's process group no longer reaches the child, so any exception here (Ctrl-C included) passes
+    it SIGTERM first, on which train.py writes a checkpoint where it stands and exits."""
+    child = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        code = child.wait()
+    except BaseException:
+        child.terminate()
+        child.wait()
+        raise
+    if code:
+        raise subprocess.CalledProcessError(code, cmd)
+
+
 def train_and_score(run, seed, args, reference, log):
     """Trains the run (train.py resumes an interrupted one; a finished one only reloads) and scores it, unless
     its scores.csv is already there: in this process with --jobs 1, otherwise in child processes."""
@@ -305,8 +321,7 @@ def train_and_score(run, seed, args, reference, log):
     else:
         with open(os.path.join(folder, "train.out"), "a") as f:
             for cmd in (digits_quality.train_command(1, config_path), score_command(config_path, run, seed, args)):
-                subprocess.run(cmd, cwd=ROOT, check=True, stdout=f, stderr=subprocess.STDOUT,
-                               env=subprocess_env(args))
+                run_child(cmd, f, subprocess_env(args))
     log(f"{run.variant} seed {seed}: trained and scored in {time.time() - start:.0f} s")
     return read_csv(os.path.join(folder, "scores.csv"))
 
