@@ -127,7 +127,8 @@ def ablation_table(rows):
     for variant in ablations:
         for nfe in (1, 2):
             c = curves(rows, variant, "soflow", nfe)
-            base = {s: p for s, p in curves(rows, ABLATION_BASE, "soflow", nfe).items() if s in c}
+            reference = ABLATION_BASE if curves(rows, ABLATION_BASE, "soflow", nfe) else BASE  # BASE: same steps
+            base = {s: p for s, p in curves(rows, reference, "soflow", nfe).items() if s in c}
             if not base:
                 continue  # an interrupted study without the reference run of these seeds
             fd, base_fd = final(c, 2), final(base, 2)
@@ -206,7 +207,7 @@ def report_figures(rows, folder):
         paths.append(curve_figure(rows, nfe, entries, os.path.join(folder, f"paper_table_curves_{nfe}nfe.png"),
                                   f"{nfe} NFE: mean over training seeds, band = min to max"))
     entries = [(f"{v.split(':', 1)[-1]} ({s}, {n} NFE)", v, s, n) for v, s, n in series(rows)
-               if v.startswith("ablation:") and n == 1]
+               if (v.startswith("ablation:") or (v == BASE and s == "soflow")) and n == 1]
     entries += [('soflow-imagenet, sampler="meanflow" (2 NFE)', BASE, "meanflow", 2),
                 ("soflow-imagenet (soflow, 2 NFE)", BASE, "soflow", 2)]
     paths.append(curve_figure(rows, 1, entries, os.path.join(folder, "paper_table_ablations.png"),
