@@ -47,6 +47,7 @@ def test_quick_study_writes_every_score(quick_study):
     scored = [r for r in rows if r["method"] != "real"]
     assert {r["method"] for r in scored} == {"soflow", "meanflow", "fm"}
     expected = {(run.variant, sampler, nfe, 0, step) for run in paper_table.RUNS
+                if run.variant != paper_table.ABLATION_BASE  # the ablations run the headline's steps here
                 for sampler, nfes in run.samplers.items() for nfe in nfes for step in (2, 4)}
     assert {(r["variant"], r["sampler"], r["nfe"], r["seed"], r["step"]) for r in scored} == expected
     assert len(scored) == len(expected)
@@ -120,6 +121,16 @@ def test_report_only_redraws_from_the_csv(quick_study, tmp_path):
     assert sorted(os.listdir(figures)) == sorted(FIGURES)
     assert text.startswith("### Regime") and text == (quick_study / "results.md").read_text().split("\nWall time")[0]
     assert not (tmp_path / "report" / "runs").exists()
+
+
+def test_jobs_headline_seed_by_seed_then_ablations_with_their_reference():
+    jobs = [(run.variant, seed) for run, seed in paper_table.study_jobs(paper_table.parse_args(
+        ["--quick", "--seeds", "0", "1", "--ablation-seeds", "0", "1", "--ablation-steps", "2"]))]
+    assert jobs[:2] == [("meanflow-guided", 0), ("meanflow-unguided", 0)] and jobs[5] == ("meanflow-guided", 1)
+    assert {seed for _, seed in jobs[:5]} == {0} and jobs[10:12] == [("ablation:base", 0), ("ablation:base", 1)]
+    assert len(jobs) == 10 + 2 * (len(paper_table.ABLATIONS) + 1)
+    same_steps = paper_table.study_jobs(paper_table.parse_args(["--quick", "--ablation-seeds", "0", "1"]))
+    assert [seed for run, seed in same_steps if run.variant == "ablation:base"] == [1]  # seed 0: soflow-imagenet
 
 
 def test_report_only_without_csv_is_a_clear_error(tmp_path):
