@@ -104,7 +104,7 @@ RUN_BY_VARIANT = {run.variant: run for run in RUNS}
 
 # Presets: the config, the study's size, and the scoring settings.
 PRESETS = {
-    "digits": dict(config="configs/paper_table_digits.yaml", total_steps=2000, ablation_steps=1000, points=10,
+    "digits": dict(config="configs/paper_table_digits.yaml", total_steps=2000, ablation_steps=2000, points=10,
                    num_samples=890,
                    seeds=[0, 1, 2], ablation_seeds=[0, 1], device="cpu", jobs=2, threads=1, classifier_iter=500),
     # Not yet run: a GPU rerun at a larger scale (docs/gpu_path.md); MNIST 28 x 28 with a 33M-parameter DiT.
