@@ -158,12 +158,13 @@ def report_tables(rows):
 
 
 def plot_band(ax, curve, x_index, y_index, label, style):
-    """The mean over seeds as a line and the seeds' min-max as a band, at the steps every seed has."""
+    """The mean over seeds as a line and the seeds' min-max as a band, at the steps every seed has; x is the
+    seeds' median (training seconds of a seed that ran on a loaded machine do not pull the line)."""
     import numpy as np
     steps = set.intersection(*({point[0] for point in p} for p in curve.values()))
     kept = [[point for point in p if point[0] in steps] for p in curve.values()]
     values = np.array([[point[y_index] for point in p] for p in kept])
-    x = np.array([[point[x_index] for point in p] for p in kept]).mean(0)
+    x = np.median(np.array([[point[x_index] for point in p] for p in kept]), axis=0)
     line, = ax.plot(x, values.mean(0), style, label=label, marker=".")
     ax.fill_between(x, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
 
@@ -190,7 +191,7 @@ def curve_figure(rows, nfe, entries, path, title):
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title + "; training seconds: the seeds' median")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
