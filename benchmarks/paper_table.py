@@ -6,7 +6,7 @@
     python benchmarks/paper_table.py --preset mnist-cuda --device cuda --out results/gpu      # larger, untested
 
 Runs. One network, data, batch, optimizer, EMA and set of training seeds (the preset's config), trained with
-each method's own objective (RECIPES; scaled only in steps: the l-schedule spans the run's total_steps):
+each method's own objective (RUNS; scaled only in steps: the l-schedule spans the run's total_steps):
   soflow-imagenet  the release's configs/imagenet_B4.yaml objective (guided in training)
   soflow-cifar     the release's configs/cifar.yaml objective (unguided)
   meanflow-guided / meanflow-unguided   MeanFlow's ImageNet recipe, with (omega 3, kappa 0: its B/4 setting)
@@ -32,7 +32,8 @@ Every image goes through the uint8 conversion of the sample dumps before scoring
 Output: `--csv` (default docs/paper_table.csv), one row per scoring and the `real` rows; Markdown tables on
 stdout and in --out/results.md; the learning-curve PNGs in `--figures`. A finished run (its scores.csv, made
 with the same scoring settings) is reused, an interrupted one resumes from its newest checkpoint, so the same
-command resumes a stopped study. `--quick` runs the whole pipeline at toy size (the suite's test).
+command resumes a stopped study; `--finished-only` reports a stopped study's finished runs without training.
+`--quick` runs the whole pipeline at toy size (the suite's test).
 """
 import argparse
 import concurrent.futures

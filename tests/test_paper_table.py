@@ -133,6 +133,22 @@ def test_jobs_headline_seed_by_seed_then_ablations_with_their_reference():
     assert [seed for run, seed in same_steps if run.variant == "ablation:base"] == [1]  # seed 0: soflow-imagenet
 
 
+@pytest.mark.parametrize("preset", ["digits", "mnist-cuda"])
+def test_every_run_config_of_the_presets_loads(preset, tmp_path):
+    from config import load_config
+    args = paper_table.parse_args(["--preset", preset, "--device", "cpu", "--out", str(tmp_path)])
+    for run, seed in paper_table.study_jobs(args):
+        cfg = load_config(paper_table.write_run_config(args, run, seed))  # the config checks of train.py
+        assert cfg.total_steps == args.total_steps and cfg.ckpt_saving_steps * args.points == cfg.total_steps
+        assert cfg.method == ("meanflow" if run.method == "meanflow" else "soflow") and cfg.seed == seed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(SystemExit):
+        paper_table.parse_args(["--preset", "mnist-cuda"])
+
+
 def test_report_only_without_csv_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         run_main(["--quick", "--out", str(tmp_path), "--report-only"])
