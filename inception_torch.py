@@ -3,9 +3,9 @@ PyTorch, without TensorFlow.
 
 Two parts:
 
-* a reader of the protobuf wire format for the messages a frozen graph is made of (GraphDef, NodeDef,
-  AttrValue, TensorProto, TensorShapeProto), so the .pb file is parsed without TensorFlow and without
-  protobuf classes for TensorFlow's messages;
+* the reader: the .pb file is parsed by the protobuf classes of TensorFlow's messages that the `tensorboard`
+  package ships (`tensorboard.compat.proto`, no TensorFlow needed), and constants are converted to NumPy by its
+  `make_ndarray`, after the checks TensorFlow makes and with TensorFlow's fill rule for short value lists;
 * an interpreter (`GraphFunction`) that executes the sub-graph between fed tensors and fetched tensors
   with PyTorch ops that reproduce TensorFlow's semantics (SAME padding split as TensorFlow splits it,
   legacy `ResizeBilinear`, average pooling that leaves padded cells out of the divisor, the old `Concat`
@@ -22,10 +22,12 @@ off while it runs, so the convolutions and products are plain fp32 as TensorFlow
 """
 import contextlib
 import math
-import struct
 from pathlib import Path
 
 import numpy as np
+from google.protobuf.message import DecodeError
+from tensorboard.compat.proto import graph_pb2, tensor_pb2, types_pb2
+from tensorboard.util.tensor_util import make_ndarray
 
 # Tensor and op names of the Inception graph, declared here for both backends (evaluator.py imports them;
 # this module imports nothing of the evaluator's).
@@ -42,98 +44,16 @@ class GraphError(ValueError):
 
 
 # ==================================================================================================
-# Protobuf wire format
+# GraphDef reading: the protobuf classes and TensorProto -> NumPy converter that tensorboard ships
 # ==================================================================================================
 
-_VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
-
-
-def _read_varint(buf, pos):
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise GraphError("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift >= 70:
-            raise GraphError("varint too long")
-
-
-def _fields(buf):
-    """(field number, wire type, value) of every field of a message: an int for varints and fixed-size
-    fields (raw bits), a memoryview for length-delimited ones."""
-    buf = memoryview(buf)
-    pos, end = 0, len(buf)
-    while pos < end:
-        key, pos = _read_varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if number == 0:
-            raise GraphError("field number 0")
-        if wire == _VARINT:
-            value, pos = _read_varint(buf, pos)
-        elif wire == _FIXED64:
-            if pos + 8 > end:
-                raise GraphError("truncated fixed64 field")
-            value = int.from_bytes(buf[pos:pos + 8], "little")
-            pos += 8
-        elif wire == _BYTES:
-            length, pos = _read_varint(buf, pos)
-            if pos + length > end:
-                raise GraphError("truncated length-delimited field")
-            value = buf[pos:pos + length]
-            pos += length
-        elif wire == _FIXED32:
-            if pos + 4 > end:
-                raise GraphError("truncated fixed32 field")
-            value = int.from_bytes(buf[pos:pos + 4], "little")
-            pos += 4
-        else:  # groups (3, 4) are not used by any of TensorFlow's messages
-            raise GraphError(f"unsupported wire type {wire}")
-        yield number, wire, value
-
-
-def _signed64(value):
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _signed32(value):
-    # int32 fields are written as sign-extended 64-bit varints.
-    value &= 0xFFFFFFFF
-    return value - (1 << 32) if value >= 1 << 31 else value
-
-
-def _varints(wire, value):
-    """The integers of a repeated varint field occurrence, packed or not (raw, unsigned)."""
-    if wire == _VARINT:
-        return [value]
-    if wire != _BYTES:
-        raise GraphError("bad wire type for a repeated integer field")
-    out, pos = [], 0
-    while pos < len(value):
-        item, pos = _read_varint(value, pos)
-        out.append(item)
-    return out
-
-
-def _fixed(wire, value, numpy_dtype):
-    """The values of a repeated fixed32 / fixed64 field occurrence (float, double), packed or not."""
-    size = np.dtype(numpy_dtype).itemsize
-    if wire == _BYTES:
-        if len(value) % size:
-            raise GraphError("packed field length is not a multiple of the element size")
-        return np.frombuffer(value, dtype=numpy_dtype).tolist() if len(value) else []
-    if (wire, size) in ((_FIXED32, 4), (_FIXED64, 8)):
-        return np.frombuffer(value.to_bytes(size, "little"), dtype=numpy_dtype).tolist()
-    raise GraphError("bad wire type for a repeated floating-point field")
-
-
 # DataType enum (tensorflow/core/framework/types.proto) -> (name, numpy dtype or None).
-DT_FLOAT, DT_DOUBLE, DT_INT32, DT_UINT8, DT_INT16, DT_INT8, DT_STRING = 1, 2, 3, 4, 5, 6, 7
-DT_INT64, DT_BOOL, DT_BFLOAT16, DT_UINT16, DT_HALF, DT_UINT32, DT_UINT64 = 9, 10, 14, 17, 19, 22, 23
+DT_FLOAT, DT_DOUBLE, DT_INT32, DT_UINT8, DT_INT16, DT_INT8, DT_STRING = (
+    types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, types_pb2.DT_INT32, types_pb2.DT_UINT8, types_pb2.DT_INT16,
+    types_pb2.DT_INT8, types_pb2.DT_STRING)
+DT_INT64, DT_BOOL, DT_BFLOAT16, DT_UINT16, DT_HALF, DT_UINT32, DT_UINT64 = (
+    types_pb2.DT_INT64, types_pb2.DT_BOOL, types_pb2.DT_BFLOAT16, types_pb2.DT_UINT16, types_pb2.DT_HALF,
+    types_pb2.DT_UINT32, types_pb2.DT_UINT64)
 DTYPES = {
     DT_FLOAT: ("float32", np.float32), DT_DOUBLE: ("float64", np.float64), DT_INT32: ("int32", np.int32),
     DT_UINT8: ("uint8", np.uint8), DT_INT16: ("int16", np.int16), DT_INT8: ("int8", np.int8),
@@ -141,6 +61,10 @@ DTYPES = {
     DT_BFLOAT16: ("bfloat16", None), DT_UINT16: ("uint16", np.uint16), DT_HALF: ("float16", np.float16),
     DT_UINT32: ("uint32", np.uint32), DT_UINT64: ("uint64", np.uint64),
 }
+# The repeated field of TensorProto that holds the values of each dtype when tensor_content is empty.
+_VALUE_FIELD = {DT_FLOAT: "float_val", DT_DOUBLE: "double_val", DT_INT32: "int_val", DT_UINT8: "int_val",
+                DT_INT16: "int_val", DT_INT8: "int_val", DT_UINT16: "int_val", DT_INT64: "int64_val",
+                DT_BOOL: "bool_val", DT_HALF: "half_val", DT_STRING: "string_val"}
 
 
 def dtype_name(dtype):
@@ -159,107 +83,59 @@ class TensorShape:
         self.unknown_rank = unknown_rank
 
     @classmethod
-    def parse(cls, buf):
-        dims, unknown_rank = [], False
-        for number, wire, value in _fields(buf):
-            if number == 2:  # Dim {int64 size = 1; string name = 2}
-                size = 0
-                for dnum, dwire, dvalue in _fields(value):
-                    if dnum == 1:
-                        size = _signed64(dvalue)
-                dims.append(size)
-            elif number == 3:
-                unknown_rank = bool(value)
-        return cls(dims, unknown_rank)
+    def from_proto(cls, proto):
+        return cls([d.size for d in proto.dim], proto.unknown_rank)
 
     def __repr__(self):
         return "TensorShape(<unknown rank>)" if self.unknown_rank else f"TensorShape({self.dims})"
 
 
-class TensorValue:
-    """A TensorProto, decoded into a NumPy array on first use (constants of the real graph total ~90 MB;
-    most of it is `tensor_content`, kept as a view into the file's bytes until needed)."""
+def _every_value_written(proto, numel):
+    """`proto` with each of its numel values in its *_val field. TensorFlow (Tensor::FromProto) reads fewer
+    values than elements by repeating the last one, and none at all as zeros; tensorboard's make_ndarray knows
+    only one value or all of them."""
+    values = getattr(proto, _VALUE_FIELD[proto.dtype])
+    if len(values) > numel:
+        raise GraphError(f"tensor has {len(values)} values for shape {[d.size for d in proto.tensor_shape.dim]}")
+    if len(values) in (1, numel):
+        return proto
+    full = tensor_pb2.TensorProto()
+    full.CopyFrom(proto)
+    fill = values[-1] if len(values) else {DT_STRING: b"", DT_BOOL: False}.get(proto.dtype, 0)
+    getattr(full, _VALUE_FIELD[proto.dtype]).extend([fill] * (numel - len(values)))
+    return full
 
-    def __init__(self, buf):
-        self._buf = buf
+
+def tensor_to_numpy(proto):
+    """A TensorProto as a NumPy array, by tensorboard's make_ndarray after the checks TensorFlow makes (dtype,
+    complete shape, tensor_content size) and its fill rule for short *_val fields (`_every_value_written`)."""
+    if proto.dtype not in _VALUE_FIELD:
+        raise GraphError(f"tensor of unsupported dtype {dtype_name(proto.dtype)}")
+    shape = TensorShape.from_proto(proto.tensor_shape)
+    if shape.unknown_rank or any(d < 0 for d in shape.dims):
+        raise GraphError(f"tensor with an incomplete shape {shape}")
+    numel = int(np.prod(shape.dims, dtype=np.int64))
+    if proto.tensor_content:
+        if len(proto.tensor_content) != numel * np.dtype(DTYPES[proto.dtype][1]).itemsize:
+            raise GraphError(f"tensor_content of {len(proto.tensor_content)} bytes for shape {shape.dims} "
+                             f"{dtype_name(proto.dtype)}")
+        return make_ndarray(proto)
+    return make_ndarray(_every_value_written(proto, numel))
+
+
+class TensorValue:
+    """A TensorProto, converted to a NumPy array on first use (constants of the real graph total ~90 MB)."""
+
+    def __init__(self, proto):
+        self.proto = proto
+        self.dtype = proto.dtype
+        self.shape = TensorShape.from_proto(proto.tensor_shape)
         self._array = None
-        self.dtype = 0
-        self.shape = TensorShape()
-        for number, wire, value in _fields(buf):
-            if number == 1:
-                self.dtype = value
-            elif number == 2:
-                self.shape = TensorShape.parse(value)
 
     def numpy(self):
         if self._array is None:
-            self._array = self._decode()
+            self._array = tensor_to_numpy(self.proto)
         return self._array
-
-    def _decode(self):
-        dtype = self.dtype
-        if dtype not in DTYPES:
-            raise GraphError(f"tensor of unsupported dtype {dtype_name(dtype)}")
-        if self.shape.unknown_rank or any(d < 0 for d in self.shape.dims):
-            raise GraphError(f"tensor with an incomplete shape {self.shape}")
-        shape = tuple(self.shape.dims)
-        numel = int(np.prod(shape, dtype=np.int64))
-        content, values = None, []
-        for number, wire, value in _fields(self._buf):
-            if number == 4:
-                content = bytes(value)
-            elif number == 5 and dtype == DT_FLOAT:
-                values += _fixed(wire, value, "<f4")
-            elif number == 6 and dtype == DT_DOUBLE:
-                values += _fixed(wire, value, "<f8")
-            elif number == 7 and dtype in (DT_INT32, DT_INT16, DT_INT8, DT_UINT8, DT_UINT16):
-                values += [_signed32(v) for v in _varints(wire, value)]
-            elif number == 8 and dtype == DT_STRING:
-                values.append(bytes(value))
-            elif number == 10 and dtype == DT_INT64:
-                values += [_signed64(v) for v in _varints(wire, value)]
-            elif number == 11 and dtype == DT_BOOL:
-                values += [bool(v) for v in _varints(wire, value)]
-            elif number == 13 and dtype in (DT_HALF, DT_BFLOAT16):
-                values += [v & 0xFFFF for v in _varints(wire, value)]
-            elif number == 16 and dtype == DT_UINT32:
-                values += _varints(wire, value)
-            elif number == 17 and dtype == DT_UINT64:
-                values += _varints(wire, value)
-        if dtype == DT_BFLOAT16:
-            bits = (np.frombuffer(content, "<u2") if content is not None else np.array(values, np.uint16))
-            return self._fill((bits.astype(np.uint32) << 16).view(np.float32), shape, numel)
-        if dtype == DT_STRING:
-            # Strings are never in tensor_content; each element is one string_val.
-            array = np.empty(len(values), dtype=object)
-            array[:] = values
-            return self._fill(array, shape, numel)
-        np_dtype = np.dtype(DTYPES[dtype][1]).newbyteorder("<")
-        if content is not None:
-            if len(content) != numel * np_dtype.itemsize:
-                raise GraphError(f"tensor_content of {len(content)} bytes for shape {list(shape)} "
-                                 f"{dtype_name(dtype)}")
-            return np.frombuffer(content, dtype=np_dtype).astype(np_dtype.newbyteorder("="), copy=True) \
-                .reshape(shape)
-        if dtype == DT_HALF:
-            array = np.array(values, dtype=np.uint16).view(np.float16)
-        else:
-            array = np.array(values, dtype=np_dtype.newbyteorder("="))
-        return self._fill(array, shape, numel)
-
-    @staticmethod
-    def _fill(array, shape, numel):
-        # TensorFlow's rule for the repeated *_val fields: fewer values than elements repeat the last one;
-        # none at all means zeros.
-        if len(array) > numel:
-            raise GraphError(f"tensor has {len(array)} values for shape {list(shape)}")
-        if len(array) < numel:
-            if len(array) == 0:
-                fill = b"" if array.dtype == object else 0
-                array = np.full(numel, fill, dtype=array.dtype)
-            else:
-                array = np.concatenate([array, np.full(numel - len(array), array[-1], dtype=array.dtype)])
-        return array.reshape(shape)
 
     def __repr__(self):
         return f"TensorValue({dtype_name(self.dtype)}, {self.shape})"
@@ -273,74 +149,38 @@ class FuncValue:
         return f"func {self.name!r}"
 
 
-def _parse_func(buf):
-    name = ""
-    for number, wire, value in _fields(buf):
-        if number == 1:
-            name = bytes(value).decode("utf-8", "replace")
-    return FuncValue(name)
-
-
-def _parse_list(buf):
-    """AttrValue.ListValue -> a Python list of the one kind of element it holds."""
-    items = {"s": [], "i": [], "f": [], "b": [], "type": [], "shape": [], "tensor": [], "func": []}
-    for number, wire, value in _fields(buf):
-        if number == 2:
-            items["s"].append(bytes(value))
-        elif number == 3:
-            items["i"] += [_signed64(v) for v in _varints(wire, value)]
-        elif number == 4:
-            items["f"] += _fixed(wire, value, "<f4")
-        elif number == 5:
-            items["b"] += [bool(v) for v in _varints(wire, value)]
-        elif number == 6:
-            items["type"] += _varints(wire, value)
-        elif number == 7:
-            items["shape"].append(TensorShape.parse(value))
-        elif number == 8:
-            items["tensor"].append(TensorValue(value))
-        elif number == 9:
-            items["func"].append(_parse_func(value))
-    kinds = [kind for kind, values in items.items() if values]
-    if len(kinds) > 1:
-        raise GraphError(f"attribute list mixes {kinds}")
-    kind = kinds[0] if kinds else None
-    return AttrValue(f"list({kind})" if kind else "list", items[kind] if kind else [])
+def _python_value(kind, value):
+    """One attribute value (or list element) of kind `kind` as the interpreter reads it."""
+    if kind == "shape":
+        return TensorShape.from_proto(value)
+    if kind == "tensor":
+        return TensorValue(value)
+    if kind == "func":
+        return FuncValue(value.name)
+    return bool(value) if kind == "b" else value
 
 
 class AttrValue:
     """One attribute: `kind` is 's', 'i', 'f', 'b', 'type', 'shape', 'tensor', 'func', 'placeholder',
-    'list(<kind>)' or 'list' (an empty list), and `value` the decoded Python value."""
+    'list(<kind>)' or 'list' (an empty list), and `value` the Python value."""
 
     def __init__(self, kind, value):
         self.kind = kind
         self.value = value
 
     @classmethod
-    def parse(cls, buf):
-        result = cls(None, None)
-        for number, wire, value in _fields(buf):
-            if number == 1:
-                result = _parse_list(value)
-            elif number == 2:
-                result = cls("s", bytes(value))
-            elif number == 3:
-                result = cls("i", _signed64(value))
-            elif number == 4:
-                result = cls("f", struct.unpack("<f", value.to_bytes(4, "little"))[0])
-            elif number == 5:
-                result = cls("b", bool(value))
-            elif number == 6:
-                result = cls("type", value)
-            elif number == 7:
-                result = cls("shape", TensorShape.parse(value))
-            elif number == 8:
-                result = cls("tensor", TensorValue(value))
-            elif number == 9:
-                result = cls("placeholder", bytes(value).decode("utf-8", "replace"))
-            elif number == 10:
-                result = cls("func", _parse_func(value))
-        return result
+    def from_proto(cls, proto):
+        kind = proto.WhichOneof("value")
+        if kind is None:
+            return cls(None, None)
+        if kind != "list":
+            return cls(kind, _python_value(kind, getattr(proto, kind)))
+        kinds = [k for k in ("s", "i", "f", "b", "type", "shape", "tensor", "func") if len(getattr(proto.list, k))]
+        if len(kinds) > 1:
+            raise GraphError(f"attribute list mixes {kinds}")
+        if not kinds:
+            return cls("list", [])
+        return cls(f"list({kinds[0]})", [_python_value(kinds[0], v) for v in getattr(proto.list, kinds[0])])
 
     def __repr__(self):
         if self.kind == "type":
@@ -359,26 +199,9 @@ class NodeDef:
         self.attr = attr
 
     @classmethod
-    def parse(cls, buf):
-        name, op, inputs, device, attr = "", "", [], "", {}
-        for number, wire, value in _fields(buf):
-            if number == 1:
-                name = bytes(value).decode()
-            elif number == 2:
-                op = bytes(value).decode()
-            elif number == 3:
-                inputs.append(bytes(value).decode())
-            elif number == 4:
-                device = bytes(value).decode()
-            elif number == 5:  # map<string, AttrValue> entry {key = 1; value = 2}
-                key, attr_value = "", AttrValue(None, None)
-                for enum, ewire, evalue in _fields(value):
-                    if enum == 1:
-                        key = bytes(evalue).decode()
-                    elif enum == 2:
-                        attr_value = AttrValue.parse(evalue)
-                attr[key] = attr_value
-        return cls(name, op, inputs, device, attr)
+    def from_proto(cls, proto):
+        return cls(proto.name, proto.op, list(proto.input), proto.device,
+                   {key: AttrValue.from_proto(value) for key, value in proto.attr.items()})
 
     def __repr__(self):
         return f"NodeDef({self.name!r}, op={self.op!r}, inputs={self.inputs})"
@@ -404,26 +227,17 @@ class GraphDef:
 
 
 def parse_graph_def(data):
-    """Parse the bytes of a serialized tensorflow.GraphDef. Raises GraphError when they are not one."""
-    nodes, producer = [], 0
+    """Parse the bytes of a serialized tensorflow.GraphDef (tensorboard's copy of its protobuf class). Raises
+    GraphError when they are not one."""
     try:
-        for number, wire, value in _fields(data):
-            if number == 1 and wire == _BYTES:
-                nodes.append(NodeDef.parse(value))
-            elif number == 4 and wire == _BYTES:  # VersionDef {producer = 1; min_consumer = 2; ...}
-                for vnum, vwire, vvalue in _fields(value):
-                    if vnum == 1 and vwire == _VARINT:
-                        producer = _signed32(vvalue)
-            elif number in (2, 3):  # library, deprecated version
-                continue
-            else:
-                raise GraphError(f"unexpected field {number} (wire type {wire}) in a GraphDef")
-        for node in nodes:
-            if not node.name or not node.op:
-                raise GraphError("a node without name or op")
-    except UnicodeDecodeError as err:
+        proto = graph_pb2.GraphDef.FromString(bytes(data))
+    except DecodeError as err:
         raise GraphError(f"not a GraphDef ({err})") from err
-    return GraphDef(nodes, producer)
+    nodes = [NodeDef.from_proto(node) for node in proto.node]
+    for node in nodes:
+        if not node.name or not node.op:
+            raise GraphError("a node without name or op")
+    return GraphDef(nodes, proto.versions.producer)
 
 
 def load_graph_def(path):

@@ -16,9 +16,10 @@ recipe's objective (every row a consistency row) and are the same at both gaps. 
 ratio ||Delta_mode - Delta_fp64|| / ||Delta_fp64|| (Frobenius norms), its median and max per sample, and the
 relative errors of F_t (call 2) and of the target velocity v* (from call 1), so that the amplification shows.
 
-Each mode runs the code's own pieces (`Soflow.guidance` under the mode's guidance autocast,
-`Soflow.mixed_target`, `Soflow._F` / `Soflow._f` under `distributed.precision_context`), chained as
-`Soflow.fused_loss` chains them; `self_check` checks that the chain reproduces fused_loss's Con_MSE bit for bit.
+Each mode runs the code's own pieces (`SoflowLoss.guidance` under the mode's guidance autocast,
+`SoflowLoss.target`, `Soflow.network_output` / `Soflow.solution_from_output` under
+`distributed.precision_context`), chained as `SoflowLoss.loss_parts` chains them; `self_check` checks that the
+chain reproduces fused_loss's Con_MSE bit for bit.
   fp32                     float32, no autocast (on CUDA the release's numerics: TF32 matmuls and convs on)
   fp32 strict (no TF32)    CUDA only: TF32 off
   fp32 + TF32 (emulated)   float32 under tf32_emulation.EmulateTF32 (on CUDA with real TF32 off)
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 from bench_util import ROOT, markdown_table, sync
 from config import load_config
 from distributed import attention_context, autocast, guidance_dtype, precision_context, tf32_mode
-from models import draw_training_times
+from models import SoflowLoss, draw_training_times
 from tf32_emulation import EmulateTF32
 
 RECIPES = {
@@ -208,8 +209,8 @@ class CallAudit:
 
 
 def run_mode(model, inputs, objective, mode, device, gaps=("first", "last")):
-    """Delta (per gap), F_t and v* (per gap) of one mode, computed as `Soflow.fused_loss` and
-    `consistency_part` compute them (every row a consistency row), on `model` converted to the mode's dtype.
+    """Delta (per gap), F_t and v* (per gap) of one mode, computed as `SoflowLoss.loss_parts` and
+    `SoflowLoss.consistency` compute them (every row a consistency row), on `model` converted to the mode's dtype.
     Returns a dict of CPU float64 tensors, the call audit and the seconds taken."""
     device = torch.device(device)
     emulator = EmulateTF32() if mode.tf32 == "emulate" else None
@@ -218,6 +219,7 @@ def run_mode(model, inputs, objective, mode, device, gaps=("first", "last")):
     x = _to(inputs, device, mode.dtype)
     start = time.time()
     out = {"Delta": {}, "v_star": {}}
+    loss = SoflowLoss(objective)
     try:
         with mode_context(mode, device, emulator):
             x_t, v_t = model.scheduler.add_noise(x["x0"], x["noise"], x["t"])
@@ -225,18 +227,18 @@ def run_mode(model, inputs, objective, mode, device, gaps=("first", "last")):
             guidance = None
             if objective.guided:  # call 1 (no grad), under the guidance autocast of bf16-guidance
                 with autocast(device, guidance_dtype(mode.precision)):
-                    guidance = model.guidance(x_t, v_t, t, labels, 0, objective)
-            masked = model._masked_labels(labels, cfg_mask)
-            F_t = model._F(x_t, t, s, masked, None)  # call 2, with grad as in training
+                    guidance = loss.guidance(model, x_t, v_t, t, labels, 0)
+            masked = model.masked_labels(labels, cfg_mask)
+            F_t = model.network_output(x_t, t, s, masked, None)  # call 2, with grad as in training
             out["F_t"] = F_t.detach().double().cpu()
             with torch.no_grad():
-                f_t = model._f(x_t, t, s, F_t.detach())
-                v_star = model.mixed_target(v_t, guidance, guidance["v_cond"] if guidance else v_t, cfg_mask,
-                                            objective.mix_ratio)
+                f_t = model.solution_from_output(x_t, t, s, F_t.detach())
+                v_star = loss.target(v_t, guidance, guidance["v_cond"] if guidance else v_t, cfg_mask)
                 for gap in gaps:
                     l = x["l"][gap]
                     x_l = x_t + v_star * _b(l - t)
-                    f_l = model._f(x_l, l, s, model._F(x_l, l, s, masked, None))  # call 3
+                    F_l = model.network_output(x_l, l, s, masked, None)  # call 3
+                    f_l = model.solution_from_output(x_l, l, s, F_l)
                     out["Delta"][gap] = ((f_t - f_l) / _b(t - l)).double().cpu()
                 out["v_star"] = v_star.double().cpu()
         sync(device)

@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bench_util import ROOT, MemoryMeter, Timer, WorkerChannel
 from config import load_config
 from distributed import autocast
-from models import (Objective, Soflow, average_velocity_jvp, draw_meanflow_times, draw_training_times,
+from models import (MeanFlowLoss, Objective, Soflow, average_velocity_jvp, draw_training_times,
                     logit_normal)
 from train import build_optimizer
 
@@ -171,22 +171,22 @@ def meanflow_jvp(network, z, r, t, v, labels):
 
 def sample_meanflow_times(batch_size, device, dtype=torch.float32, objective=None):
     """(t, r) as `method: meanflow` draws them (the first rows r = t, the last meanflow_ratio of them r < t)."""
-    draws = draw_meanflow_times(objective or Objective(), batch_size, device)
+    draws = MeanFlowLoss(objective or Objective()).draw(batch_size, 0, device)
     return draws.t.to(dtype), draws.s.to(dtype)
 
 
 def meanflow_losses(model, x, labels, t, r, cfg_mask, noise, p=Objective.meanflow_p, eps=Objective.meanflow_eps):
-    """MeanFlow loss for fixed inputs (`Soflow.meanflow_rows`, unguided; MeanFlow's p = 1 and eps = 1e-3 by
+    """MeanFlow loss for fixed inputs (`MeanFlowLoss.rows`, unguided; MeanFlow's p = 1 and eps = 1e-3 by
     default, the meanflow_* defaults of models.Objective). Returns (loss, u, u_tgt)."""
-    mse, weight, u, u_tgt = model.meanflow_rows(x, t, r, labels=labels, cfg_mask=cfg_mask, p=p, eps=eps,
-                                                noise=noise)
+    loss = MeanFlowLoss(Objective(method="meanflow", meanflow_p=p, meanflow_eps=eps))
+    mse, weight, u, u_tgt = loss.rows(model, x, t, r, labels=labels, cfg_mask=cfg_mask, noise=noise)
     return (weight * mse).mean(), u, u_tgt
 
 
 def meanflow_loss(model, x, labels, step=0, objective=None):
     """One `Soflow.get_meanflow_loss` with the meanflow_* settings of `objective` (default: MeanFlow's)."""
     o = objective or Objective()
-    d = draw_meanflow_times(o, x.shape[0], x.device, model.cfg_drop_rate, conditional=labels is not None)
+    d = MeanFlowLoss(o).draw(x.shape[0], step, x.device, model.cfg_drop_rate, conditional=labels is not None)
     return model.get_meanflow_loss(x, d.t, d.s, labels, d.cfg_mask, cfg_scale=o.meanflow_cfg_scale,
                                    cfg_kappa=o.meanflow_cfg_kappa, p=o.meanflow_p, eps=o.meanflow_eps)[0]
 

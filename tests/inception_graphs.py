@@ -1,16 +1,17 @@
 """Inception-like TensorFlow graphs for the tests, built from random weights with the op types, attributes, shapes
 and tensor names of the real Inception graph: a plain graph description, its two writers (TensorFlow's protobuf
-classes, or a wire-format encoder of its own that needs no TensorFlow) and the Inception-v3-shaped builder.
+classes, or tensorboard's copies of them, which need no TensorFlow) and the Inception-v3-shaped builder.
 
 A helper module of the tests (not a test module): tests/test_inception_torch.py checks the reader and the ops on
 these graphs, and tests/test_train.py and tests/test_distributed.py write one with `write_inception_like` for the
 FID inside training.
 """
 import math
-import struct
 from pathlib import Path
 
 import numpy as np
+from tensorboard.compat.proto import graph_pb2
+from tensorboard.util import tensor_util
 
 import inception_torch as it
 from helpers import import_tf_or_skip
@@ -20,7 +21,7 @@ FLOAT, INT32, INT64, UINT8, STRING, BOOL, HALF = (it.DT_FLOAT, it.DT_INT32, it.D
 
 
 # ==================================================================================================
-# Graph description, and two writers: TensorFlow's protobuf classes, or a plain wire-format encoder
+# Graph description, and two writers: TensorFlow's protobuf classes, or tensorboard's copies of them
 # ==================================================================================================
 
 class Type(int):
@@ -56,9 +57,7 @@ class Graph:
         return f"{prefix}_{self.count}"
 
     def to_bytes(self, writer="tf"):
-        if writer == "tf":
-            return tf_graph_def(self).SerializeToString()
-        return plain_graph_def(self)
+        return (tf_graph_def(self) if writer == "tf" else plain_graph_def(self)).SerializeToString()
 
 
 def dtype_enum(dtype):
@@ -72,7 +71,16 @@ def dtype_enum(dtype):
 def tf_graph_def(graph):
     """The GraphDef built with TensorFlow's protobuf classes and make_tensor_proto."""
     tf = import_tf_or_skip()
-    graph_def = tf.compat.v1.GraphDef()
+    return fill_graph_def(graph, tf.compat.v1.GraphDef(), tf.make_tensor_proto)
+
+
+def plain_graph_def(graph):
+    """The GraphDef built with tensorboard's copies of those classes and of make_tensor_proto (no TensorFlow)."""
+    return fill_graph_def(graph, graph_pb2.GraphDef(), tensor_util.make_tensor_proto)
+
+
+def fill_graph_def(graph, graph_def, make_tensor_proto):
+    """`graph`'s nodes written into the empty GraphDef message `graph_def`."""
     graph_def.versions.producer = graph.producer
     for name, op, inputs, attrs in graph.nodes:
         node = graph_def.node.add(name=name, op=op, input=inputs)
@@ -92,90 +100,13 @@ def tf_graph_def(graph):
             elif isinstance(value, (str, bytes)):
                 attr.s = value.encode() if isinstance(value, str) else value
             elif isinstance(value, np.ndarray):
-                attr.tensor.CopyFrom(tf.make_tensor_proto(value))
+                attr.tensor.CopyFrom(make_tensor_proto(value))
             elif isinstance(value, list):
                 attr.list.SetInParent()
                 attr.list.i.extend(value)
             else:
                 raise TypeError(f"attribute {key}: {value!r}")
     return graph_def
-
-
-def _varint(value):
-    value &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _field(number, wire, payload):
-    key = _varint(number << 3 | wire)
-    if wire == 2:
-        return key + _varint(len(payload)) + payload
-    return key + payload
-
-
-def _int_field(number, value):
-    return _field(number, 0, _varint(value))
-
-
-def _shape_bytes(dims):
-    return b"".join(_field(2, 2, _int_field(1, size)) for size in dims)
-
-
-def plain_tensor(array, packed=True):
-    """TensorProto bytes: tensor_content for arrays of more than one value, the typed field for scalars
-    and 1-element tensors (as TensorFlow writes them); `packed` chooses the encoding of that field."""
-    array = np.asarray(array)
-    enum = dtype_enum(array.dtype)
-    out = _int_field(1, enum) + _field(2, 2, _shape_bytes(array.shape))
-    if enum == STRING:
-        return out + b"".join(_field(8, 2, bytes(v)) for v in array.reshape(-1))
-    if array.size > 1:
-        return out + _field(4, 2, array.astype(array.dtype.newbyteorder("<")).tobytes())
-    values = array.reshape(-1).tolist()
-    if enum == FLOAT:
-        items = [struct.pack("<f", v) for v in values]
-        return out + (_field(5, 2, b"".join(items)) if packed else b"".join(_field(5, 5, i) for i in items))
-    number = {INT32: 7, UINT8: 7, INT64: 10, BOOL: 11}[enum]
-    items = [_varint(int(v)) for v in values]
-    return out + (_field(number, 2, b"".join(items)) if packed else b"".join(_field(number, 0, i) for i in items))
-
-
-def plain_attr(value):
-    if isinstance(value, Type):
-        return _int_field(6, int(value))
-    if isinstance(value, Shape):
-        return _field(7, 2, _shape_bytes(value))
-    if isinstance(value, bool):
-        return _int_field(5, int(value))
-    if isinstance(value, int):
-        return _int_field(3, value)
-    if isinstance(value, float):
-        return _field(4, 5, struct.pack("<f", value))
-    if isinstance(value, (str, bytes)):
-        return _field(2, 2, value.encode() if isinstance(value, str) else value)
-    if isinstance(value, np.ndarray):
-        return _field(8, 2, plain_tensor(value))
-    if isinstance(value, list):
-        return _field(1, 2, _field(3, 2, b"".join(_varint(v) for v in value)) if value else b"")
-    raise TypeError(repr(value))
-
-
-def plain_graph_def(graph):
-    """The GraphDef written by the wire-format encoder above (no TensorFlow)."""
-    out = b""
-    for name, op, inputs, attrs in graph.nodes:
-        node = _field(1, 2, name.encode()) + _field(2, 2, op.encode())
-        node += b"".join(_field(3, 2, i.encode()) for i in inputs)
-        for key, value in attrs.items():
-            node += _field(5, 2, _field(1, 2, key.encode()) + _field(2, 2, plain_attr(value)))
-        out += _field(1, 2, node)
-    return out + _field(4, 2, _int_field(1, graph.producer))
 
 
 # ==================================================================================================

@@ -4,6 +4,7 @@ import glob
 import os
 
 import pytest
+import torch
 import yaml
 
 from config import RELEASE_KEYS, ConfigError, check_world_size, from_dict, load_config, save_config, write_variant
@@ -151,8 +152,20 @@ def test_bad_configs(change, message):
 
 
 def test_unconditional_imagenet_is_allowed():
-    cfg = from_dict({**base(), "num_classes": 0, "cfg_scale": 1.0, "cfg_drop_rate": 0.0, "mix_ratio": 1.0})
-    assert not cfg.conditional and cfg.build_model.__self__ is cfg
+    """num_classes 0 on ImageNet latents, unguided: the config loads and builds a DiT whose label table is the
+    null class alone, trained with labels=None; labels, and guidance (which needs classes), are refused."""
+    unconditional = {**base(), "num_classes": 0, "cfg_scale": 1.0, "cfg_drop_rate": 0.0, "mix_ratio": 1.0}
+    cfg = from_dict({**unconditional, "hidden_size": 32, "depth": 1, "num_heads": 2})
+    model = cfg.build_model()
+    assert not cfg.conditional and model.num_classes == 0
+    assert model.network.y_embedder.embedding_table.num_embeddings == 1
+    x = torch.randn(2, cfg.data_channels, cfg.data_size, cfg.data_size)
+    loss, _ = model(x, objective=cfg.objective())
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="unconditional but labels were given"):
+        model(x, torch.zeros(2, dtype=torch.long), objective=cfg.objective())
+    with pytest.raises(ConfigError, match="needs a class-conditional model"):
+        from_dict({**unconditional, "cfg_scale": 2.0, "cfg_drop_rate": 0.1})
 
 
 def test_batch_not_divisible_by_world_size():

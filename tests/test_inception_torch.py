@@ -10,7 +10,6 @@ them in a subprocess where importing TensorFlow fails.
 import math
 import os
 import re
-import struct
 import subprocess
 import sys
 import textwrap
@@ -18,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tensorboard.compat.proto import tensor_pb2
 
 import evaluator as ev
 import inception_torch as it
 from helpers import import_tf_or_skip
-from inception_graphs import (FLOAT, HALF, INT32, INT64, Graph, InceptionLikeBuilder, Shape, Type, _field, _int_field,
-                              _shape_bytes, _varint, write_inception_like)
+from inception_graphs import BOOL, FLOAT, HALF, INT32, INT64, Graph, InceptionLikeBuilder, Shape, Type, write_inception_like
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4  # the issue's "1e-4 relative": max |torch - tf| / max |tf|
@@ -114,30 +113,32 @@ def test_plain_writer_is_read_as_tensorflow_reads_it(tf):
                 assert a.attr[key] == b.attr[key], (a.name, key)
 
 
-def test_reader_repeated_field_encodings():
-    """Unpacked and packed repeated fields, and TensorFlow's rule that fewer values than elements repeat
-    the last one (none at all: zeros)."""
-    def tensor_attr(dtype, dims, number, wire_items, packed):
-        body = _int_field(1, dtype) + _field(2, 2, _shape_bytes(dims))
-        if packed:
-            body += _field(number, 2, b"".join(payload for _, payload in wire_items))
-        else:
-            body += b"".join(_field(number, wire, payload) for wire, payload in wire_items)
-        return it.TensorValue(body).numpy()
+def test_tensor_values_follow_tensorflows_rules():
+    """TensorFlow's rule that fewer values than elements repeat the last one (none at all: zeros or False), which
+    tensorboard's make_ndarray alone does not follow; too many values, a tensor_content of the wrong size, a dtype
+    the reader does not convert and bytes that are not a GraphDef are refused."""
+    def tensor(dtype, dims, field, values=(), content=b""):
+        proto = tensor_pb2.TensorProto(dtype=dtype, tensor_content=content)
+        for size in dims:
+            proto.tensor_shape.dim.add(size=size)
+        getattr(proto, field).extend(values)
+        return it.TensorValue(proto).numpy()
 
-    floats = [(5, struct.pack("<f", v)) for v in (1.5, -2.0)]
-    for packed in (True, False):
-        np.testing.assert_array_equal(tensor_attr(FLOAT, [2, 3], 5, floats, packed),
-                                      [[1.5, -2.0, -2.0], [-2.0, -2.0, -2.0]])
-        ints = [(0, _varint(v)) for v in (-5, 2**31 - 1)]
-        np.testing.assert_array_equal(tensor_attr(INT32, [3], 7, ints, packed), [-5, 2**31 - 1, 2**31 - 1])
-        longs = [(0, _varint(-(2**62)))]
-        np.testing.assert_array_equal(tensor_attr(INT64, [2], 10, longs, packed), [-(2**62)] * 2)
-    np.testing.assert_array_equal(tensor_attr(FLOAT, [2, 2], 5, [], True), np.zeros((2, 2)))
+    got = tensor(FLOAT, [2, 3], "float_val", [1.5, -2.0])
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, [[1.5, -2.0, -2.0], [-2.0, -2.0, -2.0]])
+    np.testing.assert_array_equal(tensor(INT32, [3], "int_val", [-5, 2**31 - 1]), [-5, 2**31 - 1, 2**31 - 1])
+    np.testing.assert_array_equal(tensor(INT64, [2], "int64_val", [-(2**62)]), [-(2**62)] * 2)
+    np.testing.assert_array_equal(tensor(FLOAT, [2, 2], "float_val"), np.zeros((2, 2)))
+    np.testing.assert_array_equal(tensor(BOOL, [3], "bool_val"), [False] * 3)
     half_bits = int(np.array(0.333, np.float16).view(np.uint16))
-    assert tensor_attr(HALF, [], 13, [(0, _varint(half_bits))], False) == np.float16(0.333)
+    assert tensor(HALF, [], "half_val", [half_bits]) == np.float16(0.333)
     with pytest.raises(it.GraphError, match="3 values for shape"):
-        tensor_attr(FLOAT, [2], 5, floats + floats[:1], True)
+        tensor(FLOAT, [2], "float_val", [1.5, -2.0, 1.5])
+    with pytest.raises(it.GraphError, match="tensor_content of 7 bytes for shape"):
+        tensor(FLOAT, [2], "float_val", content=b"\0" * 7)
+    with pytest.raises(it.GraphError, match="unsupported dtype uint32"):
+        tensor(it.DT_UINT32, [1], "uint32_val", [3])
     for junk in (b"not a graph", b"\x0a\xff\xff"):
         with pytest.raises(it.GraphError):
             it.parse_graph_def(junk)

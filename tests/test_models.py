@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from helpers import DEVICES, release_guidance, release_objective, tiny_dit, tiny_unet, torchrun, write_latent_file
-from models import (MIN_TIME_GAP, Objective, Scheduler, Soflow, draw_training_times, middle_time, shared_random_state,
-                    to_uint8)
+from models import (MIN_TIME_GAP, Objective, Scheduler, Soflow, SoflowLoss, average_velocity_jvp, draw_training_times,
+                    middle_time, shared_random_state, to_uint8)
 
 @pytest.mark.parametrize("coefficient_type", ["Euler", "Trig"])
 def test_solution_operator_identity_at_s_equals_t(coefficient_type, device):
@@ -175,12 +175,12 @@ def test_fused_training_losses_equal_separate_calls(device):
 def test_training_forward_objective_and_time_ordering(monkeypatch, device):
     model = tiny_dit(dtype=torch.float32).to(device)
     seen = {}
-    original = model.fused_loss
+    original = SoflowLoss.loss_parts
 
-    def spy(samples, **kwargs):
+    def spy(loss, model, samples, **kwargs):
         seen.update(kwargs)
-        return original(samples, **kwargs)
-    monkeypatch.setattr(model, "fused_loss", spy)
+        return original(loss, model, samples, **kwargs)
+    monkeypatch.setattr(SoflowLoss, "loss_parts", spy)
     objective = release_objective("imagenet")
     torch.manual_seed(0)
     x = torch.randn(16, 4, 8, 8).to(device)
@@ -580,7 +580,7 @@ def test_meanflow_jvp_is_the_total_derivative(device):
     model = tiny_dit().to(device)
     x, noise, t, r, labels, _ = (v.to(device) for v in _meanflow_inputs((4,)))
     z = (1 - t.reshape(-1, 1, 1, 1)) * x + t.reshape(-1, 1, 1, 1) * noise
-    u, dudt = model.meanflow_jvp(z, t, r, noise - x, labels)
+    u, dudt = average_velocity_jvp(model.network, z, t, r, noise - x, labels)
     torch.testing.assert_close(u, model.network(z, t, r, labels))
     h = 1e-5
     fd = (model.network(z + h * (noise - x), t + h, r, labels)
