@@ -923,12 +923,15 @@ def check_dinov2_inputs(source, weights=None, find_weights=True):
     find_weights, the DINOv2 weights file (found, not downloaded) are there. Returns the weights path (or None)."""
     try:
         found = dinov2_features.find_weights(weights) if find_weights else None
+    except dinov2_features.MissingWeightsError as err:
+        raise BadInputError(str(err)) from None
+    try:
         if Path(source).is_dir():
             dinov2_features.folder_images(source)
         else:
             check_batch(source, role="DINOv2 reference")
-    except (dinov2_features.MissingWeightsError, ValueError) as err:
-        raise BadInputError(str(err)) from None
+    except ValueError as err:
+        raise BadInputError(f"DINOv2 reference images (--dinov2-ref, default the reference batch): {err}") from None
     return found
 
 
