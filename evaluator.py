@@ -35,7 +35,8 @@ default (--metrics adm) writes the ADM line alone.
 TensorFlow and PyTorch are imported lazily (inside functions) so `import evaluator` stays cheap.
 For use inside a training process: make_feature_extractor(...) -> an object with features_of(images)
 and compute(images, batch_size); load_reference(...) (memoised, and cached on disk per file signature,
-graph and backend); compute_metrics(...); format_result(...).
+graph and backend); compute_metrics(...); format_result(...); for FD-DINOv2 check_dinov2_inputs(...),
+make_dinov2_features(...), load_dinov2_reference(...) and fd_dinov2(...).
 """
 import argparse
 import dataclasses
