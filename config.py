@@ -131,6 +131,8 @@ class Config(Objective):
     num_eval_samples: int = 50_000          # images per FID dump
     fid_ref_batch: Optional[str] = None     # ADM reference batch (.npz): score each periodic dump in training
     fid_inception_graph: Optional[str] = None  # classify_image_graph_def.pb (None: the evaluator's cached download)
+    fid_dinov2: bool = False                # with fid_ref_batch: FD-DINOv2 (EDM2's protocol) on the same line
+    fid_dinov2_weights: Optional[str] = None  # DINOv2 ViT-L/14 weights file (None: the Hugging Face Hub cache)
     eval_save_samples: bool = True          # false: score the periodic dumps without writing their images
     ckpt_keep_last: Optional[int] = None    # keep only the newest k periodic checkpoints (None: keep all, as the release)
     ckpt_keep_every: Optional[int] = None   # checkpoints of steps divisible by this are never deleted
@@ -216,6 +218,9 @@ def _check_model_and_data(cfg):
     if not cfg.eval_save_samples and not cfg.fid_ref_batch:
         fail("eval_save_samples: false keeps nothing of the periodic dumps unless fid_ref_batch scores them; set "
              "fid_ref_batch (an ADM reference batch) or eval_save_samples: true")
+    if cfg.fid_dinov2 and not cfg.fid_ref_batch:
+        fail("fid_dinov2: true scores the periodic dumps in training, which needs fid_ref_batch (an ADM reference "
+             "batch, whose images give the DINOv2 reference statistics)")
     if cfg.model_type == "UNet":
         if cfg.num_classes:
             fail(f"model_type 'UNet' is unconditional, but num_classes={cfg.num_classes}: use a DiT model_type "
@@ -461,7 +466,8 @@ RESUME_OPTIMIZER = ("learning_rate", "betas", "weight_decay")
 RESUME_NO_EFFECT = ("working_dir", "num_workers", "prefetch_factor", "download", "load_into_memory", "vae",
                     "logging_steps", "eval_demo_steps", "eval_demo_shape", "ckpt_saving_steps", "eval_steps",
                     "eval_batch_size", "eval_NFE", "num_eval_samples", "fid_ref_batch", "fid_inception_graph",
-                    "eval_save_samples", "ckpt_keep_last", "ckpt_keep_every", "tracker", "wandb_project")
+                    "fid_dinov2", "fid_dinov2_weights", "eval_save_samples", "ckpt_keep_last", "ckpt_keep_every",
+                    "tracker", "wandb_project")
 
 
 def changed_keys(old, new):

@@ -7,6 +7,7 @@ batch, using the TensorFlow Inception-v3 graph `classify_image_graph_def.pb`:
     python evaluator.py --ref_batch REF.npz --sample_batch_dir SAMPLES/ [--inception-graph PATH]
                         [--inception-sha256 HEX] [--batch-size 64] [--cache-dir DIR]
                         [--backend auto|tf|torch] [--device cuda|cpu] [--no-tf-check] [--pr-float32]
+                        [--metrics adm,fd_dinov2 [--dinov2 PATH] [--dinov2-ref NPZ|FOLDER]]
 
 Results are appended, one line per sample file, to `SAMPLES/eval_results.txt`; files already listed there
 are skipped, so the command can be re-run while new sample files appear.
@@ -26,10 +27,16 @@ and the run stops if the two disagree by more than 1e-4 relative (--no-tf-check 
 Precision / recall use ADM's float16 pairwise distances by default (see manifold_radii); --pr-float32
 gives the exact float32 version.
 
+--metrics adm,fd_dinov2 adds the Frechet distance in DINOv2 ViT-L/14 features (EDM2's protocol:
+dinov2_features.py) to each line (`, FD_DINOv2: ...`), against the statistics of the reference batch's images or
+of --dinov2-ref (an .npz of images or a folder of image files), cached in <cache dir>/dinov2_ref_stats/. The
+default (--metrics adm) writes the ADM line alone.
+
 TensorFlow and PyTorch are imported lazily (inside functions) so `import evaluator` stays cheap.
 For use inside a training process: make_feature_extractor(...) -> an object with features_of(images)
 and compute(images, batch_size); load_reference(...) (memoised, and cached on disk per file signature,
-graph and backend); compute_metrics(...); format_result(...).
+graph and backend); compute_metrics(...); format_result(...); for FD-DINOv2 check_dinov2_inputs(...),
+make_dinov2_features(...), load_dinov2_reference(...) and fd_dinov2(...).
 """
 import argparse
 import dataclasses
@@ -48,6 +55,7 @@ from scipy.special import xlogy
 from tqdm import tqdm
 
 # The Inception graph's tensor and op names (inception_torch imports NumPy only: neither torch nor TensorFlow).
+import dinov2_features
 from inception_torch import INPUT_TENSOR, LOGITS_MATMUL_OP, POOL_TENSOR, SPATIAL_CHANNELS, SPATIAL_TENSOR
 from safe_io import Claim, ClaimError, WriteError, atomic_write, check_writable
 
@@ -67,6 +75,9 @@ IS_SPLIT_SIZE = 5000
 MIN_IMAGES = max(2, NEAREST_K + 1)
 
 RESULTS_FILENAME = "eval_results.txt"
+METRIC_SETS = ("adm", "fd_dinov2")  # --metrics: the ADM set (IS, FID, sFID, precision, recall), FD-DINOv2
+FD_DINOV2 = "FD_DINOv2"  # its name in the result dict and the results line
+DINOV2_CACHE_FOLDER = "dinov2_ref_stats"  # beside ref_activations/ in the cache folder
 CACHE_VERSION = 1  # bump when the layout of the cached reference activations changes
 
 
@@ -904,6 +915,79 @@ def load_reference(ref_batch, features, batch_size=64, cache_dir=None):
     return reference
 
 
+# --------------------------------------------------------------------------------------------------
+# FD-DINOv2 (the network, preprocessing and statistics: dinov2_features.py)
+# --------------------------------------------------------------------------------------------------
+
+def check_dinov2_inputs(source, weights=None, find_weights=True):
+    """Before any computation: the reference source (an .npz of images or a folder of image files) and, with
+    find_weights, the DINOv2 weights file (found, not downloaded) are there. Returns the weights path (or None)."""
+    try:
+        found = dinov2_features.find_weights(weights) if find_weights else None
+    except dinov2_features.MissingWeightsError as err:
+        raise BadInputError(str(err)) from None
+    try:
+        if Path(source).is_dir():
+            dinov2_features.folder_images(source)
+        else:
+            check_batch(source, role="DINOv2 reference")
+    except ValueError as err:
+        raise BadInputError(f"DINOv2 reference images (--dinov2-ref, default the reference batch): {err}") from None
+    return found
+
+
+def make_dinov2_features(weights=None, device=None):
+    """dinov2_features.DINOv2Features of the ViT-L/14 weights at `weights` (check_dinov2_inputs)."""
+    try:
+        network = dinov2_features.build_network(weights)
+    except dinov2_features.WeightsError as err:
+        raise BadInputError(str(err)) from None
+    return dinov2_features.DINOv2Features(network, device=device)
+
+
+def _dinov2_source(source, batch_size):
+    """(name, signature, batches, number of batches or None) of an .npz of images or a folder of image files; the
+    images are read only when the batches are iterated."""
+    source = Path(source)
+    if source.is_dir():
+        files = dinov2_features.folder_images(source)
+        return (source.name, dinov2_features.folder_signature(source, files),
+                dinov2_features.folder_batches(files, batch_size), None)
+    n_images = check_batch(source, role="DINOv2 reference")["arr_0"][0][0]
+
+    def batches():
+        yield from dinov2_features.batches_of(load_images(source, role="DINOv2 reference"), batch_size)
+    return source.stem, f"npz {_file_signature(source)}", batches(), -(-n_images // batch_size)
+
+
+def dinov2_cache_folder(cache_dir=None):
+    return Path(cache_dir or default_cache_dir()) / DINOV2_CACHE_FOLDER
+
+
+def check_dinov2_cache_writable(dinov2, source, cache_dir=None):
+    """Before the DINOv2 reference statistics are computed: their cache folder can be written."""
+    name, signature, _, _ = _dinov2_source(source, 1)
+    path, _ = dinov2_features.stats_cache_path(dinov2, name, signature, dinov2_cache_folder(cache_dir))
+    if not path.is_file():
+        try:
+            check_writable(path.parent, "DINOv2 reference-statistics cache folder")
+        except WriteError as err:
+            raise BadInputError(f"{err}; nothing was computed. Pass --cache-dir (or set SOFLOW_CACHE_DIR) to a "
+                                f"writable folder") from None
+
+
+def load_dinov2_reference(dinov2, source, batch_size=64, cache_dir=None):
+    """(mu, sigma), float64, of the DINOv2 features of `source`'s images, from or into the cache."""
+    name, signature, batches, total = _dinov2_source(source, batch_size)
+    return dinov2_features.reference_statistics(dinov2, batches, name, signature, dinov2_cache_folder(cache_dir),
+                                                total)
+
+
+def fd_dinov2(reference_stats, moments):
+    """FD-DINOv2 of the samples' feature moments (dinov2_features.Moments, float64) against (mu, sigma)."""
+    return frechet_distance(*reference_stats, *moments.statistics())
+
+
 def compute_metrics(reference, pool, spatial, probs, k=NEAREST_K, pr_float32=False, device=None, share=None):
     """IS, FID, sFID, precision and recall of one sample set's features against `reference`.
     Precision/recall use ADM's float16 distances on `device` (metrics_device), or exact float32 ones with
@@ -933,17 +1017,20 @@ def format_result(result):
     def number(key):
         text = f"{result[key]:.4f}"
         return "0.0000" if text == "-0.0000" else text
-    return (f"{result['file']} # IS: {number('IS')}, FID: {number('FID')}, sFID: {number('sFID')}, "
+    line = (f"{result['file']} # IS: {number('IS')}, FID: {number('FID')}, sFID: {number('sFID')}, "
             f"prec: {number('precision')}, recall: {number('recall')}")
+    return line + (f", {FD_DINOV2}: {number(FD_DINOV2)}" if FD_DINOV2 in result else "")
 
 
-def evaluated_files(results_path):
-    """Names of the sample files an eval_results.txt already lists."""
+def evaluated_files(results_path, metric=None):
+    """Names of the sample files an eval_results.txt already lists (with `metric`, e.g. FD_DINOv2: on a line that
+    has it)."""
     results_path = Path(results_path)
     if not results_path.is_file():
         return set()
     with open(results_path) as f:
-        return {line.split(" # ", 1)[0] for line in f if " # " in line}
+        return {line.split(" # ", 1)[0] for line in f
+                if " # " in line and (metric is None or f" {metric}: " in line.split(" # ", 1)[1])}
 
 
 def append_result(results_path, line):
@@ -1001,9 +1088,10 @@ def check_cache_writable(ref_batch, features, cache_dir):
                             f"writable folder") from None
 
 
-def _score_files(pending, reference, features, batch_size, results_path, pr_float32, device):
+def _score_files(pending, reference, features, batch_size, results_path, pr_float32, device, dinov2=None):
     """Scores each file, appending its line as it finishes; a corrupt file is reported by name and skipped (it is
-    not listed, so a re-run tries it again). Returns (results, [error messages])."""
+    not listed, so a re-run tries it again). With `dinov2` ((DINOv2Features, reference (mu, sigma))) the line has
+    FD-DINOv2 too. Returns (results, [error messages])."""
     results, unreadable = [], []
     for i, path in enumerate(pending, 1):
         log.info("evaluating %s (%d/%d)", path.name, i, len(pending))
@@ -1016,6 +1104,11 @@ def _score_files(pending, reference, features, batch_size, results_path, pr_floa
         pool, spatial, probs = features.compute(images, batch_size, desc=path.name)
         result = {"file": path.name, "path": str(path),
                   **compute_metrics(reference, pool, spatial, probs, pr_float32=pr_float32, device=device)}
+        if dinov2 is not None:
+            network, reference_stats = dinov2
+            moments = network.moments(dinov2_features.batches_of(images, batch_size), desc=f"{path.name} DINOv2",
+                                      total=-(-len(images) // batch_size))
+            result[FD_DINOV2] = fd_dinov2(reference_stats, moments)
         line = format_result(result)
         append_result(results_path, line)  # one line per finished file: a later crash loses nothing computed
         log.info("%s", line)
@@ -1023,18 +1116,9 @@ def _score_files(pending, reference, features, batch_size, results_path, pr_floa
     return results, unreadable
 
 
-def evaluate_folder(ref_batch, sample_dir, graph_path=None, batch_size=64, cache_dir=None,
-                    inception_sha256=None, features=None, backend="auto", device=None, tf_check=True,
-                    pr_float32=False):
-    """Evaluate every .npz in `sample_dir` (sorted) not yet listed in its eval_results.txt, appending one
-    line per file. Returns the result dicts (file, path, IS, FID, sFID, precision, recall) of the files
-    evaluated now. `features` (from make_feature_extractor) may be passed in to reuse a session;
-    otherwise one of `backend` is made (see make_feature_extractor for device and tf_check).
-
-    All inputs are checked before anything is computed, and sample files are only ever read."""
-    ref_batch, sample_dir = Path(ref_batch), Path(sample_dir)
-    check_batch(ref_batch, role="reference batch")
-    load_reference_stats(ref_batch)
+def _pending_files(ref_batch, sample_dir, metric=None):
+    """(the sample files of `sample_dir` that its eval_results.txt does not list yet (with `metric`: not on a line
+    with it), the results path)."""
     if not sample_dir.is_dir():
         raise BadInputError(f"sample folder {sample_dir}: not a directory")
     files = sorted(p for p in sample_dir.glob("*.npz") if p.is_file())
@@ -1043,15 +1127,38 @@ def evaluate_folder(ref_batch, sample_dir, graph_path=None, batch_size=64, cache
     if not files:
         raise BadInputError(f"sample folder {sample_dir}: no .npz sample files")
     results_path = sample_dir / RESULTS_FILENAME
-    done = evaluated_files(results_path)
+    done = evaluated_files(results_path, metric)
     pending = [p for p in files if p.name not in done]
     if len(pending) < len(files):
         log.info("skipping %d file(s) already listed in %s", len(files) - len(pending), results_path)
+    return pending, results_path
+
+
+def evaluate_folder(ref_batch, sample_dir, graph_path=None, batch_size=64, cache_dir=None,
+                    inception_sha256=None, features=None, backend="auto", device=None, tf_check=True,
+                    pr_float32=False, metrics=("adm",), dinov2_weights=None, dinov2_ref=None, dinov2=None):
+    """Evaluate every .npz in `sample_dir` (sorted) not yet listed in its eval_results.txt, appending one
+    line per file. Returns the result dicts (file, path, IS, FID, sFID, precision, recall) of the files
+    evaluated now. `features` (from make_feature_extractor) may be passed in to reuse a session;
+    otherwise one of `backend` is made (see make_feature_extractor for device and tf_check).
+    With "fd_dinov2" in `metrics`: FD_DINOv2 too (a file listed without it is scored again, on a new line),
+    through `dinov2` (make_dinov2_features; default: of `dinov2_weights`) against the images of `dinov2_ref`
+    (default: `ref_batch`).
+
+    All inputs are checked before anything is computed, and sample files are only ever read."""
+    ref_batch, sample_dir = Path(ref_batch), Path(sample_dir)
+    check_batch(ref_batch, role="reference batch")
+    load_reference_stats(ref_batch)
+    with_dinov2 = "fd_dinov2" in metrics
+    pending, results_path = _pending_files(ref_batch, sample_dir, FD_DINOV2 if with_dinov2 else None)
     if not pending:
         log.info("nothing new to evaluate in %s", sample_dir)
         return []
     for path in pending:
         check_batch(path, role="sample batch")
+    dinov2_ref = Path(dinov2_ref or ref_batch)
+    if with_dinov2:
+        dinov2_weights = check_dinov2_inputs(dinov2_ref, dinov2_weights, find_weights=dinov2 is None)
     check_results_writable(results_path)
     claim = results_claim(results_path)
     try:
@@ -1066,9 +1173,13 @@ def evaluate_folder(ref_batch, sample_dir, graph_path=None, batch_size=64, cache
                                                                                inception_sha256),
                                               device=device, tf_check=tf_check)
         check_cache_writable(ref_batch, features, cache_dir)
+        if with_dinov2:
+            dinov2 = dinov2 or make_dinov2_features(dinov2_weights, device)
+            check_dinov2_cache_writable(dinov2, dinov2_ref, cache_dir)
         reference = load_reference(ref_batch, features, batch_size, cache_dir)
+        scoring = (dinov2, load_dinov2_reference(dinov2, dinov2_ref, batch_size, cache_dir)) if with_dinov2 else None
         results, unreadable = _score_files(pending, reference, features, batch_size, results_path, pr_float32,
-                                           device)
+                                           device, scoring)
     finally:
         if own_features and features is not None:
             features.close()
@@ -1079,6 +1190,17 @@ def evaluate_folder(ref_batch, sample_dir, graph_path=None, batch_size=64, cache
                                      f"scored and appended to {results_path}; replace the unreadable files and "
                                      f"re-run (they are tried again)", results)
     return results
+
+
+def parse_metrics(text):
+    """--metrics: a comma-separated subset of METRIC_SETS that holds 'adm' (the ADM set is always computed)."""
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in METRIC_SETS]
+    if unknown or "adm" not in names:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a comma-separated list of {', '.join(METRIC_SETS)} that includes adm (the ADM "
+            f"set is always computed), e.g. adm,fd_dinov2")
+    return names
 
 
 def main(argv=None):
@@ -1106,6 +1228,15 @@ def main(argv=None):
                              "(done by default when TensorFlow is importable)")
     parser.add_argument("--pr-float32", action="store_true",
                         help="precision/recall from exact float32 distances instead of ADM's float16 ones")
+    parser.add_argument("--metrics", type=parse_metrics, default=("adm",),
+                        help="adm (default: IS, FID, sFID, precision, recall) or adm,fd_dinov2 (adds "
+                             "FD_DINOv2, EDM2's protocol, to each line)")
+    parser.add_argument("--dinov2", default=None, metavar="PATH",
+                        help="DINOv2 ViT-L/14 weights (timm's model.safetensors or dinov2_vitl14_pretrain.pth; "
+                             "default: the Hugging Face Hub cache, never downloaded)")
+    parser.add_argument("--dinov2-ref", default=None, metavar="NPZ|FOLDER",
+                        help="real images for the FD-DINOv2 reference statistics: an .npz (arr_0) or a folder of "
+                             "image files (default: the reference batch's images)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be positive, got {args.batch_size}")
@@ -1114,7 +1245,8 @@ def main(argv=None):
         results = evaluate_folder(args.ref_batch, args.sample_batch_dir, args.inception_graph,
                                   args.batch_size, args.cache_dir, args.inception_sha256,
                                   backend=args.backend, device=args.device, tf_check=args.tf_check,
-                                  pr_float32=args.pr_float32)
+                                  pr_float32=args.pr_float32, metrics=args.metrics, dinov2_weights=args.dinov2,
+                                  dinov2_ref=args.dinov2_ref)
     except (BadInputError, DownloadError, BackendMismatchError, WriteError) as err:
         raise SystemExit(f"evaluator: error: {err}") from None
     except ValueError as err:

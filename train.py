@@ -408,6 +408,7 @@ class PeriodicOutputs:
             line = self.fid.finish(os.path.basename(out), self.world_size)
             if line:
                 log(line)
+                self.tracker.scalars(step, {f"eval/{key}": value for key, value in self.fid.scores.items()})
 
 
 # ----------------------------------------------------------------------------------------------------

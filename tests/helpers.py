@@ -56,6 +56,41 @@ def tiny_unet(dropout=0.0, data_size=8, dtype=torch.float32, seed=0, randomised=
 
 
 
+# A DINOv2 ViT of timm's family (vit_*_patch14_dinov2) small enough for tests; its native grid of position
+# embeddings is 5 x 5 (70 x 70 inputs), resampled to the protocol's 16 x 16 when loaded.
+TINY_DINOV2 = dict(arch="vit_small_patch14_dinov2", embed_dim=32, depth=2, num_heads=2)
+TINY_DINOV2_NATIVE_SIZE = 70
+
+
+def write_tiny_dinov2(path, seed=0, original_layout=False, **sizes):
+    """Random weights of a tiny DINOv2 ViT (TINY_DINOV2 with `sizes`) saved at `path`: timm's layout as
+    .safetensors, or with original_layout the layout of the DINOv2 release (its `mask_token`, torch.save)."""
+    import timm
+    from safetensors.torch import save_file
+    kwargs = {**TINY_DINOV2, **sizes}
+    torch.manual_seed(seed)
+    network = timm.create_model(kwargs.pop("arch"), pretrained=False, img_size=TINY_DINOV2_NATIVE_SIZE,
+                                num_classes=0, **kwargs)
+    randomise(network, std=0.1, seed=seed)  # timm's LayerScale starts at 1e-5: the image would barely matter
+    with torch.no_grad():
+        for name, p in network.named_parameters():
+            if name.endswith("gamma") or ("norm" in name and name.endswith("weight")):
+                p.add_(1.0)  # scales around 1
+    state = {k: v.clone() for k, v in network.state_dict().items()}
+    if original_layout:
+        torch.save({**state, "mask_token": torch.zeros(1, kwargs["embed_dim"])}, path)
+    else:
+        save_file(state, str(path))
+    return path
+
+
+def tiny_dinov2_features(weights, device="cpu", **preprocessing):
+    """dinov2_features.DINOv2Features of a write_tiny_dinov2 file."""
+    import dinov2_features
+    network = dinov2_features.build_network(weights, **TINY_DINOV2)
+    return dinov2_features.DINOv2Features(network, dinov2_features.Preprocessing(**preprocessing), device=device)
+
+
 def make_cifar_folder(root, per_batch=8, seed=0):
     """A CIFAR-10 python-format folder (5 training batches) of random images."""
     folder = os.path.join(root, "cifar-10-batches-py")

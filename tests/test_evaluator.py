@@ -822,3 +822,102 @@ def test_a_second_evaluator_of_the_same_folder_is_refused(folder, tmp_path, toy_
         other.kill()
         other.wait()
     assert not (samples / "eval_results.txt").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# FD-DINOv2 (--metrics adm,fd_dinov2; the pipeline itself: tests/test_dinov2_features.py)
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_dinov2(tmp_path_factory):
+    from helpers import tiny_dinov2_features, write_tiny_dinov2
+    path = write_tiny_dinov2(tmp_path_factory.mktemp("dinov2") / "tiny.safetensors")
+    return path, tiny_dinov2_features(path)
+
+
+def copy_samples(samples, dest):
+    dest.mkdir()
+    for path in samples.glob("*.npz"):
+        (dest / path.name).write_bytes(path.read_bytes())
+    return dest
+
+
+def test_default_output_is_unchanged_and_fd_dinov2_adds_one_field(folder, tmp_path, toy_graph, capsys, monkeypatch,
+                                                                  tiny_dinov2):
+    ref, samples = folder
+    cache = tmp_path / "cache"
+
+    def argv(sample_dir, *extra):
+        return ["--ref_batch", str(ref), "--sample_batch_dir", str(sample_dir), "--inception-graph",
+                str(toy_graph[0]), "--batch-size", "50", "--cache-dir", str(cache), *extra]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the default evaluation must not touch DINOv2")
+    with monkeypatch.context() as m:
+        for name in ("find_weights", "build_network", "reference_statistics"):
+            m.setattr(ev.dinov2_features, name, refuse)
+        default, explicit = copy_samples(samples, tmp_path / "default"), copy_samples(samples, tmp_path / "explicit")
+        assert ev.main(argv(default)) == 0
+        printed = capsys.readouterr().out
+        assert ev.main(argv(explicit, "--metrics", "adm")) == 0
+        assert capsys.readouterr().out == printed
+    written = (default / "eval_results.txt").read_bytes()
+    assert (explicit / "eval_results.txt").read_bytes() == written and written.decode() == printed
+    assert all(LINE.match(line) for line in printed.splitlines()) and "DINOv2" not in printed
+    assert not (cache / ev.DINOV2_CACHE_FOLDER).exists()
+
+    # adm,fd_dinov2: the same line plus ", FD_DINOv2: x", x the Frechet distance of the DINOv2 features.
+    path, network = tiny_dinov2
+    built = []
+    monkeypatch.setattr(ev, "make_dinov2_features", lambda weights, device: built.append(weights) or network)
+    both = copy_samples(samples, tmp_path / "both")
+    assert ev.main(argv(both, "--metrics", "adm,fd_dinov2", "--dinov2", str(path))) == 0
+    assert built == [path]
+    lines = (both / "eval_results.txt").read_text().splitlines()
+    ref_dinov2 = network.features_of(np.load(ref)["arr_0"])
+    for line, plain in zip(lines, printed.splitlines(), strict=True):
+        head, value = line.rsplit(", FD_DINOv2: ", 1)
+        assert head == plain and re.fullmatch(r"-?\d+\.\d{4}", value)
+        name = plain.split(" # ")[0]
+        want = np_fid(ref_dinov2, network.features_of(np.load(both / name)["arr_0"]))
+        assert float(value) == pytest.approx(want, abs=2e-4), name
+    assert float(lines[0].rsplit(": ", 1)[1]) == 0.0 and float(lines[1].rsplit(": ", 1)[1]) > 0.01  # copy, shifted
+    assert capsys.readouterr().out.splitlines() == lines
+
+    # A folder scored without it: each file gets a second line with it; then nothing is left to score.
+    assert ev.main(argv(default, "--metrics", "adm,fd_dinov2", "--dinov2", str(path))) == 0
+    assert (default / "eval_results.txt").read_text().splitlines() == printed.splitlines() + lines
+    assert ev.main(argv(default, "--metrics", "adm,fd_dinov2", "--dinov2", str(path))) == 0
+    assert (default / "eval_results.txt").read_text().splitlines() == printed.splitlines() + lines
+    assert len(list((cache / ev.DINOV2_CACHE_FOLDER).glob("*.npz"))) == 1  # the reference's statistics, once
+
+    # --dinov2-ref: another image set gives other reference statistics (a second cache file).
+    other_ref = tmp_path / "other_ref.npz"
+    np.savez(other_ref, arr_0=random_images(20, 64, 16))
+    other = copy_samples(samples, tmp_path / "other")
+    assert ev.main(argv(other, "--metrics", "adm,fd_dinov2", "--dinov2", str(path), "--dinov2-ref",
+                        str(other_ref))) == 0
+    first = (other / "eval_results.txt").read_text().splitlines()[0]
+    want = np_fid(network.features_of(np.load(other_ref)["arr_0"]), ref_dinov2)
+    assert float(first.rsplit(": ", 1)[1]) == pytest.approx(want, abs=2e-4) and want > 0.01
+    assert len(list((cache / ev.DINOV2_CACHE_FOLDER).glob("*.npz"))) == 2
+
+
+def test_fd_dinov2_input_errors_come_before_any_computation(folder, tmp_path, monkeypatch, toy_features, capsys):
+    ref, samples = folder
+    calls = count_compute_calls(monkeypatch, toy_features)
+    with pytest.raises(ValueError, match=r"absent\.pth: file not found.*hf download timm/vit_large_patch14_dinov2"):
+        ev.evaluate_folder(ref, samples, cache_dir=tmp_path / "cache", features=toy_features,
+                           metrics=("adm", "fd_dinov2"), dinov2_weights=tmp_path / "absent.pth")
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"found, never read")
+    with pytest.raises(ValueError, match=r"DINOv2 reference .*missing\.npz.*not found"):
+        ev.evaluate_folder(ref, samples, cache_dir=tmp_path / "cache", features=toy_features,
+                           metrics=("adm", "fd_dinov2"), dinov2_weights=weights, dinov2_ref=tmp_path / "missing.npz")
+    assert calls == [] and not (samples / "eval_results.txt").exists()
+    with pytest.raises(SystemExit, match=r"absent\.pth: file not found"):
+        ev.main(["--ref_batch", str(ref), "--sample_batch_dir", str(samples), "--metrics", "adm,fd_dinov2",
+                 "--dinov2", str(tmp_path / "absent.pth"), "--cache-dir", str(tmp_path / "cache")])
+    with pytest.raises(SystemExit):
+        ev.main(["--ref_batch", str(ref), "--sample_batch_dir", str(samples), "--metrics", "fd_dinov2"])
+    assert "includes adm (the ADM set is always computed), e.g. adm,fd_dinov2" in capsys.readouterr().err
