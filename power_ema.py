@@ -310,7 +310,17 @@ def representable(snapshots, step, max_error=DEFAULT_MAX_ERROR):
 
 
 def _describe(sigma_rels):
-    return f"sigma_rel {sigma_rels[0]:g} to {sigma_rels[-1]:g}" if sigma_rels else "no sigma_rel"
+    """'sigma_rel 0.04 to 0.06, 0.09 to 0.125': the runs of consecutive points of SIGMA_REL_GRID."""
+    if not sigma_rels:
+        return "no sigma_rel"
+    grid = [float(s) for s in SIGMA_REL_GRID]
+    runs = [[sigma_rels[0]]]
+    for s in sigma_rels[1:]:
+        if grid.index(s) == grid.index(runs[-1][-1]) + 1:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    return "sigma_rel " + ", ".join(f"{r[0]:g}" if len(r) == 1 else f"{r[0]:g} to {r[-1]:g}" for r in runs)
 
 
 def plan_reconstruction(snapshots, sigma_rel, step=None, max_error=DEFAULT_MAX_ERROR):
