@@ -354,6 +354,8 @@ def _accumulate(sums, constant, state_emas, plans, snapshot):
             for name, tensor in emas.items():
                 if tensor.is_floating_point():
                     acc.setdefault(name, torch.zeros(tensor.shape, dtype=torch.float64)).add_(tensor.double(), alpha=w)
+                elif snapshot.step == plan.step:  # an integer tensor that changes: the target step's value
+                    acc[name] = tensor.clone()
                 if name not in constant:
                     constant[name] = tensor.clone()
                 elif constant[name] is not None and not torch.equal(constant[name], tensor):
@@ -363,8 +365,8 @@ def _accumulate(sums, constant, state_emas, plans, snapshot):
 def reconstruct(snapshots, plans, dtype=torch.float32):
     """The state dicts of the plans' EMAs, each snapshot read once (its digest checked again): sum_i w_i theta_i in
     float64, cast to `dtype`. A tensor equal in every snapshot read (a frozen parameter such as the DiT's position
-    table, an integer or constant buffer) is copied: the combination would scale it by sum(w), which is 1 only to
-    the fit's accuracy."""
+    table, a constant buffer) is copied: the combination would scale it by sum(w), which is 1 only to the fit's
+    accuracy. An integer tensor that changes takes its value at the plan's step."""
     from tqdm import tqdm
     last = max(plan.step for plan in plans)
     used = [s for s in snapshots if s.step <= last]
@@ -380,21 +382,3 @@ def reconstruct(snapshots, plans, dtype=torch.float32):
             weights[name] = kept.to(dtype) if kept.is_floating_point() else kept
         out.append(weights)
     return out
-
-
-def tracker_of_run(cfg, model, copy_of, state, source):
-    """The run's PowerEMATracker (None when cfg.posthoc_ema_sigma_rels is unset), with the EMAs of the resumed
-    checkpoint `state` (read from `source`). ValueError when the checkpoint of a step > 0 has none: the power EMAs
-    average the whole run, which a fresh start at that step would not."""
-    if not cfg.posthoc_ema_sigma_rels:
-        return None
-    tracker = PowerEMATracker(model, cfg.posthoc_ema_sigma_rels, cfg.posthoc_ema_every, cfg.posthoc_ema_float16,
-                              copy_of=copy_of)
-    if state is None or int(state["finished_steps"]) == 0:
-        return tracker
-    if "posthoc_ema" not in state:
-        raise ValueError(f"{source} (step {state['finished_steps']}) holds no post-hoc EMAs, and they average the "
-                         f"whole run from step 1: remove posthoc_ema_sigma_rels to resume this run, or start a new "
-                         f"run with another working_dir")
-    tracker.load_state_dict(state["posthoc_ema"], source)
-    return tracker
