@@ -382,3 +382,21 @@ def reconstruct(snapshots, plans, dtype=torch.float32):
             weights[name] = kept.to(dtype) if kept.is_floating_point() else kept
         out.append(weights)
     return out
+
+
+def tracker_of_run(cfg, model, copy_of, state, source):
+    """The run's PowerEMATracker (None when cfg.posthoc_ema_sigma_rels is unset), with the EMAs of the resumed
+    checkpoint `state` (read from `source`). ValueError when the checkpoint of a step > 0 has none: the power EMAs
+    average the whole run, which a fresh start at that step would not."""
+    if not cfg.posthoc_ema_sigma_rels:
+        return None
+    tracker = PowerEMATracker(model, cfg.posthoc_ema_sigma_rels, cfg.posthoc_ema_every, cfg.posthoc_ema_float16,
+                              copy_of=copy_of)
+    if state is None or int(state["finished_steps"]) == 0:
+        return tracker
+    if "posthoc_ema" not in state:
+        raise ValueError(f"{source} (step {state['finished_steps']}) holds no post-hoc EMAs, and they average the "
+                         f"whole run from step 1: remove posthoc_ema_sigma_rels to resume this run, or start a new "
+                         f"run with another working_dir")
+    tracker.load_state_dict(state["posthoc_ema"], source)
+    return tracker
