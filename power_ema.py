@@ -153,9 +153,10 @@ class PowerEMATracker:
         tensors = self.models[0].state_dict().values()
         size = len(self.models) * sum(t.numel() * (2 if self.float16 and t.is_floating_point() else t.element_size())
                                       for t in tensors)
+        dtype = "float16" if self.float16 else "float32"
         return (f"post-hoc EMA: power-function EMAs of sigma_rel {self.sigma_rels} (gamma "
-                f"{', '.join(f'{g:.3f}' for g in self.gammas)}), a snapshot every {self.every} steps in {SNAPSHOT_DIR}/ "
-                f"of {size / 2 ** 20:.1f} MiB ({'float16' if self.float16 else 'float32'}), never deleted")
+                f"{', '.join(f'{g:.3f}' for g in self.gammas)}), a snapshot every {self.every} steps in "
+                f"{SNAPSHOT_DIR}/ of {size / 2 ** 20:.1f} MiB ({dtype}), never deleted")
 
     def snapshot(self, step, folder, rank, log=print, only_if_missing=False):
         """Writes SNAPSHOT_DIR/{step}.pt (rank 0, atomically; with `only_if_missing`, only when it is not there);

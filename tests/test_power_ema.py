@@ -172,8 +172,8 @@ def test_refusals_name_what_can_be_reconstructed(run):
     snapshots, _ = scan_snapshots(run["folder"], warn=lambda m: None)
     with pytest.raises(SnapshotError, match=r"step 58 has no usable post-hoc EMA snapshot.*: 5, 10, 15, .*, 55, 60$"):
         plan_reconstruction(snapshots, 0.07, step=58)
-    with pytest.raises(SnapshotError, match=r"sigma_rel 0.28 at step 60: .* relative L2 error of 0\.\d+ \(limit 0.05\); "
-                                            r"representable at step 60: sigma_rel 0.035 to 0.21$"):
+    with pytest.raises(SnapshotError, match=r"sigma_rel 0.28 at step 60: .* relative L2 error of 0\.\d+ "
+                                            r"\(limit 0.05\); representable at step 60: sigma_rel 0.035 to 0.21$"):
         plan_reconstruction(snapshots, 0.28)
     with pytest.raises(SnapshotError, match="outside"):
         plan_reconstruction(snapshots, 0.31)
