@@ -193,7 +193,7 @@ def sweep_plot(rows, scorer, path, title):
         if row["sigma_rel"] is None:
             ax.axhline(row[scorer.metric], color="tab:red", ls="--", label=row["model"])
     ax.set_xlabel("sigma_rel")
-    ax.set_ylabel(scorer.name + (" (lower is better)" if scorer.lower_is_better else ""))
+    ax.set_ylabel(scorer.name + (" (lower: better)" if scorer.lower_is_better else ""), fontsize=8)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
