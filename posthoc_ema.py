@@ -32,7 +32,7 @@ from checkpoints import check_weights_fit, load_checkpoint, save_checkpoint
 from config import ConfigError, load_config, save_config
 from power_ema import (DEFAULT_MAX_ERROR, SNAPSHOT_DIR, SnapshotError, plan_reconstruction, reconstruct,
                        scan_snapshots)
-from safe_io import OutputError, check_writable
+from safe_io import OutputError, atomic_write, check_writable
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DIGITS_DATASETS = ("Digits", "MNIST")
@@ -201,6 +201,13 @@ def sweep_plot(rows, scorer, path, title):
     plt.close(fig)
 
 
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write, "sweep result")
+
+
 def run_sweep(cfg, args, plans, snapshots, out, log):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     scorer = make_scorer(cfg, args, device, out)  # its reference first: a missing one fails before the work
@@ -218,10 +225,9 @@ def run_sweep(cfg, args, plans, snapshots, out, log):
     print(table)
     title = (f"{os.path.basename(os.path.abspath(cfg.working_dir))}, step {plans[0].step}, {args.num_samples} "
              f"samples, {args.nfe} NFE, seed {args.seed}")
-    with open(os.path.join(out, "sweep.md"), "w") as f:
-        f.write(f"{title}\n\n{table}\n")
-    with open(os.path.join(out, "sweep.json"), "w") as f:
-        json.dump({"title": title, "rows": rows, "plans": [p.summary() for p in plans]}, f, indent=1)
+    write_text(os.path.join(out, "sweep.md"), f"{title}\n\n{table}\n")
+    write_text(os.path.join(out, "sweep.json"),
+               json.dumps({"title": title, "rows": rows, "plans": [p.summary() for p in plans]}, indent=1))
     sweep_plot(rows, scorer, os.path.join(out, "sweep.png"), title)
     log(f"wrote {os.path.join(out, 'sweep.md')}, sweep.json and sweep.png")
     return rows
