@@ -28,6 +28,7 @@ from data import LATENT_SCALE
 from dit import DIT_SIZES
 from models import (COEFFICIENT_TYPES, L_SCHEDULES, MODEL_TYPES, NOISING_TYPES, Objective, Soflow, check_guidance,
                     is_conditional)
+from power_ema import SIGMA_REL_MAX
 from safe_io import atomic_write
 from tracking import TRACKERS
 
@@ -108,6 +109,11 @@ class Config(Objective):
     optimizer: Optional[str] = None         # the release uses AdamW for ImageNet, RAdam for CIFAR-10
     ema_decay_rate: float = 0.9999          # EMA decay per step
     ema_steps: Optional[int] = None         # EMA after steps 1, 1 + k, 1 + 2k, ... with decay**k (float64 when k > 1)
+    posthoc_ema_sigma_rels: Optional[List[float]] = None  # post-hoc EMA (docs/posthoc_ema.md): the relative
+                                                          # widths of the power-function EMAs kept beside
+                                                          # ema_model (EDM2: [0.05, 0.10]; None: off)
+    posthoc_ema_every: int = 10_000         # steps between post-hoc EMA snapshots (working_dir/posthoc_ema/{step}.pt)
+    posthoc_ema_float16: bool = False       # store the snapshots in float16 (half the disk; the EMAs stay float32)
     seed: int = 42                          # rank r seeds with seed + r; the batch order depends on (seed, step)
     # --- speed (defaults: the release's numerics) ---
     precision: str = "fp32"                 # fp32: float32 (TF32 with tf32); bf16: autocast everywhere;
@@ -192,7 +198,8 @@ def _check(cfg):
             fail(f"'{name}' must be a list of {length} numbers, got {getattr(cfg, name)!r}")
     for name in ("data_channels", "data_size", "batch_size", "logging_steps", "eval_demo_steps", "ckpt_saving_steps",
                  "eval_steps", "eval_batch_size", "eval_NFE", "ema_steps", "prefetch_factor", *_DIT_SIZES,
-                 "model_channels", "num_blocks", "grad_accum_steps", "ckpt_keep_last", "ckpt_keep_every"):
+                 "model_channels", "num_blocks", "grad_accum_steps", "ckpt_keep_last", "ckpt_keep_every",
+                 "posthoc_ema_every"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             fail(f"'{name}' must be >= 1, got {getattr(cfg, name)}")
     for name in ("channel_mult", "attn_resolutions", "eval_demo_shape"):
@@ -204,10 +211,20 @@ def _check(cfg):
     for name in ("cfg_drop_rate", "augment_p", "ema_decay_rate", "dropout"):
         if not 0 <= getattr(cfg, name) <= 1:
             fail(f"'{name}' must lie in [0, 1], got {getattr(cfg, name)}")
+    _check_posthoc_ema(cfg.posthoc_ema_sigma_rels)
     if cfg.learning_rate <= 0 or not all(0 <= b < 1 for b in cfg.betas) or cfg.weight_decay < 0:
         fail(f"'learning_rate' must be > 0, 'betas' in [0, 1) and 'weight_decay' >= 0, got {cfg.learning_rate}, "
              f"{cfg.betas}, {cfg.weight_decay}")
     _check_model_and_data(cfg)
+
+
+def _check_posthoc_ema(sigma_rels):
+    if sigma_rels is None:
+        return
+    if not sigma_rels or len(set(sigma_rels)) != len(sigma_rels) or not all(0 < s < SIGMA_REL_MAX for s in sigma_rels):
+        raise ConfigError(f"'posthoc_ema_sigma_rels' must be a list of distinct numbers in (0, {SIGMA_REL_MAX:.4f}) "
+                          f"(the widths of power-function EMAs relative to the run's length; EDM2: [0.05, 0.10]), "
+                          f"got {sigma_rels!r}")
 
 
 def _check_model_and_data(cfg):
@@ -467,7 +484,7 @@ RESUME_NO_EFFECT = ("working_dir", "num_workers", "prefetch_factor", "download",
                     "logging_steps", "eval_demo_steps", "eval_demo_shape", "ckpt_saving_steps", "eval_steps",
                     "eval_batch_size", "eval_NFE", "num_eval_samples", "fid_ref_batch", "fid_inception_graph",
                     "fid_dinov2", "fid_dinov2_weights", "eval_save_samples", "ckpt_keep_last", "ckpt_keep_every",
-                    "tracker", "wandb_project")
+                    "tracker", "wandb_project", "posthoc_ema_sigma_rels", "posthoc_ema_every", "posthoc_ema_float16")
 
 
 def changed_keys(old, new):

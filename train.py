@@ -3,7 +3,8 @@
 Runs on CPU (gloo) and GPUs (NCCL). Follows the release's recipe: float32 with TF32, optimizer over every
 network parameter, EMA of the whole model, `ckpts/0.pt` before the first step. Writes to working_dir:
 config.yaml (the release's keys) with config.soflow.yaml (this code's), log.txt, tb/ (TensorBoard),
-ckpts/{step}.pt, figs/{step}.png (EMA sample grids) and evals/{step}.npz (EMA sample dumps for FID). A run resumes
+ckpts/{step}.pt, figs/{step}.png (EMA sample grids), evals/{step}.npz (EMA sample dumps for FID) and, with
+posthoc_ema_sigma_rels, posthoc_ema/{step}.pt (post-hoc EMA snapshots, power_ema.py). A run resumes
 from its newest readable checkpoint and then continues exactly as if it had never stopped. SIGTERM or SIGUSR1 to
 any rank (what SLURM sends before it kills a job) makes every rank finish its step, write a checkpoint and exit
 with status 75. A write that fails (any exception type, on any of these files) stops every rank with the path, the
@@ -35,6 +36,7 @@ from distributed import (FaultInjection, all_gather_objects, attention_context, 
                          precision_context, process_group_backend, set_rng_state, setup_distributed, setup_logging)
 from inference import build_decoder, dump_samples, sample_grid
 from models import draw_training_times
+from power_ema import SNAPSHOT_DIR, tracker_of_run
 from safe_io import Claim, OutputError, free_space
 from tracking import Tracker
 
@@ -503,9 +505,10 @@ class RunCheckpoints:
     checkpoints.CheckpointKeeper (`keeper`: save, prune, the newest good one) once the window has found the losses,
     gradients and weights finite: a non-finite run stops without writing them."""
 
-    def __init__(self, keeper, window, model, ema, optimizer, steps_per_epoch, device, data_identity):
+    def __init__(self, keeper, window, model, ema, optimizer, steps_per_epoch, device, data_identity, posthoc=None):
         self.keeper, self.window, self.model, self.ema, self.optimizer = keeper, window, model, ema, optimizer
         self.steps_per_epoch, self.device, self.data_identity = steps_per_epoch, device, data_identity
+        self.posthoc = posthoc  # power_ema.PowerEMATracker, or None
 
     @property
     def newest(self):
@@ -521,7 +524,8 @@ class RunCheckpoints:
         self.keeper.save(step, {"model": self.model.state_dict(), "ema_model": self.ema.model.state_dict(),
                                 "optimizer": self.optimizer.state_dict(), "finished_steps": step,
                                 "finished_epochs": step // self.steps_per_epoch, "rng_states": rng_states,
-                                "dataset": self.data_identity})
+                                "dataset": self.data_identity,
+                                **({"posthoc_ema": self.posthoc.state_dict()} if self.posthoc else {})})
 
 
 def write_outputs(outputs, checkpoints, step, which, log):
@@ -536,6 +540,19 @@ def write_outputs(outputs, checkpoints, step, which, log):
             checkpoints.save(step)
         raise OutputError(f"{e}. Checkpoint {checkpoints.newest} holds step {step}: fix the cause, then re-run the "
                           f"same command; it resumes there and draws this step's grid and dump first") from None
+
+
+def write_posthoc_snapshot(posthoc, checkpoints, step, folder, rank, log, only_if_missing=False):
+    """The post-hoc EMA snapshot of `step` (weights checked finite first). When it cannot be written, the step's
+    checkpoint is written before the run stops; the resumed run then writes the snapshot first."""
+    checkpoints.check_finite(step)
+    try:
+        posthoc.snapshot(step, folder, rank, log, only_if_missing)
+    except OutputError as e:
+        if checkpoints.newest != checkpoints.keeper.path(step):
+            checkpoints.save(step)
+        raise OutputError(f"{e}. Checkpoint {checkpoints.newest} holds step {step}: fix the cause, then re-run the "
+                          f"same command; it resumes there and writes this snapshot first") from None
 
 
 def record_failure(logger, tracker):
@@ -601,6 +618,10 @@ def main(argv=None):
                   else None)
         model, ddp, ema, optimizer = build_training(cfg, device, rank)
         applied = load_training_state(model, ema, optimizer, state, cfg, ckpt_path) if state is not None else []
+        try:
+            posthoc = tracker_of_run(cfg, model, ema.model, state, ckpt_path)  # None unless posthoc_ema_sigma_rels
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
 
         logger, tracker = open_run_record(cfg, work, rank)  # the checks passed: the run's record starts now
         log = logger.info
@@ -612,6 +633,8 @@ def main(argv=None):
         else:
             log(f"starting a new run in {work} on {world_size} rank(s), device {device.type}")
         log_setup(log, cfg, model, dataset, device, tracker)
+        if posthoc is not None:
+            log(posthoc.describe())
 
         fid = training_fid(cfg, device, rank, eval_dir) if cfg.fid_ref_batch and dumps_due else None
         outputs = PeriodicOutputs(cfg, device, rank, world_size, work, decode, fid, tracker)
@@ -622,7 +645,8 @@ def main(argv=None):
         keeper = CheckpointKeeper(ckpt_dir, rank, ckpt_path, cfg.ckpt_keep_last, cfg.ckpt_keep_every, log,
                                   before_rename=(lambda step: test_faults.at("ckpt", step)) if test_faults else None)
         window = LogWindow(cfg, device, world_size, tracker, log, weights=(model, ema.model))
-        checkpoints = RunCheckpoints(keeper, window, model, ema, optimizer, steps_per_epoch, device, data_identity)
+        checkpoints = RunCheckpoints(keeper, window, model, ema, optimizer, steps_per_epoch, device, data_identity,
+                                     posthoc)
         if state is None:
             checkpoints.save(0)  # as the release: the initial weights, before the first step
 
@@ -630,6 +654,9 @@ def main(argv=None):
         bar = tqdm(total=cfg.total_steps, initial=finished_steps, desc="train", disable=rank != 0,
                    dynamic_ncols=True)
         write_outputs(outputs, checkpoints, finished_steps, owed, log)
+        snapshot_dir = os.path.join(work, SNAPSHOT_DIR)
+        if posthoc is not None and posthoc.is_due(finished_steps, cfg.total_steps):  # owed by a stopped run
+            write_posthoc_snapshot(posthoc, checkpoints, finished_steps, snapshot_dir, rank, log, only_if_missing=True)
         model.train()
         exit_code = 0
         for x, labels in loader:
@@ -646,6 +673,8 @@ def main(argv=None):
             window.add(step, loss, stats, grad_norm)
             ema.update(model, step)
             finished_steps = step + 1
+            if posthoc is not None:
+                posthoc.update(model, finished_steps)
             bar.update(1)
             last = finished_steps == cfg.total_steps
             signum, record_failed = preemption.poll(record_failure(logger, tracker) is not None)
@@ -658,6 +687,8 @@ def main(argv=None):
             # The checkpoint first: a grid or dump that fails, or a stop, loses no training.
             if finished_steps % cfg.ckpt_saving_steps == 0 or last or stop:
                 checkpoints.save(finished_steps)
+            if posthoc is not None and posthoc.is_due(finished_steps, cfg.total_steps):
+                write_posthoc_snapshot(posthoc, checkpoints, finished_steps, snapshot_dir, rank, log)
             if record_failed:
                 stop_on_record_failure(logger, tracker, checkpoints, finished_steps)
             if signum and not last:

@@ -392,3 +392,49 @@ def test_one_gpu_cuda_torchrun_then_inference_and_sample(kind, fast_paths, cifar
     import sample
     sample.main(["--config", cfg, "--ckpt", ckpt, "--out", str(tmp_path / "grid.png"), "--device", "cuda"])
     assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Post-hoc EMA (power_ema.py): the release's EMA untouched, resume bit-exact with the snapshots
+
+
+def test_posthoc_ema_resumes_bit_exactly_and_leaves_the_release_ema_unchanged(tmp_path, monkeypatch):
+    """A 6-step run with post-hoc EMAs (snapshots every 2 steps) against the same run without them (same
+    ema_model, same training), and against one resumed from its step-4 checkpoint whose snapshot 4 is missing:
+    the resumed run writes snapshot 4 first, and every snapshot and the final checkpoint are bit-identical."""
+    from helpers import DIGITS_TINY, TORCHRUN_VARIABLES
+    from power_ema import read_snapshot
+    for key in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+
+    def config(name, **posthoc):
+        return write_config("imagenet_B4.yaml", tmp_path / f"{name}.yaml", working_dir=str(tmp_path / name),
+                            **{**DIGITS_TINY, "total_steps": 6, "ckpt_saving_steps": 4, "eval_demo_steps": 100,
+                               "eval_steps": 100, "tracker": "none", **posthoc})
+    on = dict(posthoc_ema_sigma_rels=[0.05, 0.1], posthoc_ema_every=2)
+    assert train.main(["--config", config("on", **on)]) == 0
+    assert train.main(["--config", config("off")]) == 0
+    assert_same_final_state(tmp_path / "off", tmp_path / "on")  # the release's model, EMA and optimizer
+    assert "posthoc_ema" not in load_checkpoint(tmp_path / "off" / "ckpts" / "6.pt")
+    assert not (tmp_path / "off" / "posthoc_ema").exists()
+    assert sorted(os.listdir(tmp_path / "on" / "posthoc_ema")) == ["2.pt", "4.pt", "6.pt"]
+    assert "a snapshot every 2 steps in posthoc_ema/ of" in (tmp_path / "on" / "log.txt").read_text()
+
+    os.makedirs(tmp_path / "resumed" / "ckpts")
+    (tmp_path / "resumed" / "ckpts" / "4.pt").write_bytes((tmp_path / "on" / "ckpts" / "4.pt").read_bytes())
+    assert train.main(["--config", config("resumed", **on)]) == 0
+    assert "4.pt at step 4 (bit-exact continuation)" in (tmp_path / "resumed" / "log.txt").read_text()
+    assert_same_final_state(tmp_path / "on", tmp_path / "resumed")
+    assert sorted(os.listdir(tmp_path / "resumed" / "posthoc_ema")) == ["4.pt", "6.pt"]
+    for step in (4, 6):
+        a, b = (read_snapshot(str(tmp_path / run / "posthoc_ema" / f"{step}.pt")) for run in ("on", "resumed"))
+        assert a["sha256"] == b["sha256"] and all(torch.equal(a["emas"][i][k], b["emas"][i][k])
+                                                  for i in range(2) for k in a["emas"][i])
+    a, b = (load_checkpoint(tmp_path / run / "ckpts" / "6.pt")["posthoc_ema"] for run in ("on", "resumed"))
+    assert all(torch.equal(a["emas"][i][k], b["emas"][i][k]) for i in range(2) for k in a["emas"][i])
+
+    # A checkpoint without the EMAs (here the option-off run's) cannot start tracking in the middle of a run.
+    os.makedirs(tmp_path / "late" / "ckpts")
+    (tmp_path / "late" / "ckpts" / "4.pt").write_bytes((tmp_path / "off" / "ckpts" / "4.pt").read_bytes())
+    with pytest.raises(SystemExit, match=r"4.pt \(step 4\) holds no post-hoc EMAs.*remove posthoc_ema_sigma_rels"):
+        train.main(["--config", config("late", **on)])
