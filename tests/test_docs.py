@@ -43,3 +43,15 @@ def test_readme_states_the_ci_test_command():
         command = [line.strip() for line in f if line.strip().startswith("python -m pytest")][-1]
     with open(os.path.join(ROOT, "README.md")) as f:
         assert command in [line.strip() for line in f], f"README.md must state `{command}` as .ci/run runs it"
+
+
+def test_config_files_named_in_the_docs_exist():
+    """Every configs/X.yaml that README.md or docs/ name exists, the release's names among them (its README trains
+    configs/imagenet.yaml and configs/cifar.yaml)."""
+    named = set()
+    for page in PAGES:
+        with open(page) as f:
+            named.update(re.findall(r"configs/([\w.-]+\.yaml)", f.read()))
+    assert {"imagenet.yaml", "cifar.yaml"} <= named
+    missing = sorted(name for name in named if not os.path.isfile(os.path.join(ROOT, "configs", name)))
+    assert not missing, f"configs named in the docs but absent: {missing}"

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("single_process")  # conftest.py
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     work = tmp_path_factory.mktemp("digits")
-    cfg = write_config("imagenet_B4.yaml", work / "cfg.yaml", working_dir=str(work / "run"), **DIGITS_TINY)
+    cfg = write_config("imagenet.yaml", work / "cfg.yaml", working_dir=str(work / "run"), **DIGITS_TINY)
     train.main(["--config", cfg])
     return cfg, work / "run"
 
