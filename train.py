@@ -194,8 +194,9 @@ def build_optimizer(cfg, model):
 
 def is_due(step, period, total_steps):
     """Whether a periodic event (grid, dump) falls on `step`: every `period` steps, and at the last step
-    when the period fits in the run."""
-    return step % period == 0 or (step == total_steps and period <= total_steps)
+    when the period fits in the run; never at step 0 (the release draws nothing before the first step), so a run
+    resumed from `0.pt` owes nothing there either."""
+    return step > 0 and (step % period == 0 or (step == total_steps and period <= total_steps))
 
 
 def decoder_needed(cfg, start_step, owed=False):

@@ -270,3 +270,16 @@ def test_a_failed_tensorboard_write_of_any_type_stops_the_run_at_a_checkpoint(ci
     assert train.main(["--config", cfg]) == 0
     log = (run / "log.txt").read_text()
     assert "3.pt at step 3 (bit-exact continuation)" in log and "finished 4 steps" in log
+
+# ----------------------------------------------------------------------------------------------------
+# Stopping and restarting as people do
+
+
+def test_a_resume_from_step_0_draws_and_dumps_nothing_there(reference_run, cifar_root, tmp_path):
+    """Step 0 is never due for a grid or a dump (the release's rule): a run resumed from 0.pt (e.g. after a Ctrl-C
+    during the first step) trains on without drawing or dumping the untrained model."""
+    run = resumable_copy(reference_run, tmp_path / "run", 0)
+    cfg = config(tmp_path, cifar_root, run, total_steps=1, eval_demo_steps=1000, eval_steps=1000)
+    assert train.main(["--config", cfg]) == 0
+    assert steps_of(run) == [0, 1] and os.listdir(run / "figs") == [] and os.listdir(run / "evals") == []
+    assert [train.is_due(0, period, 10) for period in (1, 5, 10)] == [False] * 3
