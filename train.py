@@ -583,18 +583,22 @@ def main(argv=None):
         deferred = [note] if note else []  # messages for log.txt, which is opened once the checks have passed
         setup_logging("train", rank)
 
-        dataset = build_dataset(cfg)  # fails early, with a clear message, when data are missing or mislabelled
         ckpt_path, state = latest_checkpoint(ckpt_dir, log=deferred.append)
         if state is not None and args.no_resume:
             raise SystemExit(f"{ckpt_dir} holds checkpoints and --no-resume was given")
         changes = recorded_changes(cfg, args.config, work) if state is not None else []
-        data_identity = dataset_identity(dataset)
-        if state is not None:
-            check_same_data(state, data_identity, cfg, ckpt_path)
         finished_steps = int(state["finished_steps"]) if state is not None else 0
         outputs = PeriodicOutputs(cfg, device, rank, world_size, work, None, None, None)
         # A checkpoint of this code whose step's grid or dump is missing: drawn before the next step.
         owed = outputs.owed(finished_steps) if state is not None and "rng_states" in state else (False, False)
+        if state is not None and finished_steps >= cfg.total_steps and not any(owed):
+            if rank == 0:
+                print(f"already finished: {finished_steps} of {cfg.total_steps} steps, checkpoint {ckpt_path}")
+            return 0
+        dataset = build_dataset(cfg)  # fails early, with a clear message, when data are missing or mislabelled
+        data_identity = dataset_identity(dataset)
+        if state is not None:
+            check_same_data(state, data_identity, cfg, ckpt_path)
         dumps_due = owed[1] or finished_steps < cfg.total_steps and cfg.eval_steps <= cfg.total_steps
         # The SD-VAE is loaded (before step 1) only when something will be decoded.
         decode = (build_decoder(cfg.vae, cfg.latent_scale, device) if decoder_needed(cfg, finished_steps, any(owed))

@@ -283,3 +283,20 @@ def test_a_resume_from_step_0_draws_and_dumps_nothing_there(reference_run, cifar
     assert train.main(["--config", cfg]) == 0
     assert steps_of(run) == [0, 1] and os.listdir(run / "figs") == [] and os.listdir(run / "evals") == []
     assert [train.is_due(0, period, 10) for period in (1, 5, 10)] == [False] * 3
+
+
+def test_a_finished_run_rerun_says_so_in_one_line(reference_run, cifar_root, tmp_path, monkeypatch, capsys):
+    """Re-running a finished run: one line, exit 0, no data loaded, no model built, nothing written."""
+    run = resumable_copy(reference_run, tmp_path / "run", 6)
+    for outputs in ("figs", "evals"):  # the last step's grid and dump: nothing owed
+        shutil.copytree(reference_run / outputs, run / outputs)
+    cfg = config(tmp_path, cifar_root, run)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run loads no data and builds no model")
+    monkeypatch.setattr(train, "build_dataset", refuse)
+    monkeypatch.setattr(train, "build_training", refuse)
+    before = sorted(os.listdir(run))
+    assert train.main(["--config", cfg]) == 0
+    assert capsys.readouterr().out.strip() == f"already finished: 6 of 6 steps, checkpoint {run / 'ckpts' / '6.pt'}"
+    assert sorted(os.listdir(run)) == before and steps_of(run) == [6]
