@@ -233,8 +233,9 @@ class FaultInjection:
     unless SOFLOW_TEST_CRASH="POINT:N[@RANK][=ACTION]" is set (rank 0 by default), so that a production run
     calls nothing for it (`if test_faults: test_faults.at(...)`). `at(point, count)` acts when this process
     reaches `point` N: train.py's "step" (the start of step N), "ckpt" (the middle of writing checkpoint N),
-    latent_dataset.py's "chunk" (after flushing its N-th chunk). ACTION: SIGKILL (default), SIGTERM or SIGUSR1
-    (sent to this process), ENOSPC or EACCES (an OSError raised there, as a full or read-only disk would), ERROR
+    latent_dataset.py's "chunk" (after flushing its N-th chunk). ACTION: SIGKILL (default), SIGTERM, SIGUSR1 or
+    SIGINT (sent to this process), CTRL_C (SIGINT to the parent torchrun, which a terminal's Ctrl-C reaches alone:
+    torchrun starts its workers in sessions of their own and forwards the signal to them), ENOSPC or EACCES (an OSError raised there, as a full or read-only disk would), ERROR
     (a RuntimeError, the type torch.save raises when its write fails). Only the first incarnation of a torchrun
     group acts, so that a restarted group can run through."""
 
@@ -262,7 +263,8 @@ class FaultInjection:
         if self.action in ("ENOSPC", "EACCES"):
             code = getattr(errno, self.action)
             raise OSError(code, os.strerror(code))
-        os.kill(os.getpid(), getattr(signal, self.action))
+        target = os.getppid() if self.action == "CTRL_C" else os.getpid()
+        os.kill(target, signal.SIGINT if self.action == "CTRL_C" else getattr(signal, self.action))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ config.yaml (the release's keys) with config.soflow.yaml (this code's), log.txt,
 ckpts/{step}.pt, figs/{step}.png (EMA sample grids) and evals/{step}.npz (EMA sample dumps for FID). A run resumes
 from its newest readable checkpoint and then continues exactly as if it had never stopped. SIGTERM or SIGUSR1 to
 any rank (what SLURM sends before it kills a job) makes every rank finish its step, write a checkpoint and exit
-with status 75. A write that fails (any exception type, on any of these files) stops every rank with the path, the
+with status 75; Ctrl-C (SIGINT) does the same with status 130, and a second Ctrl-C stops at once. A write that fails (any exception type, on any of these files) stops every rank with the path, the
 cause and the free space, after the checkpoint of the last finished step is written (unless that is the write that
 failed: then the previous one is the newest); the same command resumes there.
 """
@@ -38,7 +38,8 @@ from models import draw_training_times
 from safe_io import Claim, OutputError, free_space
 from tracking import Tracker
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; re-run the command to resume
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM / SIGUSR1 after a checkpoint; re-run the command to resume
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, the shell's status for Ctrl-C: stopped after a checkpoint, as above
 LOG_KEYS = ("Vel_MSE", "Vel_Weight", "Con_MSE", "Con_Weight", "Grad_Norm")
 
 
@@ -88,19 +89,29 @@ class RecordWriteError(OutputError):
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; `poll()` (a collective, once per step on every rank) tells every rank whether
-    any rank got one, and whether a rank's run record could not be written (RecordWriteError). The flags travel on
-    a CPU (gloo) group, so no device synchronisation."""
+    """SIGTERM / SIGUSR1 (a scheduler) and SIGINT (Ctrl-C) set a flag; `poll()` (a collective, once per step on
+    every rank) tells every rank whether any rank got one, and whether a rank's run record could not be written
+    (RecordWriteError). The flags travel on a CPU (gloo) group, so no device synchronisation. A second SIGINT
+    raises KeyboardInterrupt at once (the steps since the newest checkpoint are lost). Under torchrun a terminal's
+    Ctrl-C reaches torchrun alone (its workers run in sessions of their own), which forwards it to every worker
+    and kills them after --shutdown-timeout seconds (30 by default)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self, world_size):
-        self.signum = None
+    def __init__(self, world_size, rank=0):
+        self.signum, self.rank, self._interrupted = None, rank, False
         self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
         self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
 
     def _handler(self, signum, frame):
-        self.signum = signum
+        if signum == signal.SIGINT:
+            if self._interrupted:
+                raise KeyboardInterrupt
+            self._interrupted = True
+            if self.rank == 0:
+                print("\nCtrl-C: finishing this step and writing its checkpoint; Ctrl-C again to stop at once "
+                      "(losing the steps since the newest checkpoint)", file=sys.stderr, flush=True)
+        self.signum = self.signum or signum
 
     def requested(self):
         return self.poll()[0]
@@ -571,7 +582,7 @@ def main(argv=None):
     except ConfigError as e:
         raise SystemExit(f"config error: {e}")
     rank, world_size, device = setup_distributed()
-    preemption = Preemption(world_size)
+    preemption = Preemption(world_size, rank)
     tracker = claim = None
     work = cfg.working_dir
     created = not os.path.isdir(work)
@@ -665,10 +676,9 @@ def main(argv=None):
             if record_failed:
                 stop_on_record_failure(logger, tracker, checkpoints, finished_steps)
             if signum and not last:
+                exit_code = INTERRUPTED_EXIT_CODE if signum == signal.SIGINT else PREEMPTED_EXIT_CODE
                 log(f"stopped by {signal.Signals(signum).name} after step {finished_steps}: checkpoint "
-                    f"{checkpoints.newest} written; re-run the same command to resume (exit status "
-                    f"{PREEMPTED_EXIT_CODE})")
-                exit_code = PREEMPTED_EXIT_CODE
+                    f"{checkpoints.newest} written; re-run the same command to resume (exit status {exit_code})")
                 break
             write_outputs(outputs, checkpoints, finished_steps, outputs.due(finished_steps), log)
         bar.close()
@@ -694,3 +704,7 @@ if __name__ == "__main__":
     except (NonFiniteLoss, OutputError) as e:  # CheckpointWriteError and RecordWriteError among them
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print("interrupted: stopped at once; the checkpoints in working_dir/ckpts are intact (a half-written one "
+              "is never taken for one): re-run the same command to resume from the newest", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_CODE)

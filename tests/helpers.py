@@ -134,10 +134,12 @@ def write_config(base_name, path, **changes):
 
 
 def torchrun(script, args, nproc=2, env=None, check=True, timeout=600, torchrun_args=()):
+    """torchrun --standalone in a session of its own (a test's Ctrl-C to its process group reaches it alone)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            *torchrun_args, os.path.join(ROOT, script), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
+                          start_new_session=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
