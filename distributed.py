@@ -228,6 +228,27 @@ def log_file_failure(logger):
     return failures[0] if failures else None
 
 
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, the shell's status for Ctrl-C
+
+
+@contextlib.contextmanager
+def interruptible(kept, rank=0):
+    """Ctrl-C (SIGINT) or SIGTERM (what torchrun forwards to its workers when it is interrupted or stopped) inside
+    the block ends the process with INTERRUPTED_EXIT_CODE, rank 0 printing `interrupted: {kept()}` (what was kept
+    and how to resume), after the block's own clean-up (finally clauses) has run."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"interrupted: {kept()}", file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class FaultInjection:
     """Test-only fault injection, which exists only when the environment asks for it: `from_env(rank)` is None
     unless SOFLOW_TEST_CRASH="POINT:N[@RANK][=ACTION]" is set (rank 0 by default), so that a production run

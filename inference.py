@@ -24,8 +24,8 @@ import torch
 from tqdm import tqdm
 
 from distributed import (all_gather_objects, attention_context, claim_on_rank_zero, cleanup_distributed,
-                         configure_backends, first_error, precision_context, rank_bounds, setup_distributed,
-                         setup_logging)
+                         configure_backends, first_error, interruptible, precision_context, rank_bounds,
+                         setup_distributed, setup_logging)
 from models import to_uint8
 from safe_io import Claim, ClaimError, OutputError, WriteError, atomic_write
 
@@ -441,8 +441,10 @@ def main(argv=None):
         out = os.path.join(out_dir, f"{name}_{args.eval_NFE}NFE_{args.seed}.npz")
         log.info(f"sampling {args.num_samples} images at {args.eval_NFE} NFE from the EMA weights of {source} "
                  f"on {world_size} rank(s) -> {out}")
+        kept = (f"nothing was written to {out} (each rank's partial file was removed); re-run the same command to "
+                f"sample again from the start")
         try:
-            with attention_context(cfg.attention, device):
+            with interruptible(lambda: kept, rank), attention_context(cfg.attention, device):
                 dump_samples(model, out, args.num_samples, args.eval_NFE, args.seed, args.eval_batch_size, device,
                              rank, world_size, decode, args.class_balanced, precision)
         except OutputError as e:  # claimed by another writer, or a failed write: nothing written under `out`

@@ -30,16 +30,17 @@ from checkpoints import (CheckpointKeeper, CheckpointMismatchError, CheckpointWr
                          check_weights_fit, latest_checkpoint)
 from config import RESUME_NO_EFFECT, ConfigError, check_resume, check_world_size, load_config, save_config
 from data import batch_loader, build_dataset, dataset_identity
-from distributed import (FaultInjection, all_gather_objects, attention_context, cleanup_distributed,
-                         configure_backends, first_error, get_rng_state, guidance_dtype, log_file_failure,
-                         precision_context, process_group_backend, set_rng_state, setup_distributed, setup_logging)
+from distributed import (INTERRUPTED_EXIT_CODE, FaultInjection, all_gather_objects, attention_context,
+                         cleanup_distributed, configure_backends, first_error, get_rng_state, guidance_dtype,
+                         log_file_failure, precision_context, process_group_backend, set_rng_state, setup_distributed,
+                         setup_logging)
 from inference import build_decoder, dump_samples, sample_grid
 from models import draw_training_times
 from safe_io import Claim, OutputError, free_space
 from tracking import Tracker
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM / SIGUSR1 after a checkpoint; re-run the command to resume
-INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, the shell's status for Ctrl-C: stopped after a checkpoint, as above
+# Ctrl-C (SIGINT): distributed.INTERRUPTED_EXIT_CODE, 130, after the same checkpoint
 LOG_KEYS = ("Vel_MSE", "Vel_Weight", "Con_MSE", "Con_Weight", "Grad_Norm")
 
 

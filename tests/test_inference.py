@@ -1,5 +1,6 @@
 """inference.py: sample dumps from a trained checkpoint; what stays the same across world and batch sizes."""
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -232,3 +233,33 @@ def test_sampling_precision_refuses_flash_in_float32():
     with pytest.raises(SystemExit, match="--precision fp32: attention 'flash'.*set precision: bf16"):
         inference.sampling_precision(cfg, "fp32")
     assert inference.sampling_precision(from_dict(DIGITS_TINY), "bf16") == "bf16"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_dump_says_nothing_was_kept(trained, tmp_path, monkeypatch, capsys, signum):
+    """Ctrl-C, or SIGTERM (what torchrun forwards when it is interrupted), at the second batch: status 130, a line
+    saying that nothing was written and how to start again, and no partial file, part or lock left."""
+    cfg, _ = trained
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    generate, calls = inference.generate, []
+
+    def interrupted_at_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signum)
+        return generate(*args, **kwargs)
+    monkeypatch.setattr(inference, "generate", interrupted_at_the_second_batch)
+
+    def unhandled(signum, frame):  # what SIGTERM would do to a process that does not handle it: not kill pytest
+        raise AssertionError("SIGTERM not handled by inference.py")
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            run_inference(cfg, tmp_path / "out", "--num-samples", "4", "--eval-batch-size", "2")
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stop.value.code == 130 and len(calls) == 2
+    assert (f"interrupted: nothing was written to {tmp_path / 'out' / '2_1NFE_3.npz'} (each rank's partial file "
+            f"was removed); re-run the same command") in capsys.readouterr().err
+    assert os.listdir(tmp_path / "out") == []
