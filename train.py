@@ -222,7 +222,22 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config (see configs/; the release's files load as they are)")
     p.add_argument("--no-resume", action="store_true", help="refuse to start when working_dir has checkpoints")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU intra-op threads per rank (default: OMP_NUM_THREADS when set, else the usable cores "
+                        "divided by the ranks on this node; 1 beside other busy work, docs/performance.md)")
     return p.parse_args(argv)
+
+
+def intra_op_threads(requested, environ, usable_cores, local_ranks):
+    """Threads per rank: --threads when given, else OMP_NUM_THREADS when set, else the usable cores shared among
+    this node's ranks (at least 1), so that the ranks together never run more threads than cores."""
+    if requested is not None:
+        if requested < 1:
+            raise SystemExit(f"--threads must be >= 1, got {requested}")
+        return requested
+    if environ.get("OMP_NUM_THREADS", "").isdigit() and int(environ["OMP_NUM_THREADS"]) >= 1:
+        return int(environ["OMP_NUM_THREADS"])
+    return max(usable_cores // local_ranks, 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -492,6 +507,8 @@ def log_setup(log, cfg, model, dataset, device, tracker):
     backend = process_group_backend()
     log(f"process group: {backend}, the model in DDP" if backend else
         "process group: none (one process outside torchrun), the model without DDP")
+    if device.type == "cpu":
+        log(f"CPU threads: {torch.get_num_threads()} per rank (--threads; docs/performance.md#cpu-threads)")
     log(f"model {cfg.model_type}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
         f"dataset {cfg.dataset_type}: {len(dataset)} samples; global batch {cfg.batch_size}"
         + (f" in {cfg.grad_accum_steps} micro-batches per rank" if cfg.grad_accum_steps > 1 else "")
@@ -582,6 +599,8 @@ def main(argv=None):
         check_world_size(cfg, int(os.environ.get("WORLD_SIZE", 1)), args.config)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}")
+    torch.set_num_threads(intra_op_threads(args.threads, os.environ, len(os.sched_getaffinity(0)),
+                                           int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     rank, world_size, device = setup_distributed()
     preemption = Preemption(world_size, rank)
     tracker = claim = None

@@ -300,3 +300,18 @@ def test_a_finished_run_rerun_says_so_in_one_line(reference_run, cifar_root, tmp
     assert train.main(["--config", cfg]) == 0
     assert capsys.readouterr().out.strip() == f"already finished: 6 of 6 steps, checkpoint {run / 'ckpts' / '6.pt'}"
     assert sorted(os.listdir(run)) == before and steps_of(run) == [6]
+
+
+def test_threads_never_oversubscribe_by_default_and_can_be_set(cifar_root, tmp_path):
+    assert train.intra_op_threads(None, {}, 2, 1) == 2  # one process: every usable core
+    assert train.intra_op_threads(None, {}, 2, 2) == 1  # ranks filling the cores: one thread each
+    assert train.intra_op_threads(None, {}, 2, 4) == 1
+    assert train.intra_op_threads(None, {}, 16, 4) == 4
+    assert train.intra_op_threads(None, {"OMP_NUM_THREADS": "3"}, 2, 1) == 3  # the variable, when set
+    assert train.intra_op_threads(1, {"OMP_NUM_THREADS": "3"}, 2, 1) == 1  # the option first
+    with pytest.raises(SystemExit, match="--threads must be >= 1"):
+        train.intra_op_threads(0, {}, 2, 1)
+    run = tmp_path / "run"
+    torch.set_num_threads(2)
+    assert train.main(["--config", config(tmp_path, cifar_root, run, total_steps=1), "--threads", "1"]) == 0
+    assert torch.get_num_threads() == 1 and "CPU threads: 1 per rank" in (run / "log.txt").read_text()
