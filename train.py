@@ -19,25 +19,51 @@ import signal
 import sys
 import time
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from PIL import Image
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
-
-from checkpoints import (CheckpointKeeper, CheckpointMismatchError, CheckpointWriteError,  # noqa: F401 (train.X)
-                         check_weights_fit, latest_checkpoint)
 from config import RESUME_NO_EFFECT, ConfigError, check_resume, check_world_size, load_config, save_config
-from data import batch_loader, build_dataset, dataset_identity
-from distributed import (INTERRUPTED_EXIT_CODE, FaultInjection, all_gather_objects, attention_context,
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML config (see configs/; the release's files load as they are)")
+    p.add_argument("--no-resume", action="store_true", help="refuse to start when working_dir has checkpoints")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU intra-op threads per rank (default: OMP_NUM_THREADS when set, else the usable cores "
+                        "divided by the ranks on this node; 1 beside other busy work, docs/performance.md)")
+    return p.parse_args(argv)
+
+
+def checked_config(args):
+    """The run's config, checked (against the world size too). A config error ends every rank with status 1, its
+    message printed once, by rank 0."""
+    try:
+        cfg = load_config(args.config)
+        check_world_size(cfg, int(os.environ.get("WORLD_SIZE", 1)), args.config)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1) from None
+    return cfg
+
+
+if __name__ == "__main__":  # a config error is reported before the imports below, which only the training needs
+    checked_config(parse_args())
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from checkpoints import (CheckpointKeeper, CheckpointMismatchError, CheckpointWriteError,  # noqa: E402,F401
+                         check_weights_fit, latest_checkpoint)
+from data import batch_loader, build_dataset, dataset_identity  # noqa: E402
+from distributed import (INTERRUPTED_EXIT_CODE, FaultInjection, all_gather_objects, attention_context,  # noqa: E402
                          cleanup_distributed, configure_backends, first_error, get_rng_state, guidance_dtype,
                          log_file_failure, precision_context, process_group_backend, set_rng_state, setup_distributed,
                          setup_logging)
-from inference import build_decoder, dump_samples, sample_grid
-from models import draw_training_times
-from safe_io import Claim, OutputError, free_space
-from tracking import Tracker
+from inference import build_decoder, dump_samples, sample_grid  # noqa: E402
+from models import draw_training_times  # noqa: E402
+from safe_io import Claim, OutputError, free_space  # noqa: E402
+from tracking import Tracker  # noqa: E402
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM / SIGUSR1 after a checkpoint; re-run the command to resume
 # Ctrl-C (SIGINT): distributed.INTERRUPTED_EXIT_CODE, 130, after the same checkpoint
@@ -216,16 +242,6 @@ def decoder_needed(cfg, start_step, owed=False):
     the steps left to do (none when both periods exceed total_steps or nothing is left to do)."""
     return cfg.dataset_type == "Imagenet" and (owed or start_step < cfg.total_steps
                                                and min(cfg.eval_demo_steps, cfg.eval_steps) <= cfg.total_steps)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML config (see configs/; the release's files load as they are)")
-    p.add_argument("--no-resume", action="store_true", help="refuse to start when working_dir has checkpoints")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU intra-op threads per rank (default: OMP_NUM_THREADS when set, else the usable cores "
-                        "divided by the ranks on this node; 1 beside other busy work, docs/performance.md)")
-    return p.parse_args(argv)
 
 
 def intra_op_threads(requested, environ, usable_cores, local_ranks):
@@ -532,9 +548,10 @@ class RunCheckpoints:
     checkpoints.CheckpointKeeper (`keeper`: save, prune, the newest good one) once the window has found the losses,
     gradients and weights finite: a non-finite run stops without writing them."""
 
-    def __init__(self, keeper, window, model, ema, optimizer, steps_per_epoch, device, data_identity):
+    def __init__(self, keeper, window, model, ema, optimizer, steps_per_epoch, device, data_identity, config):
         self.keeper, self.window, self.model, self.ema, self.optimizer = keeper, window, model, ema, optimizer
         self.steps_per_epoch, self.device, self.data_identity = steps_per_epoch, device, data_identity
+        self.config = config  # the run's full config (every key, both files'): a checkpoint copied alone samples
 
     @property
     def newest(self):
@@ -550,7 +567,7 @@ class RunCheckpoints:
         self.keeper.save(step, {"model": self.model.state_dict(), "ema_model": self.ema.model.state_dict(),
                                 "optimizer": self.optimizer.state_dict(), "finished_steps": step,
                                 "finished_epochs": step // self.steps_per_epoch, "rng_states": rng_states,
-                                "dataset": self.data_identity})
+                                "dataset": self.data_identity, "config": self.config})
 
 
 def write_outputs(outputs, checkpoints, step, which, log):
@@ -594,11 +611,7 @@ def stop_on_record_failure(logger, tracker, checkpoints, step):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-        check_world_size(cfg, int(os.environ.get("WORLD_SIZE", 1)), args.config)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}")
+    cfg = checked_config(args)
     torch.set_num_threads(intra_op_threads(args.threads, os.environ, len(os.sched_getaffinity(0)),
                                            int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     rank, world_size, device = setup_distributed()
@@ -657,7 +670,8 @@ def main(argv=None):
         keeper = CheckpointKeeper(ckpt_dir, rank, ckpt_path, cfg.ckpt_keep_last, cfg.ckpt_keep_every, log,
                                   before_rename=(lambda step: test_faults.at("ckpt", step)) if test_faults else None)
         window = LogWindow(cfg, device, world_size, tracker, log, weights=(model, ema.model))
-        checkpoints = RunCheckpoints(keeper, window, model, ema, optimizer, steps_per_epoch, device, data_identity)
+        checkpoints = RunCheckpoints(keeper, window, model, ema, optimizer, steps_per_epoch, device, data_identity,
+                                     cfg.to_dict())
         if state is None:
             checkpoints.save(0)  # as the release: the initial weights, before the first step
 

@@ -315,3 +315,26 @@ def test_threads_never_oversubscribe_by_default_and_can_be_set(cifar_root, tmp_p
     torch.set_num_threads(2)
     assert train.main(["--config", config(tmp_path, cifar_root, run, total_steps=1), "--threads", "1"]) == 0
     assert torch.get_num_threads() == 1 and "CPU threads: 1 per rank" in (run / "log.txt").read_text()
+
+
+def test_a_config_error_comes_once_and_before_the_training_imports(tmp_path, monkeypatch, capsys):
+    """A misspelled key: `python train.py` reports it having imported only what the config check needs (not the
+    training's imports: timm, the sampler, TensorBoard, torchvision, PIL); under torchrun only rank 0 prints it, every rank
+    exits with status 1."""
+    cfg = write_config("tiny_cifar_cpu.yaml", tmp_path / "cfg.yaml", working_dir=str(tmp_path / "r"))
+    with open(cfg, "a") as f:
+        f.write("batch_sizee: 8\n")
+    probe = ("import runpy, sys\nsys.argv = ['train.py', '--config', sys.argv[1]]\ntry:\n"
+             "    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit as e:\n"
+             "    print('exit', e.code, sorted(m for m in ('timm', 'inference', 'tensorboard', 'torchvision', 'PIL.Image')"
+             " if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", probe, cfg], cwd=os.path.dirname(os.path.dirname(__file__)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip().endswith("exit config error: " + f"{cfg}: unknown key 'batch_sizee' (did you mean "
+                                        "'batch_size'?); remove it or fix the spelling []"), proc.stdout + proc.stderr
+    for rank, printed in (("1", ""), ("0", "unknown key 'batch_sizee'")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as stop:
+            train.main(["--config", cfg])
+        assert (stop.value.code == 1) if rank == "1" else printed in stop.value.code
+    assert not (tmp_path / "r").exists()
