@@ -69,3 +69,15 @@ def test_config_files_named_in_the_docs_exist():
     assert {"imagenet.yaml", "cifar.yaml"} <= named
     missing = sorted(name for name in named if not os.path.isfile(os.path.join(ROOT, "configs", name)))
     assert not missing, f"configs named in the docs but absent: {missing}"
+
+
+def test_an_interrupted_demo_loses_under_a_minute():
+    """The digits demo checkpoints at least once a minute of a 2-core CPU's work (the step time docs/digits_demo.md
+    states), and keeps its newest checkpoints only."""
+    import yaml
+    with open(os.path.join(ROOT, "docs", "digits_demo.md")) as f:
+        seconds_per_step = float(re.search(r"([\d.]+) s a step", f.read()).group(1))
+    with open(os.path.join(ROOT, "configs", "digits_demo.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    assert cfg["ckpt_saving_steps"] * seconds_per_step < 60 and cfg["ckpt_keep_last"] >= 1
+    assert cfg["total_steps"] % cfg["ckpt_saving_steps"] == 0
