@@ -108,7 +108,7 @@ def main(argv=None):
     killed = kill_node(node_b)
     newest = max(int(n[:-3]) for n in os.listdir(os.path.join(run, "ckpts")) if n.endswith(".pt"))
     print(f"node B killed (agent and {killed} worker) after checkpoint {newest}.pt", flush=True)
-    time.sleep(5)
+    time.sleep(30)  # past the rendezvous' keep-alive (3 x 5 s), so that the dead node is out of the next round
     node_b = start(command, os.path.join(tmp, "node_b.log"))
     status = node_a.wait(), node_b.wait()
     with open(os.path.join(run, "log.txt")) as f:
