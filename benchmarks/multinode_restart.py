@@ -25,7 +25,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 SMALL = dict(hidden_size=32, depth=2, num_heads=2, batch_size=16, logging_steps=2, ckpt_saving_steps=2,
-             eval_demo_steps=10 ** 9, eval_steps=10 ** 9, tracker="none", num_workers=0)
+             eval_demo_steps=10 ** 9, eval_steps=10 ** 9, tracker="none", num_workers=0, ckpt_keep_last=None)
 
 
 def free_port():
