@@ -9,7 +9,7 @@ agent and worker, once the run has written the checkpoint of step --kill-after; 
 same command. Node A's worker loses its peer, its agent restarts it and waits in the rendezvous; the restarted node B
 joins, and both ranks resume from the newest checkpoint. The script checks that the job finishes and that its final
 checkpoint (weights, EMA, optimizer state) is bit-identical to the reference's, and prints PASS or FAIL. CPU, gloo;
-a few minutes on a 2-core CPU (too slow for the test suite). docs/cluster.md states what it checks.
+a few minutes on a 2-core CPU (too slow for the test suite). docs/cluster.md states what it checks and its result.
 """
 import argparse
 import os
