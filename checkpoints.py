@@ -3,7 +3,8 @@
 
 A checkpoint is `ckpts/{step}.pt`, a dict with `model`, `ema_model`, `optimizer`, `finished_steps`,
 `finished_epochs` (the reference layout) and, from this implementation, `rng_states` (one per rank) so
-that a resumed run continues bit-exactly. Files are written atomically (temporary file, fsync, rename)
+that a resumed run continues bit-exactly, `dataset` (what it was trained on) and `config` (the run's every key,
+config.yaml's and config.soflow.yaml's: inference.py and sample.py read it, so a checkpoint copied alone samples). Files are written atomically (temporary file, fsync, rename)
 and read with `torch.load(weights_only=True)`.
 
 Sampling also reads `.safetensors` files (the EMA weights alone, as `inference.py --export` writes them) and

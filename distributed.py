@@ -228,13 +228,35 @@ def log_file_failure(logger):
     return failures[0] if failures else None
 
 
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, the shell's status for Ctrl-C
+
+
+@contextlib.contextmanager
+def interruptible(kept, rank=0):
+    """Ctrl-C (SIGINT) or SIGTERM (what torchrun forwards to its workers when it is interrupted or stopped) inside
+    the block ends the process with INTERRUPTED_EXIT_CODE, rank 0 printing `interrupted: {kept()}` (what was kept
+    and how to resume), after the block's own clean-up (finally clauses) has run."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"interrupted: {kept()}", file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class FaultInjection:
     """Test-only fault injection, which exists only when the environment asks for it: `from_env(rank)` is None
     unless SOFLOW_TEST_CRASH="POINT:N[@RANK][=ACTION]" is set (rank 0 by default), so that a production run
     calls nothing for it (`if test_faults: test_faults.at(...)`). `at(point, count)` acts when this process
     reaches `point` N: train.py's "step" (the start of step N), "ckpt" (the middle of writing checkpoint N),
-    latent_dataset.py's "chunk" (after flushing its N-th chunk). ACTION: SIGKILL (default), SIGTERM or SIGUSR1
-    (sent to this process), ENOSPC or EACCES (an OSError raised there, as a full or read-only disk would), ERROR
+    latent_dataset.py's "chunk" (after flushing its N-th chunk). ACTION: SIGKILL (default), SIGTERM, SIGUSR1 or
+    SIGINT (sent to this process), CTRL_C (SIGINT to the parent torchrun, which a terminal's Ctrl-C reaches alone:
+    torchrun starts its workers in sessions of their own and forwards the signal to them), ENOSPC or EACCES (an OSError raised there, as a full or read-only disk would), ERROR
     (a RuntimeError, the type torch.save raises when its write fails). Only the first incarnation of a torchrun
     group acts, so that a restarted group can run through."""
 
@@ -262,7 +284,8 @@ class FaultInjection:
         if self.action in ("ENOSPC", "EACCES"):
             code = getattr(errno, self.action)
             raise OSError(code, os.strerror(code))
-        os.kill(os.getpid(), getattr(signal, self.action))
+        target = os.getppid() if self.action == "CTRL_C" else os.getpid()
+        os.kill(target, signal.SIGINT if self.action == "CTRL_C" else getattr(signal, self.action))
 
 
 # ----------------------------------------------------------------------------------------------------

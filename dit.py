@@ -8,7 +8,6 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 
 from unet import checkpointed_call
 
@@ -75,6 +74,7 @@ class LabelEmbedder(nn.Module):
 
 class DiTBlock(nn.Module):
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        from timm.models.vision_transformer import Attention, Mlp  # here: a config check need not import timm
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
@@ -117,6 +117,7 @@ class DiT(nn.Module):
         self.patch_size = patch_size
         self.num_heads = num_heads
         self.grad_checkpointing = False  # see set_grad_checkpointing
+        from timm.models.vision_transformer import PatchEmbed
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.s_embedder = TimestepEmbedder(hidden_size)  # embeds t - s

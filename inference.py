@@ -5,8 +5,10 @@
     python inference.py --export DIR --config CFG --ckpt-steps K      # DIR/model.safetensors, DIR/config*.yaml
 
 `--ckpt` takes a `.pt` checkpoint (this code's or the release's), a `.safetensors` file of weights or
-`hf://ORG/REPO[@REVISION]/PATH` (fetched through the Hugging Face cache; HF_HUB_OFFLINE=1 reads the cache only);
-without `--config`, the config.yaml beside the checkpoint is used (checkpoints.config_beside).
+`hf://ORG/REPO[@REVISION]/PATH` (fetched through the Hugging Face cache; HF_HUB_OFFLINE=1 reads the cache only).
+Without `--config`, the config inside the checkpoint is used (train.py writes it into every checkpoint, so a file
+copied alone samples), else the config.yaml beside it (the release's; checkpoints.config_beside); a `--config`
+given wins, and each key where it differs from the checkpoint's own is named.
 
 Sample i takes its label and all of its noise from a generator seeded by (seed, i) (`sample_inputs`); what
 that makes reproducible, and how exactly: docs/determinism.md. The same functions write the FID dumps and the
@@ -24,8 +26,8 @@ import torch
 from tqdm import tqdm
 
 from distributed import (all_gather_objects, attention_context, claim_on_rank_zero, cleanup_distributed,
-                         configure_backends, first_error, precision_context, rank_bounds, setup_distributed,
-                         setup_logging)
+                         configure_backends, first_error, interruptible, precision_context, rank_bounds,
+                         setup_distributed, setup_logging)
 from models import to_uint8
 from safe_io import Claim, ClaimError, OutputError, WriteError, atomic_write
 
@@ -63,12 +65,12 @@ def sample_noise(indices, shape, nfe, seed):
     return sample_inputs(indices, 0, False, shape, nfe, seed)[1]
 
 
-def load_sampling_model(cfg, ckpt, device="cpu"):
+def load_sampling_model(cfg, ckpt, device="cpu", state=None):
     """The config's model with the sampling (EMA) weights of checkpoint `ckpt` (a `.pt` or `.safetensors` file,
-    or hf://ORG/REPO/PATH), strict, in eval mode."""
+    or hf://ORG/REPO/PATH; `state`: its contents, when already read), strict, in eval mode."""
     from checkpoints import check_weights_fit, load_checkpoint, model_state, resolve_checkpoint
     model = cfg.build_model()
-    weights = model_state(load_checkpoint(resolve_checkpoint(ckpt)))
+    weights = model_state(state if state is not None else load_checkpoint(resolve_checkpoint(ckpt)))
     check_weights_fit(model, weights, cfg.model_type, ckpt)
     model.load_state_dict(weights, strict=True)
     return model.to(device).eval()
@@ -318,7 +320,7 @@ def sample_grid(model, shape, nfe, seed, device, path, decode=None, precision="f
 # Command line
 
 
-def export(cfg, ckpt, out_dir):
+def export(cfg, ckpt, out_dir, state=None):
     """Writes `out_dir/model.safetensors` (the sampling (EMA) weights of checkpoint `ckpt`, checked against the
     config's model first; metadata: finished_steps, which weights, the source file's name) and
     `out_dir/config.yaml` with its companion `out_dir/config.soflow.yaml` (the full config, as training writes
@@ -326,7 +328,7 @@ def export(cfg, ckpt, out_dir):
     `--ckpt hf://ORG/REPO/model.safetensors`. Returns the weights' and the config's paths."""
     from checkpoints import check_weights_fit, load_checkpoint, model_state, resolve_checkpoint, save_weights
     from config import save_config
-    state = load_checkpoint(resolve_checkpoint(ckpt))
+    state = state if state is not None else load_checkpoint(resolve_checkpoint(ckpt))
     weights = model_state(state)
     model = cfg.build_model()
     check_weights_fit(model, weights, cfg.model_type, ckpt)  # fails here, before writing, on a wrong config
@@ -344,7 +346,8 @@ def export(cfg, ckpt, out_dir):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None,
-                   help="the training config (YAML); default with --ckpt: the config.yaml beside the checkpoint")
+                   help="the training config (YAML); default with --ckpt: the one inside the checkpoint, else the "
+                        "config.yaml beside it")
     p.add_argument("--ckpt-steps", type=int, default=None, help="use working_dir/ckpts/{K}.pt (needs --config)")
     p.add_argument("--ckpt", default=None,
                    help="any checkpoint: a .pt file (a released one included), a .safetensors file of weights, "
@@ -378,10 +381,13 @@ def sampling_precision(cfg, precision=None):
     return precision
 
 
-def load_run(config, ckpt, ckpt_steps=None):
-    """(config, local checkpoint path) from the command line's --config / --ckpt / --ckpt-steps; SystemExit
-    with the reason when they do not add up. Shared with sample.py."""
-    from checkpoints import CheckpointSourceError, config_beside, is_hub, resolve_checkpoint
+def load_run(config, ckpt, ckpt_steps=None, warn=print):
+    """(config, local checkpoint path, the checkpoint's contents) from the command line's --config / --ckpt /
+    --ckpt-steps; SystemExit with the reason when they do not add up. The config: --config when given (`warn`
+    names each key where it differs from the config inside the checkpoint), else the one inside the checkpoint
+    (this code's carry it, so a file copied alone samples), else the config.yaml beside it (the release's
+    checkpoints). Shared with sample.py."""
+    from checkpoints import CheckpointSourceError, load_checkpoint, is_hub, resolve_checkpoint
     from config import ConfigError, load_config
     if (ckpt is None) == (ckpt_steps is None):
         raise SystemExit("give exactly one of --ckpt-steps K or --ckpt PATH")
@@ -391,26 +397,56 @@ def load_run(config, ckpt, ckpt_steps=None):
         raise SystemExit(f"checkpoint {ckpt} does not exist")
     try:  # a checkpoint that cannot be had is reported before its config
         path = resolve_checkpoint(ckpt) if ckpt is not None else None
-        cfg = load_config(config or config_beside(ckpt))
-        path = path or os.path.join(cfg.working_dir, "ckpts", f"{ckpt_steps}.pt")
+        given = load_config(config) if config is not None else None
+        path = path or os.path.join(given.working_dir, "ckpts", f"{ckpt_steps}.pt")
+        if not os.path.isfile(path):
+            raise SystemExit(f"checkpoint {path} does not exist")
+        state = load_checkpoint(path)
+        return checkpoint_config(given, config, state, ckpt or path, warn), path, state
     except ConfigError as e:
         raise SystemExit(f"config error: {e}")
-    except CheckpointSourceError as e:
-        raise SystemExit(str(e))
-    if not os.path.isfile(path):
-        raise SystemExit(f"checkpoint {path} does not exist")
-    return cfg, path
+    except (CheckpointSourceError, ValueError) as e:  # unreadable or unsafe checkpoint: the message says which
+        raise SystemExit(f"error: {e}") from None
+
+
+def checkpoint_config(given, given_path, state, source, warn):
+    """The config to sample `source` with (see load_run); ConfigError or CheckpointSourceError when there is none."""
+    from checkpoints import config_beside
+    from config import changed_keys, from_dict, load_config
+    inside = state.get("config")
+    inside = from_dict(inside, source=f"the config inside {source}") if inside is not None else None
+    if given is None:
+        return inside if inside is not None else load_config(config_beside(source))
+    if inside is not None:
+        for key, theirs, ours in changed_keys(inside, given):
+            warn(f"--config {given_path} sets {key}: {ours!r}, the config inside {source} {theirs!r}; "
+                 f"{ours!r} (the command line's) is used")
+    return given
+
+
+def load_sampler(cfg, ckpt, state, device, vae=None):
+    """(the model with the checkpoint's sampling weights, the SD-VAE decoder for latent configs or None), or
+    SystemExit naming what failed. Shared with sample.py."""
+    try:
+        model = load_sampling_model(cfg, ckpt, device, state)
+    except ValueError as e:  # not this config's checkpoint: the message says which sizes differ
+        raise SystemExit(f"error: {e}") from None
+    try:
+        decode = build_decoder(vae or cfg.vae, cfg.latent_scale, device) if cfg.dataset_type == "Imagenet" else None
+    except DecoderError as e:
+        raise SystemExit(str(e)) from None
+    return model, decode
 
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg, ckpt = load_run(args.config, args.ckpt, args.ckpt_steps)
+    log = setup_logging("inference", int(os.environ.get("RANK", 0)))
+    cfg, ckpt, state = load_run(args.config, args.ckpt, args.ckpt_steps, warn=log.warning)
     source = args.ckpt or ckpt
     if args.export:
-        log = setup_logging("inference", int(os.environ.get("RANK", 0)))
         if int(os.environ.get("RANK", 0)) == 0:
             try:
-                paths = export(cfg, ckpt, args.export)
+                paths = export(cfg, ckpt, args.export, state)
             except (ValueError, OutputError) as e:
                 raise SystemExit(f"error: {e}") from None
             log.info(f"exported the EMA weights of {source} and its config to {' and '.join(paths)}")
@@ -429,20 +465,17 @@ def main(argv=None):
     log = setup_logging("inference", rank)
     configure_backends(device, cfg.tf32)
     try:
-        try:
-            model = load_sampling_model(cfg, ckpt, device)
-        except ValueError as e:  # unreadable, unsafe or not this config's checkpoint: the message says which
-            raise SystemExit(f"error: {e}") from None
-        decode = None
-        if cfg.dataset_type == "Imagenet":
-            decode = build_decoder(args.vae or cfg.vae, cfg.latent_scale, device)
+        model, decode = load_sampler(cfg, ckpt, state, device, args.vae)
+        del state  # the optimizer's moments, among others: not kept while sampling
         name = os.path.splitext(os.path.basename(ckpt))[0]
         out_dir = args.out or os.path.join(cfg.working_dir, "evals")
         out = os.path.join(out_dir, f"{name}_{args.eval_NFE}NFE_{args.seed}.npz")
         log.info(f"sampling {args.num_samples} images at {args.eval_NFE} NFE from the EMA weights of {source} "
                  f"on {world_size} rank(s) -> {out}")
+        kept = (f"nothing was written to {out} (each rank's partial file was removed); re-run the same command to "
+                f"sample again from the start")
         try:
-            with attention_context(cfg.attention, device):
+            with interruptible(lambda: kept, rank), attention_context(cfg.attention, device):
                 dump_samples(model, out, args.num_samples, args.eval_NFE, args.seed, args.eval_batch_size, device,
                              rank, world_size, decode, args.class_balanced, precision)
         except OutputError as e:  # claimed by another writer, or a failed write: nothing written under `out`

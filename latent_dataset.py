@@ -23,7 +23,8 @@ interrupted part from its last flushed chunk (a part that cannot be opened or th
 images or settings is started afresh; parts of a run with another world size are ignored; a complete
 part that skipped bad images is redone when --skip-bad-images is not given). After a barrier rank 0
 merges the parts into `imagenet_latent.hdf5.tmp`, verifies it and atomically renames it to
-`imagenet_latent.hdf5`; the parts are then deleted unless `--keep-parts` is given.
+`imagenet_latent.hdf5`; the parts are then deleted unless `--keep-parts` is given. Ctrl-C or SIGTERM (torchrun
+forwards either to every rank) stops with status 130, saying so; kill -9 keeps the same (every flushed chunk).
 
 Numerics: PyTorch's defaults, as the release (on CUDA, cuDNN runs float32 convolutions in TF32);
 --exact-fp32 turns TF32 off for convolutions and matmuls (`tf32: false` in training does the same).
@@ -52,7 +53,7 @@ from tqdm import tqdm
 
 from data import LATENT_FILE, LatentDataset, latent_file, validate_latent_file
 from distributed import (FaultInjection, all_gather_objects, claim_on_rank_zero, cleanup_distributed,
-                         configure_backends, first_error, rank_bounds, setup_distributed, setup_logging)
+                         configure_backends, first_error, interruptible, rank_bounds, setup_distributed, setup_logging)
 from safe_io import Claim, OutputError, WriteError, atomic_write, check_writable
 
 OUTPUT_NAME = LATENT_FILE
@@ -609,15 +610,18 @@ def main(argv=None):
             log.info('the progress bar follows rank 0; the %d ranks together run about %d times its rate',
                      world, world)
         began = time.time()
+        kept = (f'the parts in {os.path.dirname(path)} keep every chunk flushed so far; re-run the same command to '
+                f'continue from there')
         try:
-            stop_together(lambda: extract_part(args, samples, start, stop, path, fingerprint, device, rank, world),
-                          rank)
-            if rank == 0:
-                log.info('shards done in %.1f s', time.time() - began)
-                merge_parts(args, samples, classes, world, fingerprint)
-                elapsed = time.time() - began
-                log.info('all done in %.1f s (%.1f images/s over %d rank(s), VAE loading and merge included)',
-                         elapsed, len(samples) / elapsed, world)
+            with interruptible(lambda: kept, rank):
+                stop_together(lambda: extract_part(args, samples, start, stop, path, fingerprint, device, rank,
+                                                   world), rank)
+                if rank == 0:
+                    log.info('shards done in %.1f s', time.time() - began)
+                    merge_parts(args, samples, classes, world, fingerprint)
+                    elapsed = time.time() - began
+                    log.info('all done in %.1f s (%.1f images/s over %d rank(s), VAE loading and merge included)',
+                             elapsed, len(samples) / elapsed, world)
         finally:
             claim.release()
     finally:

@@ -1,11 +1,11 @@
 """A grid of SoFlow samples from a checkpoint, one row per class, as one PNG (in the spirit of DiT's sample.py).
 
     python sample.py --config C --ckpt K --classes 207 360 387 974 --nfe 1 --seed 0 --out samples.png
-    python sample.py --ckpt results/digits_demo/ckpts/3000.pt --out digits.png     # the config beside it
+    python sample.py --ckpt results/digits_demo/ckpts/3000.pt --out digits.png     # the config inside it
 
 --ckpt takes a .pt checkpoint (this code's or the release's), a .safetensors file of weights or
 hf://ORG/REPO[@REVISION]/PATH (Hugging Face cache; HF_HUB_OFFLINE=1 reads the cache only); without --config, the
-config.yaml beside the checkpoint is used. Row r shows class classes[r], --per-class samples of it; unconditional
+config inside the checkpoint (train.py's carry theirs), else the config.yaml beside it (inference.load_run). Row r shows class classes[r], --per-class samples of it; unconditional
 models ignore --classes (their grid has --rows rows). Sample i (row-major) starts from the noise of index i under
 --seed and is drawn by the function that draws training's grids and inference.py's dumps (inference.sample_grid),
 so the defaults (the config's eval_demo_shape, seed and eval_NFE) redraw training's figs/{step}.png
@@ -17,15 +17,15 @@ import argparse
 import torch
 
 from distributed import attention_context, configure_backends, setup_logging
-from inference import (GRID_GAP, DecoderError, build_decoder, grid_labels, load_run, load_sampling_model, sample_grid,
-                       sampling_precision)
+from inference import GRID_GAP, grid_labels, load_run, load_sampler, sample_grid, sampling_precision
 from safe_io import WriteError
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a .pt or .safetensors file, or hf://ORG/REPO[@REVISION]/PATH")
-    p.add_argument("--config", default=None, help="the model's config (default: the config.yaml beside --ckpt)")
+    p.add_argument("--config", default=None, help="the model's config (default: the one inside --ckpt, else the "
+                   "config.yaml beside it)")
     p.add_argument("--classes", type=int, nargs="+", default=None,
                    help="one row per class (default: --rows classes spread over all, as training's grids)")
     p.add_argument("--per-class", type=int, default=None, help="samples per row (default: eval_demo_shape[1])")
@@ -44,7 +44,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     log = setup_logging("sample")
-    cfg, ckpt = load_run(args.config, args.ckpt)
+    cfg, ckpt, state = load_run(args.config, args.ckpt, warn=log.warning)
     precision = sampling_precision(cfg, args.precision)
     def given(value, default):
         return default if value is None else value
@@ -66,16 +66,8 @@ def main(argv=None):
     rows = len(classes) if classes else rows
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     configure_backends(device, cfg.tf32)
-    try:
-        model = load_sampling_model(cfg, ckpt, device)
-    except ValueError as e:  # unreadable, unsafe or not this config's checkpoint: the message says which
-        raise SystemExit(f"error: {e}") from None
-    decode = None
-    if cfg.dataset_type == "Imagenet":
-        try:
-            decode = build_decoder(args.vae or cfg.vae, cfg.latent_scale, device)
-        except DecoderError as e:
-            raise SystemExit(str(e))
+    model, decode = load_sampler(cfg, ckpt, state, device, args.vae)
+    del state
     try:
         with attention_context(cfg.attention, device):
             images = sample_grid(model, (rows, per_class), nfe, seed, device, args.out, decode,

@@ -7,7 +7,7 @@ ckpts/{step}.pt, figs/{step}.png (EMA sample grids), evals/{step}.npz (EMA sampl
 posthoc_ema_sigma_rels, posthoc_ema/{step}.pt (post-hoc EMA snapshots, power_ema.py). A run resumes
 from its newest readable checkpoint and then continues exactly as if it had never stopped. SIGTERM or SIGUSR1 to
 any rank (what SLURM sends before it kills a job) makes every rank finish its step, write a checkpoint and exit
-with status 75. A write that fails (any exception type, on any of these files) stops every rank with the path, the
+with status 75; Ctrl-C (SIGINT) does the same with status 130, and a second Ctrl-C stops at once. A write that fails (any exception type, on any of these files) stops every rank with the path, the
 cause and the free space, after the checkpoint of the last finished step is written (unless that is the write that
 failed: then the previous one is the newest); the same command resumes there.
 """
@@ -20,27 +20,55 @@ import signal
 import sys
 import time
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from PIL import Image
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
-
-from checkpoints import (CheckpointKeeper, CheckpointMismatchError, CheckpointWriteError,  # noqa: F401 (train.X)
-                         check_weights_fit, latest_checkpoint)
 from config import RESUME_NO_EFFECT, ConfigError, check_resume, check_world_size, load_config, save_config
-from data import batch_loader, build_dataset, dataset_identity
-from distributed import (FaultInjection, all_gather_objects, attention_context, cleanup_distributed,
-                         configure_backends, first_error, get_rng_state, guidance_dtype, log_file_failure,
-                         precision_context, process_group_backend, set_rng_state, setup_distributed, setup_logging)
-from inference import build_decoder, dump_samples, sample_grid
-from models import draw_training_times
-from power_ema import SNAPSHOT_DIR, tracker_of_run
-from safe_io import Claim, OutputError, free_space
-from tracking import Tracker
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; re-run the command to resume
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML config (see configs/; the release's files load as they are)")
+    p.add_argument("--no-resume", action="store_true", help="refuse to start when working_dir has checkpoints")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU intra-op threads per rank (default: OMP_NUM_THREADS when set, else the usable cores "
+                        "divided by the ranks on this node; 1 beside other busy work, docs/performance.md)")
+    return p.parse_args(argv)
+
+
+def checked_config(args):
+    """The run's config, checked (against the world size too). A config error ends every rank with status 1, its
+    message printed once, by rank 0."""
+    try:
+        cfg = load_config(args.config)
+        check_world_size(cfg, int(os.environ.get("WORLD_SIZE", 1)), args.config)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1) from None
+    return cfg
+
+
+if __name__ == "__main__":  # a config error is reported before the imports below, which only the training needs
+    checked_config(parse_args())
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from checkpoints import (CheckpointKeeper, CheckpointMismatchError, CheckpointWriteError,  # noqa: E402,F401
+                         check_weights_fit, latest_checkpoint)
+from data import batch_loader, build_dataset, dataset_identity  # noqa: E402
+from distributed import (INTERRUPTED_EXIT_CODE, FaultInjection, all_gather_objects, attention_context,  # noqa: E402
+                         cleanup_distributed, configure_backends, first_error, get_rng_state, guidance_dtype,
+                         log_file_failure, precision_context, process_group_backend, set_rng_state, setup_distributed,
+                         setup_logging)
+from inference import build_decoder, dump_samples, sample_grid  # noqa: E402
+from models import draw_training_times  # noqa: E402
+from power_ema import SNAPSHOT_DIR, tracker_of_run  # noqa: E402
+from safe_io import Claim, OutputError, free_space  # noqa: E402
+from tracking import Tracker  # noqa: E402
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM / SIGUSR1 after a checkpoint; re-run the command to resume
+# Ctrl-C (SIGINT): distributed.INTERRUPTED_EXIT_CODE, 130, after the same checkpoint
 LOG_KEYS = ("Vel_MSE", "Vel_Weight", "Con_MSE", "Con_Weight", "Grad_Norm")
 
 
@@ -90,19 +118,29 @@ class RecordWriteError(OutputError):
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; `poll()` (a collective, once per step on every rank) tells every rank whether
-    any rank got one, and whether a rank's run record could not be written (RecordWriteError). The flags travel on
-    a CPU (gloo) group, so no device synchronisation."""
+    """SIGTERM / SIGUSR1 (a scheduler) and SIGINT (Ctrl-C) set a flag; `poll()` (a collective, once per step on
+    every rank) tells every rank whether any rank got one, and whether a rank's run record could not be written
+    (RecordWriteError). The flags travel on a CPU (gloo) group, so no device synchronisation. A second SIGINT
+    raises KeyboardInterrupt at once (the steps since the newest checkpoint are lost). Under torchrun a terminal's
+    Ctrl-C reaches torchrun alone (its workers run in sessions of their own), which forwards it to every worker
+    and kills them after --shutdown-timeout seconds (30 by default)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self, world_size):
-        self.signum = None
+    def __init__(self, world_size, rank=0):
+        self.signum, self.rank, self._interrupted = None, rank, False
         self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
         self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
 
     def _handler(self, signum, frame):
-        self.signum = signum
+        if signum == signal.SIGINT:
+            if self._interrupted:
+                raise KeyboardInterrupt
+            self._interrupted = True
+            if self.rank == 0:
+                print("\nCtrl-C: finishing this step and writing its checkpoint; Ctrl-C again to stop at once "
+                      "(losing the steps since the newest checkpoint)", file=sys.stderr, flush=True)
+        self.signum = self.signum or signum
 
     def requested(self):
         return self.poll()[0]
@@ -196,8 +234,9 @@ def build_optimizer(cfg, model):
 
 def is_due(step, period, total_steps):
     """Whether a periodic event (grid, dump) falls on `step`: every `period` steps, and at the last step
-    when the period fits in the run."""
-    return step % period == 0 or (step == total_steps and period <= total_steps)
+    when the period fits in the run; never at step 0 (the release draws nothing before the first step), so a run
+    resumed from `0.pt` owes nothing there either."""
+    return step > 0 and (step % period == 0 or (step == total_steps and period <= total_steps))
 
 
 def decoder_needed(cfg, start_step, owed=False):
@@ -207,11 +246,16 @@ def decoder_needed(cfg, start_step, owed=False):
                                                and min(cfg.eval_demo_steps, cfg.eval_steps) <= cfg.total_steps)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML config (see configs/; the release's files load as they are)")
-    p.add_argument("--no-resume", action="store_true", help="refuse to start when working_dir has checkpoints")
-    return p.parse_args(argv)
+def intra_op_threads(requested, environ, usable_cores, local_ranks):
+    """Threads per rank: --threads when given, else OMP_NUM_THREADS when set, else the usable cores shared among
+    this node's ranks (at least 1), so that the ranks together never run more threads than cores."""
+    if requested is not None:
+        if requested < 1:
+            raise SystemExit(f"--threads must be >= 1, got {requested}")
+        return requested
+    if environ.get("OMP_NUM_THREADS", "").isdigit() and int(environ["OMP_NUM_THREADS"]) >= 1:
+        return int(environ["OMP_NUM_THREADS"])
+    return max(usable_cores // local_ranks, 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -482,6 +526,8 @@ def log_setup(log, cfg, model, dataset, device, tracker):
     backend = process_group_backend()
     log(f"process group: {backend}, the model in DDP" if backend else
         "process group: none (one process outside torchrun), the model without DDP")
+    if device.type == "cpu":
+        log(f"CPU threads: {torch.get_num_threads()} per rank (--threads; docs/performance.md#cpu-threads)")
     log(f"model {cfg.model_type}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
         f"dataset {cfg.dataset_type}: {len(dataset)} samples; global batch {cfg.batch_size}"
         + (f" in {cfg.grad_accum_steps} micro-batches per rank" if cfg.grad_accum_steps > 1 else "")
@@ -505,9 +551,11 @@ class RunCheckpoints:
     checkpoints.CheckpointKeeper (`keeper`: save, prune, the newest good one) once the window has found the losses,
     gradients and weights finite: a non-finite run stops without writing them."""
 
-    def __init__(self, keeper, window, model, ema, optimizer, steps_per_epoch, device, data_identity, posthoc=None):
+    def __init__(self, keeper, window, model, ema, optimizer, steps_per_epoch, device, data_identity, config,
+                 posthoc=None):
         self.keeper, self.window, self.model, self.ema, self.optimizer = keeper, window, model, ema, optimizer
         self.steps_per_epoch, self.device, self.data_identity = steps_per_epoch, device, data_identity
+        self.config = config  # the run's full config (every key, both files'): a checkpoint copied alone samples
         self.posthoc = posthoc  # power_ema.PowerEMATracker, or None
 
     @property
@@ -524,7 +572,7 @@ class RunCheckpoints:
         self.keeper.save(step, {"model": self.model.state_dict(), "ema_model": self.ema.model.state_dict(),
                                 "optimizer": self.optimizer.state_dict(), "finished_steps": step,
                                 "finished_epochs": step // self.steps_per_epoch, "rng_states": rng_states,
-                                "dataset": self.data_identity,
+                                "dataset": self.data_identity, "config": self.config,
                                 **({"posthoc_ema": self.posthoc.state_dict()} if self.posthoc else {})})
 
 
@@ -582,13 +630,11 @@ def stop_on_record_failure(logger, tracker, checkpoints, step):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-        check_world_size(cfg, int(os.environ.get("WORLD_SIZE", 1)), args.config)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}")
+    cfg = checked_config(args)
+    torch.set_num_threads(intra_op_threads(args.threads, os.environ, len(os.sched_getaffinity(0)),
+                                           int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     rank, world_size, device = setup_distributed()
-    preemption = Preemption(world_size)
+    preemption = Preemption(world_size, rank)
     tracker = claim = None
     work = cfg.working_dir
     created = not os.path.isdir(work)
@@ -600,18 +646,22 @@ def main(argv=None):
         deferred = [note] if note else []  # messages for log.txt, which is opened once the checks have passed
         setup_logging("train", rank)
 
-        dataset = build_dataset(cfg)  # fails early, with a clear message, when data are missing or mislabelled
         ckpt_path, state = latest_checkpoint(ckpt_dir, log=deferred.append)
         if state is not None and args.no_resume:
             raise SystemExit(f"{ckpt_dir} holds checkpoints and --no-resume was given")
         changes = recorded_changes(cfg, args.config, work) if state is not None else []
-        data_identity = dataset_identity(dataset)
-        if state is not None:
-            check_same_data(state, data_identity, cfg, ckpt_path)
         finished_steps = int(state["finished_steps"]) if state is not None else 0
         outputs = PeriodicOutputs(cfg, device, rank, world_size, work, None, None, None)
         # A checkpoint of this code whose step's grid or dump is missing: drawn before the next step.
         owed = outputs.owed(finished_steps) if state is not None and "rng_states" in state else (False, False)
+        if state is not None and finished_steps >= cfg.total_steps and not any(owed):
+            if rank == 0:
+                print(f"already finished: {finished_steps} of {cfg.total_steps} steps, checkpoint {ckpt_path}")
+            return 0
+        dataset = build_dataset(cfg)  # fails early, with a clear message, when data are missing or mislabelled
+        data_identity = dataset_identity(dataset)
+        if state is not None:
+            check_same_data(state, data_identity, cfg, ckpt_path)
         dumps_due = owed[1] or finished_steps < cfg.total_steps and cfg.eval_steps <= cfg.total_steps
         # The SD-VAE is loaded (before step 1) only when something will be decoded.
         decode = (build_decoder(cfg.vae, cfg.latent_scale, device) if decoder_needed(cfg, finished_steps, any(owed))
@@ -646,7 +696,7 @@ def main(argv=None):
                                   before_rename=(lambda step: test_faults.at("ckpt", step)) if test_faults else None)
         window = LogWindow(cfg, device, world_size, tracker, log, weights=(model, ema.model))
         checkpoints = RunCheckpoints(keeper, window, model, ema, optimizer, steps_per_epoch, device, data_identity,
-                                     posthoc)
+                                     cfg.to_dict(), posthoc)
         if state is None:
             checkpoints.save(0)  # as the release: the initial weights, before the first step
 
@@ -692,10 +742,9 @@ def main(argv=None):
             if record_failed:
                 stop_on_record_failure(logger, tracker, checkpoints, finished_steps)
             if signum and not last:
+                exit_code = INTERRUPTED_EXIT_CODE if signum == signal.SIGINT else PREEMPTED_EXIT_CODE
                 log(f"stopped by {signal.Signals(signum).name} after step {finished_steps}: checkpoint "
-                    f"{checkpoints.newest} written; re-run the same command to resume (exit status "
-                    f"{PREEMPTED_EXIT_CODE})")
-                exit_code = PREEMPTED_EXIT_CODE
+                    f"{checkpoints.newest} written; re-run the same command to resume (exit status {exit_code})")
                 break
             write_outputs(outputs, checkpoints, finished_steps, outputs.due(finished_steps), log)
         bar.close()
@@ -721,3 +770,7 @@ if __name__ == "__main__":
     except (NonFiniteLoss, OutputError) as e:  # CheckpointWriteError and RecordWriteError among them
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print("interrupted: stopped at once; the checkpoints in working_dir/ckpts are intact (a half-written one "
+              "is never taken for one): re-run the same command to resume from the newest", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_CODE)

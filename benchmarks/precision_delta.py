@@ -7,7 +7,7 @@ and t - l = (t - s) r(k, K) shrinks to l_end_ratio (t - s) at the end of trainin
 to 1 / (t - l); rounding in the no-grad guidance call 1 moves x_l by v_err (l - t) and v* by v_err, so its
 error reaches Delta unamplified.
 
-For the ImageNet recipe (DiT-B-4 on 4 x 32 x 32 latents, configs/imagenet_B4.yaml: cfg_scale 3, mix_ratio
+For the ImageNet recipe (DiT-B-4 on 4 x 32 x 32 latents, configs/imagenet.yaml: cfg_scale 3, mix_ratio
 0.25, cfg_drop_rate 0.1) and the CIFAR recipe (the full-size U-Net of configs/cifar.yaml, unconditional, eval
 mode so that dropout is off): the relative error of Delta against a float64 copy of the same model fed the
 same inputs (x0, noise, t, s, l, labels, CFG mask), at the first gap (r = l_init_ratio, step 0) and the last
@@ -53,7 +53,7 @@ from models import SoflowLoss, draw_training_times
 from tf32_emulation import EmulateTF32
 
 RECIPES = {
-    "imagenet": os.path.join(ROOT, "configs", "imagenet_B4.yaml"),
+    "imagenet": os.path.join(ROOT, "configs", "imagenet.yaml"),
     "cifar": os.path.join(ROOT, "configs", "cifar.yaml"),
 }
 ZERO_INIT_MAX = 1e-4   # layers whose weights are all below this are "zero-initialised"

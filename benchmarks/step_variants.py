@@ -3,7 +3,7 @@
 Every variant trains the same class-conditional DiT (1000 classes, cfg_drop_rate 0.1) on latents
 [B, 4, S, S] (or, with step_cost's `--config`, that config's model and objective):
   fm         plain flow matching, `Soflow.get_velocity_loss` with cfg_scale 1: one forward + backward.
-  soflow     `Soflow.forward` with the ImageNet reference objective (configs/imagenet_B4.yaml): the fused step of
+  soflow     `Soflow.forward` with the ImageNet reference objective (configs/imagenet.yaml): the fused step of
              three network calls (batched no-grad guidance, the grad call, the no-grad call at l).
   reference  the same loss computed the way the reference release does it: six separate network calls
              (FM: grad + no-grad unconditional; consistency: no-grad unconditional, no-grad conditional,
@@ -35,7 +35,7 @@ GC_VARIANTS = ("fm", "soflow", "reference")  # MeanFlow's JVP runs the blocks pl
 NUM_CLASSES = 1000
 CFG_DROP_RATE = 0.1
 DATA_CHANNELS = 4
-IMAGENET_CONFIG = os.path.join(ROOT, "configs", "imagenet_B4.yaml")  # the release's imagenet.yaml
+IMAGENET_CONFIG = os.path.join(ROOT, "configs", "imagenet.yaml")  # the release's imagenet.yaml
 
 
 def _bcast(t, x):

@@ -106,7 +106,7 @@ def make_cifar_folder(root, per_batch=8, seed=0):
 
 # The release's two config files (its imagenet.yaml and cifar.yaml), shipped in configs/ key for key: the one
 # copy of the release's values the tests read.
-RELEASE_CONFIG_FILES = {"imagenet": "imagenet_B4.yaml", "cifar": "cifar.yaml"}
+RELEASE_CONFIG_FILES = {"imagenet": "imagenet.yaml", "cifar": "cifar.yaml"}
 
 
 def release_config_path(kind):
@@ -169,10 +169,12 @@ def write_config(base_name, path, **changes):
 
 
 def torchrun(script, args, nproc=2, env=None, check=True, timeout=600, torchrun_args=()):
+    """torchrun --standalone in a session of its own (a test's Ctrl-C to its process group reaches it alone)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            *torchrun_args, os.path.join(ROOT, script), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
+                          start_new_session=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -184,7 +186,7 @@ def torchrun(script, args, nproc=2, env=None, check=True, timeout=600, torchrun_
 # The environment variables through which torchrun and SLURM name a process's rank and world size.
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS")
 
-# A 2-step class-conditional Digits run of a tiny DiT (the variant of imagenet_B4.yaml the sampling tests train).
+# A 2-step class-conditional Digits run of a tiny DiT (the variant of imagenet.yaml the sampling tests train).
 DIGITS_TINY = dict(dataset_type="Digits", model_type="DiT-B-4", hidden_size=32, depth=2, num_heads=2, patch_size=2,
                    data_size=8, data_channels=1, num_classes=10, batch_size=16, total_steps=2, logging_steps=1,
                    eval_demo_steps=2, ckpt_saving_steps=2, eval_steps=2, num_eval_samples=10, eval_batch_size=5,
@@ -208,12 +210,12 @@ def grid_tiles(grid, rows, cols, size=8, scale=8, gap=inference.GRID_GAP):
     return out
 
 
-def make_run(root, std=0.05, base="imagenet_B4.yaml", **changes):
+def make_run(root, std=0.05, base="imagenet.yaml", **changes):
     """A run folder as train.py lays it out (config.yaml, ckpts/2.pt in the release's layout) holding a tiny
     DiT with random weights (a trained 2-step EMA is too close to adaLN-Zero's identity to tell classes apart):
     by default DIGITS_TINY, else `base` with `changes`. Returns (config path, checkpoint)."""
     src = write_config(base, root / "src.yaml", working_dir=str(root / "run"),
-                       **{**(DIGITS_TINY if base == "imagenet_B4.yaml" else {}), **changes})
+                       **{**(DIGITS_TINY if base == "imagenet.yaml" else {}), **changes})
     cfg = load_config(src)
     os.makedirs(root / "run" / "ckpts")
     save_config(cfg, root / "run" / "config.yaml")

@@ -101,7 +101,7 @@ def test_previous_spellings_are_refused_with_the_new_name(change, message):
 
 
 def test_reference_values():
-    b4 = load_config(os.path.join(ROOT, "configs", "imagenet_B4.yaml"))
+    b4 = load_config(os.path.join(ROOT, "configs", "imagenet.yaml"))
     assert (b4.cfg_scale, b4.mix_ratio, b4.cfg_drop_rate, b4.cfg_decay_time) == (3.0, 0.25, 0.1, 0.8)
     assert b4.optimizer == "AdamW" and b4.ema_steps == 1 and b4.batch_size == 256 and b4.total_steps == 400_000
     cifar = load_config(os.path.join(ROOT, "configs", "cifar.yaml"))

@@ -38,8 +38,46 @@ def test_relative_links_resolve(page):
     assert not broken, f"{os.path.relpath(page, ROOT)}: broken links: {broken}"
 
 
-def test_readme_states_the_ci_test_command():
-    with open(os.path.join(ROOT, ".ci", "run")) as f:
-        command = [line.strip() for line in f if line.strip().startswith("python -m pytest")][-1]
+def quick_start_commands():
+    """The command lines of README.md's quick-start code block."""
     with open(os.path.join(ROOT, "README.md")) as f:
-        assert command in [line.strip() for line in f], f"README.md must state `{command}` as .ci/run runs it"
+        section = f.read().split("## Quick start", 1)[1]
+    return [line.strip() for line in re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1).splitlines()
+            if line.strip()]
+
+
+def test_readme_quick_start_is_what_ci_runs():
+    """Two commands: the first installs the training requirements alone and trains the demo; the second adds the
+    evaluator's requirements and pytest and runs the suite, and .ci/run runs it exactly as README gives it."""
+    first, second = quick_start_commands()
+    assert "-r requirements_soflow.txt" in first and "requirements_soflow_eval" not in first and "pytest" not in first
+    assert first.endswith("python train.py --config configs/digits_demo.yaml")
+    assert "-r requirements_soflow_eval.txt" in second and second.endswith("python -m pytest -q tests")
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci = [line.strip() for line in f]
+    assert second in ci, f".ci/run must run README's second quick-start command `{second}` as written"
+    assert any("-r requirements_soflow.txt" in line for line in ci[:ci.index(second)])  # and the first's install
+
+
+def test_config_files_named_in_the_docs_exist():
+    """Every configs/X.yaml that README.md or docs/ name exists, the release's names among them (its README trains
+    configs/imagenet.yaml and configs/cifar.yaml)."""
+    named = set()
+    for page in PAGES:
+        with open(page) as f:
+            named.update(re.findall(r"configs/([\w.-]+\.yaml)", f.read()))
+    assert {"imagenet.yaml", "cifar.yaml"} <= named
+    missing = sorted(name for name in named if not os.path.isfile(os.path.join(ROOT, "configs", name)))
+    assert not missing, f"configs named in the docs but absent: {missing}"
+
+
+def test_an_interrupted_demo_loses_under_a_minute():
+    """The digits demo checkpoints at least once a minute of a 2-core CPU's work (the step time docs/digits_demo.md
+    states), and keeps its newest checkpoints only."""
+    import yaml
+    with open(os.path.join(ROOT, "docs", "digits_demo.md")) as f:
+        seconds_per_step = float(re.search(r"([\d.]+) s a step", f.read()).group(1))
+    with open(os.path.join(ROOT, "configs", "digits_demo.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    assert cfg["ckpt_saving_steps"] * seconds_per_step < 60 and cfg["ckpt_keep_last"] >= 1
+    assert cfg["total_steps"] % cfg["ckpt_saving_steps"] == 0

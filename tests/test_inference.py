@@ -1,5 +1,7 @@
 """inference.py: sample dumps from a trained checkpoint; what stays the same across world and batch sizes."""
 import os
+import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("single_process")  # conftest.py
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     work = tmp_path_factory.mktemp("digits")
-    cfg = write_config("imagenet_B4.yaml", work / "cfg.yaml", working_dir=str(work / "run"), **DIGITS_TINY)
+    cfg = write_config("imagenet.yaml", work / "cfg.yaml", working_dir=str(work / "run"), **DIGITS_TINY)
     train.main(["--config", cfg])
     return cfg, work / "run"
 
@@ -232,3 +234,66 @@ def test_sampling_precision_refuses_flash_in_float32():
     with pytest.raises(SystemExit, match="--precision fp32: attention 'flash'.*set precision: bf16"):
         inference.sampling_precision(cfg, "fp32")
     assert inference.sampling_precision(from_dict(DIGITS_TINY), "bf16") == "bf16"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_dump_says_nothing_was_kept(trained, tmp_path, monkeypatch, capsys, signum):
+    """Ctrl-C, or SIGTERM (what torchrun forwards when it is interrupted), at the second batch: status 130, a line
+    saying that nothing was written and how to start again, and no partial file, part or lock left."""
+    cfg, _ = trained
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    generate, calls = inference.generate, []
+
+    def interrupted_at_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signum)
+        return generate(*args, **kwargs)
+    monkeypatch.setattr(inference, "generate", interrupted_at_the_second_batch)
+
+    def unhandled(signum, frame):  # what SIGTERM would do to a process that does not handle it: not kill pytest
+        raise AssertionError("SIGTERM not handled by inference.py")
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            run_inference(cfg, tmp_path / "out", "--num-samples", "4", "--eval-batch-size", "2")
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stop.value.code == 130 and len(calls) == 2
+    assert (f"interrupted: nothing was written to {tmp_path / 'out' / '2_1NFE_3.npz'} (each rank's partial file "
+            f"was removed); re-run the same command") in capsys.readouterr().err
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_a_checkpoint_copied_alone_samples_with_the_config_inside(trained, tmp_path, monkeypatch, caplog):
+    """train.py's checkpoints carry the run's full config: sample.py and inference.py sample a checkpoint copied
+    alone into another folder as they sample it in its run; a --config given wins, and each key where it differs
+    from the checkpoint's own is named."""
+    import sample
+    from checkpoints import load_checkpoint
+    from config import load_config, write_variant
+    cfg, run = trained
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert load_checkpoint(run / "ckpts" / "2.pt")["config"] == load_config(cfg).to_dict()
+    alone = tmp_path / "elsewhere" / "2.pt"
+    os.makedirs(alone.parent)
+    shutil.copy(run / "ckpts" / "2.pt", alone)
+    grid = sample.main(["--ckpt", str(alone), "--out", str(tmp_path / "a.png"), "--seed", "0"])
+    in_run = sample.main(["--ckpt", str(run / "ckpts" / "2.pt"), "--config", cfg, "--out", str(tmp_path / "b.png"),
+                          "--seed", "0"])
+    assert np.array_equal(grid, in_run)
+    inference.main(["--ckpt", str(alone), "--seed", "3", "--num-samples", "4", "--out", str(tmp_path / "alone")])
+    run_inference(cfg, tmp_path / "in_run", "--num-samples", "4")
+    assert_same_dump(load(tmp_path / "alone" / "2_1NFE_3.npz"), load(tmp_path / "in_run" / "2_1NFE_3.npz"))
+    other = write_variant(cfg, tmp_path / "other.yaml", eval_NFE=2)
+    with caplog.at_level("WARNING"):
+        two_steps = sample.main(["--ckpt", str(alone), "--config", other, "--out", str(tmp_path / "c.png"),
+                                 "--seed", "0"])
+    assert f"--config {other} sets eval_NFE: 2, the config inside {alone} 1; 2 (the command line's) is used" \
+        in caplog.text
+    assert not np.array_equal(two_steps, grid)  # drawn at the command line's 2 NFE
+
+
+def assert_same_dump(a, b):
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -433,3 +433,27 @@ def test_scan_follows_no_symlink_loops_and_names_what_it_skipped(tmp_path, caplo
     assert 'skipped 3 linked folder(s)' in caplog.text
     for name in ('cat/loop_to_root', 'dog/loop_to_itself', 'emu/into_cat'):
         assert name in caplog.text
+
+
+def test_ctrl_c_keeps_the_flushed_chunks_and_says_how_to_resume(workspace, extracted, tmp_path, monkeypatch, capsys):
+    """Ctrl-C (SIGINT) and SIGTERM (what torchrun forwards) after the first chunk: status 130, a line naming the
+    parts kept and the command to continue; the same command then finishes with the reference's values."""
+    save, _ = extracted
+    out = tmp_path / 'out'
+    args = cli_args(workspace / 'images', out, workspace / 'vae', '--keep-parts')
+    part = out / 'parts' / 'part_00000_of_00001.hdf5'
+    for signum in ('SIGINT', 'SIGTERM'):
+        monkeypatch.setenv('SOFLOW_TEST_CRASH', f'chunk:{1 if signum == "SIGINT" else 2}={signum}')
+        with pytest.raises(SystemExit) as stop:
+            ld.main(args)
+        assert stop.value.code == 130
+        assert f'interrupted: the parts in {out / "parts"} keep every chunk flushed so far; re-run the same ' \
+               f'command to continue' in capsys.readouterr().err
+        with h5py.File(part, 'r') as f:
+            assert f.attrs['num_done'] == (2 if signum == 'SIGINT' else 6) and not f.attrs['complete']  # 2 per chunk
+        assert not (out / f'{ld.OUTPUT_NAME}.lock').exists()
+    monkeypatch.delenv('SOFLOW_TEST_CRASH')
+    assert ld.main(args) == 0
+    expected, got = read_all(save / ld.OUTPUT_NAME), read_all(out / ld.OUTPUT_NAME)
+    assert np.array_equal(expected['labels'], got['labels'])
+    assert np.allclose(expected['latents'], got['latents'], atol=1e-5)  # one process against 2 ranks

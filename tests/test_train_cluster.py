@@ -35,6 +35,34 @@ def test_preemption_signal_to_one_rank_checkpoints_the_next_step_and_resumes_exa
     assert_same_final_state(reference_run, run)
 
 
+def test_ctrl_c_under_torchrun_checkpoints_the_step_and_resumes_exactly(reference_run, cifar_root, tmp_path):
+    """Ctrl-C as a terminal sends it (SIGINT to torchrun, which forwards it to both workers) as step 3 (0-based 2)
+    starts: every rank finishes that step, writes 3.pt and exits 130; the same command then resumes bit-exactly."""
+    run = tmp_path / "run"
+    cfg = write_config("tiny_cifar_cpu.yaml", tmp_path / "cfg.yaml", dataset_path=cifar_root, working_dir=str(run))
+    proc = torchrun("train.py", ["--config", cfg], env={"SOFLOW_TEST_CRASH": "step:2=CTRL_C"}, check=False)
+    assert proc.returncode != 0
+    log = (run / "log.txt").read_text()
+    assert "stopped by SIGINT after step 3" in log and "(exit status 130)" in log, proc.stderr[-3000:]
+    assert "Ctrl-C again to stop at once" in proc.stderr
+    assert steps_of(run) == [0, 2, 3]
+    torchrun("train.py", ["--config", cfg])
+    assert "3.pt at step 3 (bit-exact" in (run / "log.txt").read_text()
+    assert_same_final_state(reference_run, run)
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    p = train.Preemption(world_size=1)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert p.requested() == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        p.close()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_preemption_flag_in_process():
     p = train.Preemption(world_size=1)
     try:

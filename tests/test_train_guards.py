@@ -270,3 +270,71 @@ def test_a_failed_tensorboard_write_of_any_type_stops_the_run_at_a_checkpoint(ci
     assert train.main(["--config", cfg]) == 0
     log = (run / "log.txt").read_text()
     assert "3.pt at step 3 (bit-exact continuation)" in log and "finished 4 steps" in log
+
+# ----------------------------------------------------------------------------------------------------
+# Stopping and restarting as people do
+
+
+def test_a_resume_from_step_0_draws_and_dumps_nothing_there(reference_run, cifar_root, tmp_path):
+    """Step 0 is never due for a grid or a dump (the release's rule): a run resumed from 0.pt (e.g. after a Ctrl-C
+    during the first step) trains on without drawing or dumping the untrained model."""
+    run = resumable_copy(reference_run, tmp_path / "run", 0)
+    cfg = config(tmp_path, cifar_root, run, total_steps=1, eval_demo_steps=1000, eval_steps=1000)
+    assert train.main(["--config", cfg]) == 0
+    assert steps_of(run) == [0, 1] and os.listdir(run / "figs") == [] and os.listdir(run / "evals") == []
+    assert [train.is_due(0, period, 10) for period in (1, 5, 10)] == [False] * 3
+
+
+def test_a_finished_run_rerun_says_so_in_one_line(reference_run, cifar_root, tmp_path, monkeypatch, capsys):
+    """Re-running a finished run: one line, exit 0, no data loaded, no model built, nothing written."""
+    run = resumable_copy(reference_run, tmp_path / "run", 6)
+    for outputs in ("figs", "evals"):  # the last step's grid and dump: nothing owed
+        shutil.copytree(reference_run / outputs, run / outputs)
+    cfg = config(tmp_path, cifar_root, run)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run loads no data and builds no model")
+    monkeypatch.setattr(train, "build_dataset", refuse)
+    monkeypatch.setattr(train, "build_training", refuse)
+    before = sorted(os.listdir(run))
+    assert train.main(["--config", cfg]) == 0
+    assert capsys.readouterr().out.strip() == f"already finished: 6 of 6 steps, checkpoint {run / 'ckpts' / '6.pt'}"
+    assert sorted(os.listdir(run)) == before and steps_of(run) == [6]
+
+
+def test_threads_never_oversubscribe_by_default_and_can_be_set(cifar_root, tmp_path):
+    assert train.intra_op_threads(None, {}, 2, 1) == 2  # one process: every usable core
+    assert train.intra_op_threads(None, {}, 2, 2) == 1  # ranks filling the cores: one thread each
+    assert train.intra_op_threads(None, {}, 2, 4) == 1
+    assert train.intra_op_threads(None, {}, 16, 4) == 4
+    assert train.intra_op_threads(None, {"OMP_NUM_THREADS": "3"}, 2, 1) == 3  # the variable, when set
+    assert train.intra_op_threads(1, {"OMP_NUM_THREADS": "3"}, 2, 1) == 1  # the option first
+    with pytest.raises(SystemExit, match="--threads must be >= 1"):
+        train.intra_op_threads(0, {}, 2, 1)
+    run = tmp_path / "run"
+    torch.set_num_threads(2)
+    assert train.main(["--config", config(tmp_path, cifar_root, run, total_steps=1), "--threads", "1"]) == 0
+    assert torch.get_num_threads() == 1 and "CPU threads: 1 per rank" in (run / "log.txt").read_text()
+
+
+def test_a_config_error_comes_once_and_before_the_training_imports(tmp_path, monkeypatch, capsys):
+    """A misspelled key: `python train.py` reports it having imported only what the config check needs (not the
+    training's imports: timm, the sampler, TensorBoard, torchvision, PIL); under torchrun only rank 0 prints it, every rank
+    exits with status 1."""
+    cfg = write_config("tiny_cifar_cpu.yaml", tmp_path / "cfg.yaml", working_dir=str(tmp_path / "r"))
+    with open(cfg, "a") as f:
+        f.write("batch_sizee: 8\n")
+    probe = ("import runpy, sys\nsys.argv = ['train.py', '--config', sys.argv[1]]\ntry:\n"
+             "    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit as e:\n"
+             "    print('exit', e.code, sorted(m for m in ('timm', 'inference', 'tensorboard', 'torchvision', 'PIL.Image')"
+             " if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", probe, cfg], cwd=os.path.dirname(os.path.dirname(__file__)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip().endswith("exit config error: " + f"{cfg}: unknown key 'batch_sizee' (did you mean "
+                                        "'batch_size'?); remove it or fix the spelling []"), proc.stdout + proc.stderr
+    for rank, printed in (("1", ""), ("0", "unknown key 'batch_sizee'")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as stop:
+            train.main(["--config", cfg])
+        assert (stop.value.code == 1) if rank == "1" else printed in stop.value.code
+    assert not (tmp_path / "r").exists()
