@@ -7,7 +7,7 @@
 
 Runs. One network, data, batch, optimizer, EMA and set of training seeds (the preset's config), trained with
 each method's own objective (RUNS; scaled only in steps: the l-schedule spans the run's total_steps):
-  soflow-imagenet  the release's configs/imagenet_B4.yaml objective (guided in training)
+  soflow-imagenet  the release's configs/imagenet.yaml objective (guided in training)
   soflow-cifar     the release's configs/cifar.yaml objective (unguided)
   meanflow-guided / meanflow-unguided   MeanFlow's ImageNet recipe, with (omega 3, kappa 0: its B/4 setting)
                    and without training-time guidance

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("single_process")
 def run(tmp_path_factory, single_process):
     """A 12-step Digits run of a tiny DiT with post-hoc EMAs of sigma_rel 0.05 and 0.10, snapshots every 3 steps."""
     root = tmp_path_factory.mktemp("posthoc_run")
-    cfg = write_config("imagenet_B4.yaml", root / "cfg.yaml", working_dir=str(root / "run"),
+    cfg = write_config("imagenet.yaml", root / "cfg.yaml", working_dir=str(root / "run"),
                        **{**DIGITS_TINY, "total_steps": 12, "ckpt_saving_steps": 12, "eval_demo_steps": 100,
                           "eval_steps": 100, "tracker": "none", "posthoc_ema_sigma_rels": [0.05, 0.1],
                           "posthoc_ema_every": 3})

@@ -408,7 +408,7 @@ def test_posthoc_ema_resumes_bit_exactly_and_leaves_the_release_ema_unchanged(tm
         monkeypatch.delenv(key, raising=False)
 
     def config(name, **posthoc):
-        return write_config("imagenet_B4.yaml", tmp_path / f"{name}.yaml", working_dir=str(tmp_path / name),
+        return write_config("imagenet.yaml", tmp_path / f"{name}.yaml", working_dir=str(tmp_path / name),
                             **{**DIGITS_TINY, "total_steps": 6, "ckpt_saving_steps": 4, "eval_demo_steps": 100,
                                "eval_steps": 100, "tracker": "none", **posthoc})
     on = dict(posthoc_ema_sigma_rels=[0.05, 0.1], posthoc_ema_every=2)
