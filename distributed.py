@@ -252,7 +252,8 @@ def interruptible(kept, rank=0):
 class FaultInjection:
     """Test-only fault injection, which exists only when the environment asks for it: `from_env(rank)` is None
     unless SOFLOW_TEST_CRASH="POINT:N[@RANK][=ACTION]" is set (rank 0 by default), so that a production run
-    calls nothing for it (`if test_faults: test_faults.at(...)`). `at(point, count)` acts when this process
+    calls nothing for it (train.py wraps its loader in `around_steps` and gives `checkpoint_hook` to its checkpoint
+    writer only then). `at(point, count)` acts when this process
     reaches `point` N: train.py's "step" (the start of step N), "ckpt" (the middle of writing checkpoint N),
     latent_dataset.py's "chunk" (after flushing its N-th chunk). ACTION: SIGKILL (default), SIGTERM, SIGUSR1 or
     SIGINT (sent to this process), CTRL_C (SIGINT to the parent torchrun, which a terminal's Ctrl-C reaches alone:
@@ -273,6 +274,17 @@ class FaultInjection:
         if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
             return None
         return cls(spec, rank)
+
+    def around_steps(self, batches, first_step):
+        """`batches` (train.py's loader), reaching point "step" N as batch N is handed over: the hook stays out of
+        the training loop's body."""
+        for step, batch in enumerate(batches, start=first_step):
+            self.at("step", step)
+            yield batch
+
+    def checkpoint_hook(self):
+        """The hook checkpoints.CheckpointKeeper calls in the middle of writing checkpoint N: point "ckpt" N."""
+        return lambda step: self.at("ckpt", step)
 
     def at(self, point, count):
         if point != self.point or count != self.count or self.rank != self.at_rank:

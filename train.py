@@ -14,11 +14,13 @@ failed: then the previous one is the newest); the same command resumes there.
 import argparse
 import contextlib
 import copy
+import dataclasses
 import os
 import resource
 import signal
 import sys
 import time
+from typing import Optional
 
 from config import RESUME_NO_EFFECT, ConfigError, check_resume, check_world_size, load_config, save_config
 
@@ -45,7 +47,8 @@ def checked_config(args):
 
 
 if __name__ == "__main__":  # a config error is reported before the imports below, which only the training needs
-    checked_config(parse_args())
+    ARGS = parse_args()
+    CONFIG = checked_config(ARGS)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -239,13 +242,6 @@ def is_due(step, period, total_steps):
     return step > 0 and (step % period == 0 or (step == total_steps and period <= total_steps))
 
 
-def decoder_needed(cfg, start_step, owed=False):
-    """An Imagenet run decodes latents only for grids and dumps: those `owed` by the resumed step, and those of
-    the steps left to do (none when both periods exceed total_steps or nothing is left to do)."""
-    return cfg.dataset_type == "Imagenet" and (owed or start_step < cfg.total_steps
-                                               and min(cfg.eval_demo_steps, cfg.eval_steps) <= cfg.total_steps)
-
-
 def intra_op_threads(requested, environ, usable_cores, local_ranks):
     """Threads per rank: --threads when given, else OMP_NUM_THREADS when set, else the usable cores shared among
     this node's ranks (at least 1), so that the ranks together never run more threads than cores."""
@@ -300,6 +296,16 @@ def train_step(ddp, model, optimizer, batch, objective, step, cfg, device):
     return loss, stats, grad_norm
 
 
+def device_batch(x, labels, dataset, cfg, device):
+    """(samples, labels or None, augmentation labels or None) of a loader's batch, on `device`."""
+    x = x.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True) if cfg.conditional else None
+    samples, augment_labels = dataset.prepare(x)
+    if cfg.uses_channels_last(device):
+        samples = samples.contiguous(memory_format=torch.channels_last)
+    return samples, labels, augment_labels
+
+
 # ----------------------------------------------------------------------------------------------------
 # Before anything is written: the working_dir's lock, the resume's checks
 
@@ -321,6 +327,47 @@ def claim_working_dir(work, rank):
     if error:
         raise SystemExit(f"error: {error}")
     return claim, note
+
+
+@dataclasses.dataclass
+class ResumePlan:
+    """What a (re)started run finds in working_dir and owes, decided before any data, model or decoder is built."""
+    ckpt_path: Optional[str] = None  # the newest readable checkpoint; None: a new run
+    state: Optional[dict] = None     # that checkpoint's contents
+    finished_steps: int = 0
+    changes: list = dataclasses.field(default_factory=list)  # [(key, recorded, now)] since the run's config.yaml
+    owed: tuple = (False, False)     # (grid, dump) of finished_steps that the stopped run did not write
+    finished: bool = False           # nothing left to train or to write: the run is done
+    decoder: bool = False            # the SD-VAE decoder is needed (ImageNet grids or dumps ahead)
+    dumps_ahead: bool = False        # a dump will be written (in-training FID then needs its reference)
+
+
+def plan_resume(cfg, config_path, work, no_resume, note):
+    """The ResumePlan of `work`: its newest readable checkpoint (unreadable ones skipped, each `note`d), the
+    config keys changed since the run's config.yaml (SystemExit naming model or data keys), the grid and dump the
+    checkpoint's step owes, and whether anything is left to do."""
+    ckpt_path, state = latest_checkpoint(os.path.join(work, "ckpts"), log=note)
+    if state is None:
+        return ResumePlan(decoder=decodes(cfg, 0, (False, False)), dumps_ahead=dumps_ahead(cfg, 0, (False, False)))
+    if no_resume:
+        raise SystemExit(f"{os.path.join(work, 'ckpts')} holds checkpoints and --no-resume was given")
+    changes = recorded_changes(cfg, config_path, work)
+    step = int(state["finished_steps"])
+    # Only this code's checkpoints (they carry random states; the release's do not) can owe a grid or dump.
+    owed = outputs_missing(cfg, work, step) if "rng_states" in state else (False, False)
+    return ResumePlan(ckpt_path, state, step, changes, owed, finished=step >= cfg.total_steps and not any(owed),
+                      decoder=decodes(cfg, step, owed), dumps_ahead=dumps_ahead(cfg, step, owed))
+
+
+def dumps_ahead(cfg, step, owed):
+    """Whether a dump is owed or falls on a step after `step` (is_due: at the latest the last, if the period fits)."""
+    return owed[1] or step < cfg.total_steps and cfg.eval_steps <= cfg.total_steps
+
+
+def decodes(cfg, step, owed):
+    """An ImageNet run decodes latents only for the grids and dumps owed or ahead after `step`."""
+    ahead = any(owed) or step < cfg.total_steps and min(cfg.eval_demo_steps, cfg.eval_steps) <= cfg.total_steps
+    return cfg.dataset_type == "Imagenet" and ahead
 
 
 def recorded_changes(cfg, config_path, work):
@@ -389,6 +436,28 @@ def weights_finite(*modules):
 # Grids and dumps
 
 
+def outputs_due(cfg, step):
+    """(grid, dump): whether a sample grid and a sample dump fall on `step`."""
+    return is_due(step, cfg.eval_demo_steps, cfg.total_steps), is_due(step, cfg.eval_steps, cfg.total_steps)
+
+
+def outputs_missing(cfg, work, step):
+    """(grid, dump) due at `step` and not done: what a run stopped after writing the step's checkpoint owes."""
+    grid, dump = outputs_due(cfg, step)
+    return grid and not os.path.isfile(os.path.join(work, "figs", f"{step}.png")), dump and not dump_done(cfg, work,
+                                                                                                          step)
+
+
+def dump_done(cfg, work, step):
+    """A dump is done once written (with eval_save_samples) and scored (with fid_ref_batch)."""
+    eval_dir, name = os.path.join(work, "evals"), f"{step}.npz"
+    if cfg.fid_ref_batch:
+        from evaluator import RESULTS_FILENAME, evaluated_files
+        if name not in evaluated_files(os.path.join(eval_dir, RESULTS_FILENAME)):
+            return False
+    return not cfg.eval_save_samples or os.path.isfile(os.path.join(eval_dir, name))
+
+
 class PeriodicOutputs:
     """The EMA sample grid (figs/{step}.png, drawn on rank 0) and dump (evals/{step}.npz, all ranks) of a step.
     The checkpoint of a step is written before them, so a run stopped in between (a failed write, a kill, a
@@ -398,23 +467,6 @@ class PeriodicOutputs:
         self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
         self.fig_dir, self.eval_dir = os.path.join(work, "figs"), os.path.join(work, "evals")
         self.decode, self.fid, self.tracker = decode, fid, tracker
-
-    def due(self, step):
-        return is_due(step, self.cfg.eval_demo_steps, self.cfg.total_steps), is_due(step, self.cfg.eval_steps,
-                                                                                  self.cfg.total_steps)
-
-    def owed(self, step):
-        """(grid, dump) due at `step` and not on disk."""
-        grid, dump = self.due(step)
-        return grid and not os.path.isfile(os.path.join(self.fig_dir, f"{step}.png")), dump and not self.dumped(step)
-
-    def dumped(self, step):
-        name = f"{step}.npz"
-        if self.cfg.fid_ref_batch:
-            from evaluator import RESULTS_FILENAME, evaluated_files
-            if name not in evaluated_files(os.path.join(self.eval_dir, RESULTS_FILENAME)):
-                return False
-        return not self.cfg.eval_save_samples or os.path.isfile(os.path.join(self.eval_dir, name))
 
     def write(self, ema_model, step, which, log):
         grid, dump = which
@@ -624,13 +676,63 @@ def stop_on_record_failure(logger, tracker, checkpoints, step):
         raise RecordWriteError(error)
 
 
+@dataclasses.dataclass
+class StepEnd:
+    """What every rank does after each optimizer step, in this one order. Each part is a collective or holds one,
+    so a rank that skipped a part (an `if rank == 0` around it) would leave the others waiting: they stay together
+    here, and main calls them as one.
+
+    1. poll: whether any rank got a stop signal (Preemption) or could not write the run's record;
+    2. the log line: the window's finite check and averages (every logging_steps, at the last step, at a stop);
+    3. the checkpoint, its weights checked finite first (every ckpt_saving_steps, at the last step, at a stop);
+    4. the post-hoc EMA snapshot, when due;
+    5. a record that could not be written stops every rank, with the checkpoint of 3;
+    6. unless stopping: the grid and dump due at the step."""
+    cfg: object
+    preemption: Preemption
+    window: LogWindow
+    checkpoints: RunCheckpoints
+    outputs: PeriodicOutputs
+    posthoc: object                  # power_ema.PowerEMATracker, or None
+    snapshot_dir: str
+    record: tuple                    # (logger, tracker): the run's record, written by rank 0
+    objective: object
+    optimizer: object
+    bar: object                      # the progress bar, whose postfix shows the loss
+    log: object
+
+    def __call__(self, step):
+        """After the optimizer step that finished `step` steps: returns the signal that stops the run, or 0."""
+        cfg, last = self.cfg, step == self.cfg.total_steps
+        signum, record_failed = self.preemption.poll(record_failure(*self.record) is not None)
+        stop = bool(signum or record_failed)
+        if step % cfg.logging_steps == 0 or last or stop:
+            self.checkpoints.check_finite(step)
+            values = self.window.write(step, self.objective, self.optimizer)
+            self.bar.set_postfix(loss=f"{values['Vel_MSE'] + values['Con_MSE']:.4f}")
+        # The checkpoint first: a grid or dump that fails, or a stop, loses no training.
+        if step % cfg.ckpt_saving_steps == 0 or last or stop:
+            self.checkpoints.save(step)
+        if self.posthoc is not None and self.posthoc.is_due(step, cfg.total_steps):
+            write_posthoc_snapshot(self.posthoc, self.checkpoints, step, self.snapshot_dir, self.preemption.rank,
+                                   self.log)
+        if record_failed:
+            stop_on_record_failure(*self.record, self.checkpoints, step)
+        if signum and not last:
+            return signum
+        write_outputs(self.outputs, self.checkpoints, step, outputs_due(cfg, step), self.log)
+        return 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    cfg = checked_config(args)
+def main(argv=None, args=None, cfg=None):
+    """Trains, or resumes, the run of a config; returns the exit status. `args` and `cfg`: already parsed and
+    checked (the script checks the config before its imports)."""
+    args = args or parse_args(argv)
+    cfg = cfg or checked_config(args)
     torch.set_num_threads(intra_op_threads(args.threads, os.environ, len(os.sched_getaffinity(0)),
                                            int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     rank, world_size, device = setup_distributed()
@@ -640,36 +742,28 @@ def main(argv=None):
     created = not os.path.isdir(work)
     try:
         configure_backends(device, cfg.tf32)
-        ckpt_dir, eval_dir = os.path.join(work, "ckpts"), os.path.join(work, "evals")
         # Nothing is written into working_dir (config.yaml, log.txt, ckpts/) before the lock and the checks.
         claim, note = claim_working_dir(work, rank)
         deferred = [note] if note else []  # messages for log.txt, which is opened once the checks have passed
         setup_logging("train", rank)
 
-        ckpt_path, state = latest_checkpoint(ckpt_dir, log=deferred.append)
-        if state is not None and args.no_resume:
-            raise SystemExit(f"{ckpt_dir} holds checkpoints and --no-resume was given")
-        changes = recorded_changes(cfg, args.config, work) if state is not None else []
-        finished_steps = int(state["finished_steps"]) if state is not None else 0
-        outputs = PeriodicOutputs(cfg, device, rank, world_size, work, None, None, None)
-        # A checkpoint of this code whose step's grid or dump is missing: drawn before the next step.
-        owed = outputs.owed(finished_steps) if state is not None and "rng_states" in state else (False, False)
-        if state is not None and finished_steps >= cfg.total_steps and not any(owed):
+        plan = plan_resume(cfg, args.config, work, args.no_resume, note=deferred.append)
+        if plan.finished:
             if rank == 0:
-                print(f"already finished: {finished_steps} of {cfg.total_steps} steps, checkpoint {ckpt_path}")
+                print(f"already finished: {plan.finished_steps} of {cfg.total_steps} steps, checkpoint "
+                      f"{plan.ckpt_path}")
             return 0
         dataset = build_dataset(cfg)  # fails early, with a clear message, when data are missing or mislabelled
         data_identity = dataset_identity(dataset)
-        if state is not None:
-            check_same_data(state, data_identity, cfg, ckpt_path)
-        dumps_due = owed[1] or finished_steps < cfg.total_steps and cfg.eval_steps <= cfg.total_steps
+        if plan.state is not None:
+            check_same_data(plan.state, data_identity, cfg, plan.ckpt_path)
         # The SD-VAE is loaded (before step 1) only when something will be decoded.
-        decode = (build_decoder(cfg.vae, cfg.latent_scale, device) if decoder_needed(cfg, finished_steps, any(owed))
-                  else None)
+        decode = build_decoder(cfg.vae, cfg.latent_scale, device) if plan.decoder else None
         model, ddp, ema, optimizer = build_training(cfg, device, rank)
-        applied = load_training_state(model, ema, optimizer, state, cfg, ckpt_path) if state is not None else []
+        applied = (load_training_state(model, ema, optimizer, plan.state, cfg, plan.ckpt_path)
+                   if plan.state is not None else [])
         try:
-            posthoc = tracker_of_run(cfg, model, ema.model, state, ckpt_path)  # None unless posthoc_ema_sigma_rels
+            posthoc = tracker_of_run(cfg, model, ema.model, plan.state, plan.ckpt_path)  # None unless configured
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
 
@@ -677,78 +771,63 @@ def main(argv=None):
         log = logger.info
         for message in deferred:
             logger.warning(message)
-        if state is not None:
-            how = restore_random_state(state, changes, applied, cfg, rank, world_size, device)
-            log_resume(log, ckpt_path, finished_steps, changes, applied, how)
+        if plan.state is not None:
+            how = restore_random_state(plan.state, plan.changes, applied, cfg, rank, world_size, device)
+            log_resume(log, plan.ckpt_path, plan.finished_steps, plan.changes, applied, how)
         else:
             log(f"starting a new run in {work} on {world_size} rank(s), device {device.type}")
         log_setup(log, cfg, model, dataset, device, tracker)
         if posthoc is not None:
             log(posthoc.describe())
 
-        fid = training_fid(cfg, device, rank, eval_dir) if cfg.fid_ref_batch and dumps_due else None
+        finished_steps = plan.finished_steps
+        fid = training_fid(cfg, device, rank, os.path.join(work, "evals")) if cfg.fid_ref_batch and plan.dumps_ahead \
+            else None
         outputs = PeriodicOutputs(cfg, device, rank, world_size, work, decode, fid, tracker)
         loader, steps_per_epoch = batch_loader(dataset, cfg.batch_size, rank, world_size, cfg.seed, finished_steps,
                                                cfg.total_steps, cfg.num_workers, pin_memory=device.type == "cuda",
                                                prefetch_factor=cfg.prefetch_factor)
-        test_faults = FaultInjection.from_env(rank)  # None unless a test asks for faults (SOFLOW_TEST_CRASH)
-        keeper = CheckpointKeeper(ckpt_dir, rank, ckpt_path, cfg.ckpt_keep_last, cfg.ckpt_keep_every, log,
-                                  before_rename=(lambda step: test_faults.at("ckpt", step)) if test_faults else None)
+        faults = FaultInjection.from_env(rank)  # test-only (SOFLOW_TEST_CRASH); None in a production run
+        keeper = CheckpointKeeper(os.path.join(work, "ckpts"), rank, plan.ckpt_path, cfg.ckpt_keep_last,
+                                  cfg.ckpt_keep_every, log, before_rename=faults.checkpoint_hook() if faults else None)
         window = LogWindow(cfg, device, world_size, tracker, log, weights=(model, ema.model))
         checkpoints = RunCheckpoints(keeper, window, model, ema, optimizer, steps_per_epoch, device, data_identity,
                                      cfg.to_dict(), posthoc)
-        if state is None:
+        if plan.state is None:
             checkpoints.save(0)  # as the release: the initial weights, before the first step
 
         objective = cfg.objective()
         bar = tqdm(total=cfg.total_steps, initial=finished_steps, desc="train", disable=rank != 0,
                    dynamic_ncols=True)
-        write_outputs(outputs, checkpoints, finished_steps, owed, log)
         snapshot_dir = os.path.join(work, SNAPSHOT_DIR)
-        if posthoc is not None and posthoc.is_due(finished_steps, cfg.total_steps):  # owed by a stopped run
+        # What a stopped run owes first: the grid and dump of its last step, its post-hoc EMA snapshot.
+        write_outputs(outputs, checkpoints, finished_steps, plan.owed, log)
+        if posthoc is not None and posthoc.is_due(finished_steps, cfg.total_steps):
             write_posthoc_snapshot(posthoc, checkpoints, finished_steps, snapshot_dir, rank, log, only_if_missing=True)
+        end_of_step = StepEnd(cfg, preemption, window, checkpoints, outputs, posthoc, snapshot_dir, (logger, tracker),
+                              objective, optimizer, bar, log)
+        batches = faults.around_steps(loader, finished_steps) if faults else loader
         model.train()
-        exit_code = 0
-        for x, labels in loader:
-            step = finished_steps
-            if test_faults:
-                test_faults.at("step", step)
-            x = x.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True) if cfg.conditional else None
-            samples, augment_labels = dataset.prepare(x)
-            if cfg.uses_channels_last(device):
-                samples = samples.contiguous(memory_format=torch.channels_last)
-            loss, stats, grad_norm = train_step(ddp, model, optimizer, (samples, labels, augment_labels), objective,
-                                                step, cfg, device)
+        signum = 0
+        for step, (x, labels) in enumerate(batches, start=finished_steps):
+            loss, stats, grad_norm = train_step(ddp, model, optimizer, device_batch(x, labels, dataset, cfg, device),
+                                                objective, step, cfg, device)
             window.add(step, loss, stats, grad_norm)
             ema.update(model, step)
             finished_steps = step + 1
             if posthoc is not None:
                 posthoc.update(model, finished_steps)
             bar.update(1)
-            last = finished_steps == cfg.total_steps
-            signum, record_failed = preemption.poll(record_failure(logger, tracker) is not None)
-            stop = signum or record_failed
-
-            if finished_steps % cfg.logging_steps == 0 or last or stop:
-                checkpoints.check_finite(finished_steps)
-                values = window.write(finished_steps, objective, optimizer)
-                bar.set_postfix(loss=f"{values['Vel_MSE'] + values['Con_MSE']:.4f}")
-            # The checkpoint first: a grid or dump that fails, or a stop, loses no training.
-            if finished_steps % cfg.ckpt_saving_steps == 0 or last or stop:
-                checkpoints.save(finished_steps)
-            if posthoc is not None and posthoc.is_due(finished_steps, cfg.total_steps):
-                write_posthoc_snapshot(posthoc, checkpoints, finished_steps, snapshot_dir, rank, log)
-            if record_failed:
-                stop_on_record_failure(logger, tracker, checkpoints, finished_steps)
-            if signum and not last:
-                exit_code = INTERRUPTED_EXIT_CODE if signum == signal.SIGINT else PREEMPTED_EXIT_CODE
-                log(f"stopped by {signal.Signals(signum).name} after step {finished_steps}: checkpoint "
-                    f"{checkpoints.newest} written; re-run the same command to resume (exit status {exit_code})")
+            signum = end_of_step(finished_steps)  # every rank, every step: collectives
+            if signum:
                 break
-            write_outputs(outputs, checkpoints, finished_steps, outputs.due(finished_steps), log)
         bar.close()
-        if exit_code == 0:
+        exit_code = 0
+        if signum:
+            exit_code = INTERRUPTED_EXIT_CODE if signum == signal.SIGINT else PREEMPTED_EXIT_CODE
+            log(f"stopped by {signal.Signals(signum).name} after step {finished_steps}: checkpoint "
+                f"{checkpoints.newest} written; re-run the same command to resume (exit status {exit_code})")
+        else:
             log(f"finished {finished_steps} steps")
         tracker.close()  # before the last check: its final flush may fail too
         stop_on_record_failure(logger, tracker, checkpoints, finished_steps)
@@ -766,7 +845,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        sys.exit(main(args=ARGS, cfg=CONFIG))
     except (NonFiniteLoss, OutputError) as e:  # CheckpointWriteError and RecordWriteError among them
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

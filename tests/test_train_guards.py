@@ -338,3 +338,53 @@ def test_a_config_error_comes_once_and_before_the_training_imports(tmp_path, mon
             train.main(["--config", cfg])
         assert (stop.value.code == 1) if rank == "1" else printed in stop.value.code
     assert not (tmp_path / "r").exists()
+
+
+def test_the_script_reads_its_config_once(cifar_root, tmp_path):
+    """`python train.py` checks the config before the training's imports and trains on that same Config: the YAML
+    is read once."""
+    cfg = config(tmp_path, cifar_root, tmp_path / "run", total_steps=1)
+    probe = ("import runpy, sys, config\nreads = []\nload = config.load_config\n"
+             "config.load_config = lambda path: reads.append(path) or load(path)\n"
+             "sys.argv = ['train.py', '--config', sys.argv[1], '--threads', '1']\ntry:\n"
+             "    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit as e:\n"
+             "    print('exit', e.code, 'reads', len(reads))\n")
+    proc = subprocess.run([sys.executable, "-c", probe, cfg], cwd=os.path.dirname(os.path.dirname(__file__)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip().endswith("exit 0 reads 1"), proc.stdout + proc.stderr
+    assert steps_of(tmp_path / "run") == [0, 1]
+
+
+def test_the_resume_plan_says_what_is_owed_and_needed(reference_run, cifar_root, tmp_path):
+    """train.plan_resume decides, before any data or model: the step, what the stopped step owes (its grid and
+    dump, when missing), whether anything is left, whether dumps (and for ImageNet the decoder) lie ahead."""
+    from types import SimpleNamespace
+
+    from config import load_config
+    notes = []
+
+    def plan(run, **changes):
+        return train.plan_resume(load_config(config(tmp_path, cifar_root, run, **changes)), "cfg.yaml", str(run),
+                                 False, notes.append)
+    new = plan(tmp_path / "new")  # the reference's periods: grids every 3 steps, a dump at step 6 of 6
+    assert (new.state, new.finished_steps, new.owed, new.finished, new.decoder, new.dumps_ahead) == \
+        (None, 0, (False, False), False, False, True)
+    assert not plan(tmp_path / "new", eval_steps=100).dumps_ahead  # a dump period longer than the run
+    last = plan(resumable_copy(reference_run, tmp_path / "at6", 6))  # stopped after step 6's checkpoint
+    assert (last.finished_steps, last.owed, last.finished, last.dumps_ahead) == (6, (True, True), False, True)
+    shutil.copytree(reference_run / "figs", tmp_path / "at6" / "figs")
+    assert plan(tmp_path / "at6").owed == (False, True)  # the grid is on disk, the dump is not
+    shutil.copytree(reference_run / "evals", tmp_path / "at6" / "evals")
+    assert plan(tmp_path / "at6").finished
+    middle = plan(resumable_copy(reference_run, tmp_path / "at4", 4))
+    assert (middle.finished_steps, middle.owed, middle.finished) == (4, (False, False), False)
+    changed = {key: (old, new) for key, old, new in plan(tmp_path / "at4", logging_steps=3).changes}
+    assert changed["logging_steps"] == (2, 3) and "logging_steps" not in {key for key, _, _ in middle.changes}
+    with pytest.raises(SystemExit, match="holds checkpoints and --no-resume was given"):
+        train.plan_resume(load_config(config(tmp_path, cifar_root, tmp_path / "at4")), "cfg.yaml",
+                          str(tmp_path / "at4"), True, notes.append)
+    imagenet = SimpleNamespace(dataset_type="Imagenet", total_steps=10, eval_demo_steps=20, eval_steps=20)
+    assert not train.decodes(imagenet, 0, (False, False))  # both periods longer than the run: nothing to decode
+    assert train.decodes(imagenet, 10, (False, True))  # a dump owed
+    assert train.decodes(SimpleNamespace(**{**vars(imagenet), "eval_steps": 10}), 9, (False, False))
+    assert not train.decodes(SimpleNamespace(**{**vars(imagenet), "eval_steps": 10}), 10, (False, False))
