@@ -4,7 +4,8 @@
 
 A CPU machine can run the demo as 2 ranks of 1 thread each (`torchrun --nproc-per-node=2 train.py ...`: each
 rank steps half of the global batch, then gloo all-reduces the gradients), as 1 process with every core as
-an intra-op thread (`python train.py ...`, train.py's default) or as 1 process of one thread (`--threads 1`);
+an intra-op thread (`python train.py ... --threads N`, PyTorch's own default) or as 1 process of one thread
+(`--threads 1`); each layout is given its --threads, so the figures do not depend on train.py's default;
 `--busy` times them beside a one-core busy loop (another user's work). Both train on the same global batches of data (the batch order
 depends on the seed and the step only); noise and times are drawn per rank, so the two are statistically, not
 bitwise, the same run.
@@ -30,8 +31,8 @@ if ROOT not in sys.path:
 
 from bench_util import log_windows  # noqa: E402
 
-# name: (ranks, --threads; None: train.py's default, the usable cores shared among the ranks)
-LAYOUTS = {"2 ranks x 1 thread": (2, None), "1 process x all threads": (1, None), "1 process x 1 thread": (1, 1)}
+# name: (ranks, --threads per rank; None: every usable core)
+LAYOUTS = {"2 ranks x 1 thread": (2, 1), "1 process x all cores": (1, None), "1 process x 1 thread": (1, 1)}
 
 
 def step_cost(log_path):
@@ -85,8 +86,9 @@ def time_layouts(args, results, tmp):
                                  eval_demo_steps=10 ** 9, eval_steps=10 ** 9, ckpt_saving_steps=10 ** 9,
                                  tracker="none")
             env = dict(os.environ)
-            env.pop("OMP_NUM_THREADS", None)  # train.py's default (torchrun sets 1 for 2 ranks)
-            command = train_command(nproc, path) + ([] if threads is None else ["--threads", str(threads)])
+            env.pop("OMP_NUM_THREADS", None)
+            threads = threads or len(os.sched_getaffinity(0))
+            command = train_command(nproc, path) + ["--threads", str(threads)]
             start = time.time()
             subprocess.run(command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
