@@ -81,6 +81,7 @@ class Config(Objective):
     latent_scale: float = key(LATENT_SCALE, "Imagenet: SD-VAE latent scale")
     vae: str = key("stabilityai/sd-vae-ft-mse", "Imagenet: decoder for sample grids and FID dumps (Hub id or "
                                                 "folder)")
+
     model_type: Optional[str] = key(None, "backbone: the EDM U-Net or a DiT size", choices=MODEL_TYPES,
                                     section="model")
     noising_type: str = key("Linear", "x_t = alpha x0 + beta x1; Linear: 1 - t, t; Trig: cos, sin of pi t / 2",
@@ -101,6 +102,7 @@ class Config(Objective):
     depth: Optional[int] = key(None, "DiT size override: number of blocks", within="[1, inf)")
     num_heads: Optional[int] = key(None, "DiT size override: attention heads", within="[1, inf)")
     patch_size: Optional[int] = key(None, "DiT size override: patch side", within="[1, inf)")
+
     batch_size: int = key(256, "global, over all ranks", within="[1, inf)", section="optimisation")
     learning_rate: float = key(1e-4, "constant: no warm-up or schedule", within="(0, inf)")
     betas: List[float] = key([0.9, 0.99], "AdamW / RAdam betas", length=2, within="[0, 1)")
@@ -116,6 +118,7 @@ class Config(Objective):
                                  within="[1, inf)")
     posthoc_ema_float16: bool = key(False, "store the snapshots in float16 (half the disk; the EMAs stay float32)")
     seed: int = key(42, "rank r seeds with seed + r; the batch order depends on (seed, step)", within="[0, inf)")
+
     precision: str = key("fp32", "fp32: float32 (TF32 with tf32); bf16: autocast everywhere; bf16-guidance: "
                                  "autocast for the loss's guidance call only", choices=PRECISIONS,
                          section="speed (defaults: the release's numerics)")
@@ -128,6 +131,7 @@ class Config(Objective):
     grad_accum_steps: int = key(1, "micro-batches per rank and step (same draws, one DDP sync per step)",
                                 within="[1, inf)")
     grad_checkpointing: bool = key(False, "recompute each DiT / U-Net block in the backward pass (less memory)")
+
     working_dir: str = key("./results/run", "the run's folder: config.yaml, log.txt, ckpts/, figs/, evals/, tb/",
                            section="bookkeeping")
     logging_steps: int = key(100, "steps per log line (averages over the window and all ranks)", within="[1, inf)")

@@ -140,6 +140,7 @@ def base():
     ({"use_fp16": True}, "unknown key"),
     ({"betas": [0.9, 1.2]}, "betas"),
     ({"betas": [0.9]}, "'betas' must be a list of 2"),
+    ({"posthoc_ema_sigma_rels": [0.05, 0.05]}, r"'posthoc_ema_sigma_rels' must be distinct .*got \[0.05, 0.05\]"),
     ({"learning_rate": float("inf")}, "'learning_rate' must be a finite number, got inf"),
     ({"eps": float("nan")}, "'eps' must be a finite number, got nan"),
     ({"weight_decay": float("nan")}, "'weight_decay' must be a finite number"),
