@@ -4,30 +4,30 @@ Key names and spellings are the release's: its `imagenet.yaml`, `cifar.yaml` and
 published checkpoint load unchanged. A config this code writes (`save_config`: `working_dir/config.yaml`, exports)
 holds the release's keys alone, in its order (`RELEASE_KEYS`), so that the release's scripts read it as it is
 (its train.py passes every key to a constructor that knows no others); this code's other keys go to a companion
-file beside it (`companion_path`: config.yaml -> config.soflow.yaml), which `load_config` reads back. Each key is declared once, as a field of `Config` (the loss settings as
-fields of `models.Objective`, which `Config` extends); the keys this code adds have defaults under which a
-release config runs the release's recipe (float32 with TF32, AdamW / RAdam, its EMA).
+file beside it (`companion_path`: config.yaml -> config.soflow.yaml), which `load_config` reads back.
+
+Each key is declared once, as a field of `Config` (the loss settings as fields of `models.Objective`, which `Config`
+extends) with its meaning and accepted values (`config_keys.key`): the checks and the key reference
+(docs/config_keys.md) read them from there. The keys this code adds have defaults under which a release config runs
+the release's recipe (float32 with TF32, AdamW / RAdam, its EMA).
 """
 import argparse
-import ast
 import dataclasses
 import difflib
-import io
 import math
 import os
 import sys
-import tokenize
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 import yaml
 
 from checkpoints import companion_path
+from config_keys import ConfigError, accepted_text, declaration, declared_default, key, unwrap_optional
 from data import LATENT_SCALE
 from dit import DIT_SIZES
-from models import (COEFFICIENT_TYPES, L_SCHEDULES, MODEL_TYPES, NOISING_TYPES, Objective, Soflow, check_guidance,
-                    is_conditional)
+from models import COEFFICIENT_TYPES, MODEL_TYPES, NOISING_TYPES, Objective, Soflow, check_guidance, is_conditional
 from power_ema import SIGMA_REL_MAX
 from safe_io import atomic_write
 from tracking import TRACKERS
@@ -58,99 +58,110 @@ OPTIMIZERS = ("AdamW", "RAdam")
 # is not amplified by 1 / (t - l) (benchmarks/precision.py).
 PRECISIONS = ("fp32", "bf16", "bf16-guidance")
 ATTENTIONS = ("auto", "efficient", "flash", "math")
-_CHOICES = dict(dataset_type=tuple(DATASETS), model_type=MODEL_TYPES, noising_type=NOISING_TYPES,
-                coefficient_type=COEFFICIENT_TYPES, optimizer=OPTIMIZERS, precision=PRECISIONS, attention=ATTENTIONS,
-                tracker=TRACKERS)
-_LIST_LENGTHS = dict(betas=2, eval_demo_shape=2)
 _UNET_SIZES = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions")
 _DIT_SIZES = ("hidden_size", "depth", "num_heads", "patch_size")
 
 
-class ConfigError(ValueError):
-    pass
-
-
 @dataclass
 class Config(Objective):
-    """Every config key with its default (the loss settings are the inherited `Objective` fields).
-    `None` defaults are filled from DATASETS or mean "not set"."""
-    # --- data ---
-    dataset_type: str = "Imagenet"          # the data: SD-VAE ImageNet latents, CIFAR-10 images, scikit-learn digits, MNIST
-    dataset_path: str = "./imagenet_latent"  # folder of imagenet_latent.hdf5 (or the file), or the CIFAR-10 root
-    data_size: int = 32                     # side of the training tensors: latent side (Imagenet) or image side
-    data_channels: Optional[int] = None     # channels of the training tensors (latent or image)
-    num_classes: Optional[int] = None       # 0 = unconditional
-    num_workers: int = 4                    # DataLoader workers per rank
-    prefetch_factor: Optional[int] = None   # DataLoader prefetch per worker (None: PyTorch's; unused with 0 workers)
-    download: bool = False                  # CIFAR10: let torchvision download it (only when asked)
-    load_into_memory: bool = False          # Imagenet latents: read the whole HDF5 file into memory once
-    augment_p: float = 0.12                 # CIFAR10: EDM augmentation probability (0 disables)
-    latent_scale: float = LATENT_SCALE      # Imagenet: SD-VAE latent scale
-    vae: str = "stabilityai/sd-vae-ft-mse"  # Imagenet: decoder for sample grids and FID dumps (Hub id or folder)
-    # --- model ---
-    model_type: Optional[str] = None        # backbone: the EDM U-Net or a DiT size
-    noising_type: str = "Linear"            # x_t = alpha x0 + beta x1; Linear: 1 - t, t; Trig: cos, sin of pi t / 2
-    coefficient_type: str = "Euler"         # f = a x_t + b F; Euler: a = 1, b = s - t; Trig: cos, sin of pi (s - t) / 2
-    cfg_drop_rate: float = 0.0              # share of rows trained with the null label (needed when cfg_scale > 1)
-    dropout: float = 0.30                   # UNet dropout probability
-    model_channels: Optional[int] = None    # UNet size override for small experiments (EDM names): base channels
-    channel_mult: Optional[List[int]] = None  # UNet size override: channel multiplier per resolution
-    num_blocks: Optional[int] = None        # UNet size override: residual blocks per resolution
-    attn_resolutions: Optional[List[int]] = None  # UNet size override: resolutions with self-attention
-    hidden_size: Optional[int] = None       # DiT size override for small experiments: width
-    depth: Optional[int] = None             # DiT size override: number of blocks
-    num_heads: Optional[int] = None         # DiT size override: attention heads
-    patch_size: Optional[int] = None        # DiT size override: patch side
-    # --- optimisation ---
-    batch_size: int = 256                   # global, over all ranks
-    learning_rate: float = 1e-4             # constant: no warm-up or schedule
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])  # AdamW / RAdam betas
-    weight_decay: float = 0.0               # AdamW / RAdam weight decay
-    optimizer: Optional[str] = None         # the release uses AdamW for ImageNet, RAdam for CIFAR-10
-    ema_decay_rate: float = 0.9999          # EMA decay per step
-    ema_steps: Optional[int] = None         # EMA after steps 1, 1 + k, 1 + 2k, ... with decay**k (float64 when k > 1)
-    posthoc_ema_sigma_rels: Optional[List[float]] = None  # post-hoc EMA (docs/posthoc_ema.md): the relative
-                                                          # widths of the power-function EMAs kept beside
-                                                          # ema_model (EDM2: [0.05, 0.10]; None: off)
-    posthoc_ema_every: int = 10_000         # steps between post-hoc EMA snapshots (working_dir/posthoc_ema/{step}.pt)
-    posthoc_ema_float16: bool = False       # store the snapshots in float16 (half the disk; the EMAs stay float32)
-    seed: int = 42                          # rank r seeds with seed + r; the batch order depends on (seed, step)
-    # --- speed (defaults: the release's numerics) ---
-    precision: str = "fp32"                 # fp32: float32 (TF32 with tf32); bf16: autocast everywhere;
-                                            # bf16-guidance: autocast for the loss's guidance call only
-    tf32: bool = True                       # TF32 matmuls and convolutions on CUDA (the release's setting)
-    attention: str = "auto"                 # auto: memory-efficient SDPA on CUDA (the release's), PyTorch's on CPU
-    compile: bool = False                   # torch.compile of the network, in place (state-dict keys unchanged)
-    channels_last: bool = False             # channels_last U-Net on CUDA
-    fused_optimizer: bool = False           # fused AdamW / foreach RAdam kernels (same maths, other rounding)
-    grad_accum_steps: int = 1               # micro-batches per rank and step (same draws, one DDP sync per step)
-    grad_checkpointing: bool = False        # recompute each DiT / U-Net block in the backward pass (less memory)
-    # --- bookkeeping ---
-    working_dir: str = "./results/run"      # the run's folder: config.yaml, log.txt, ckpts/, figs/, evals/, tb/
-    logging_steps: int = 100                # steps per log line (averages over the window and all ranks)
-    eval_demo_steps: int = 1000             # steps between EMA sample grids (figs/{step}.png)
-    eval_demo_shape: List[int] = field(default_factory=lambda: [4, 8])  # rows (classes) and columns of the grids
-    ckpt_saving_steps: int = 25_000         # steps between checkpoints (ckpts/{step}.pt)
-    eval_steps: int = 25_000                # steps between FID dumps (evals/{step}.npz)
-    eval_batch_size: int = 125              # samples per rank and batch when sampling grids and dumps
-    eval_NFE: int = 1                       # network calls per sample for grids and dumps
-    num_eval_samples: int = 50_000          # images per FID dump
-    fid_ref_batch: Optional[str] = None     # ADM reference batch (.npz): score each periodic dump in training
-    fid_inception_graph: Optional[str] = None  # classify_image_graph_def.pb (None: the evaluator's cached download)
-    fid_dinov2: bool = False                # with fid_ref_batch: FD-DINOv2 (EDM2's protocol) on the same line
-    fid_dinov2_weights: Optional[str] = None  # DINOv2 ViT-L/14 weights file (None: the Hugging Face Hub cache)
-    eval_save_samples: bool = True          # false: score the periodic dumps without writing their images
-    ckpt_keep_last: Optional[int] = None    # keep only the newest k periodic checkpoints (None: keep all, as the release)
-    ckpt_keep_every: Optional[int] = None   # checkpoints of steps divisible by this are never deleted
-    tracker: str = "auto"                   # training's scalars and grids (auto: TensorBoard when importable)
-    wandb_project: str = "soflow"           # Weights & Biases project (tracker: wandb)
+    """Every config key with its default, meaning and accepted values (the loss settings are the inherited
+    `Objective` fields). `None` defaults are filled from DATASETS or mean "not set"."""
+    dataset_type: str = key("Imagenet", "the data: SD-VAE ImageNet latents, CIFAR-10 images, scikit-learn digits, "
+                                        "MNIST", choices=tuple(DATASETS), section="data")
+    dataset_path: str = key("./imagenet_latent", "folder of imagenet_latent.hdf5 (or the file), or the CIFAR-10 root")
+    data_size: int = key(32, "side of the training tensors: latent side (Imagenet) or image side", within="[1, inf)")
+    data_channels: Optional[int] = key(None, "channels of the training tensors (latent or image)", within="[1, inf)")
+    num_classes: Optional[int] = key(None, "0 = unconditional", within="[0, inf)")
+    num_workers: int = key(4, "DataLoader workers per rank", within="[0, inf)")
+    prefetch_factor: Optional[int] = key(None, "DataLoader prefetch per worker (None: PyTorch's; unused with 0 "
+                                               "workers)", within="[1, inf)")
+    download: bool = key(False, "CIFAR10: let torchvision download it (only when asked)")
+    load_into_memory: bool = key(False, "Imagenet latents: read the whole HDF5 file into memory once")
+    augment_p: float = key(0.12, "CIFAR10: EDM augmentation probability (0 disables)", within="[0, 1]")
+    latent_scale: float = key(LATENT_SCALE, "Imagenet: SD-VAE latent scale")
+    vae: str = key("stabilityai/sd-vae-ft-mse", "Imagenet: decoder for sample grids and FID dumps (Hub id or "
+                                                "folder)")
+
+    model_type: Optional[str] = key(None, "backbone: the EDM U-Net or a DiT size", choices=MODEL_TYPES,
+                                    section="model")
+    noising_type: str = key("Linear", "x_t = alpha x0 + beta x1; Linear: 1 - t, t; Trig: cos, sin of pi t / 2",
+                            choices=NOISING_TYPES)
+    coefficient_type: str = key("Euler", "f = a x_t + b F; Euler: a = 1, b = s - t; Trig: cos, sin of pi (s - t) / 2",
+                                choices=COEFFICIENT_TYPES)
+    cfg_drop_rate: float = key(0.0, "share of rows trained with the null label (needed when cfg_scale > 1)",
+                               within="[0, 1]")
+    dropout: float = key(0.30, "UNet dropout probability", within="[0, 1]")
+    model_channels: Optional[int] = key(None, "UNet size override for small experiments (EDM names): base channels",
+                                        within="[1, inf)")
+    channel_mult: Optional[List[int]] = key(None, "UNet size override: channel multiplier per resolution",
+                                            within="[1, inf)")
+    num_blocks: Optional[int] = key(None, "UNet size override: residual blocks per resolution", within="[1, inf)")
+    attn_resolutions: Optional[List[int]] = key(None, "UNet size override: resolutions with self-attention",
+                                                within="[1, inf)")
+    hidden_size: Optional[int] = key(None, "DiT size override for small experiments: width", within="[1, inf)")
+    depth: Optional[int] = key(None, "DiT size override: number of blocks", within="[1, inf)")
+    num_heads: Optional[int] = key(None, "DiT size override: attention heads", within="[1, inf)")
+    patch_size: Optional[int] = key(None, "DiT size override: patch side", within="[1, inf)")
+
+    batch_size: int = key(256, "global, over all ranks", within="[1, inf)", section="optimisation")
+    learning_rate: float = key(1e-4, "constant: no warm-up or schedule", within="(0, inf)")
+    betas: List[float] = key([0.9, 0.99], "AdamW / RAdam betas", length=2, within="[0, 1)")
+    weight_decay: float = key(0.0, "AdamW / RAdam weight decay", within="[0, inf)")
+    optimizer: Optional[str] = key(None, "the release uses AdamW for ImageNet, RAdam for CIFAR-10", choices=OPTIMIZERS)
+    ema_decay_rate: float = key(0.9999, "EMA decay per step", within="[0, 1]")
+    ema_steps: Optional[int] = key(None, "EMA after steps 1, 1 + k, 1 + 2k, ... with decay**k (float64 when k > 1)",
+                                   within="[1, inf)")
+    posthoc_ema_sigma_rels: Optional[List[float]] = key(
+        None, "post-hoc EMA (docs/posthoc_ema.md): the relative widths of the power-function EMAs kept beside "
+              "ema_model (EDM2: [0.05, 0.10]; None: off)", within=f"(0, {SIGMA_REL_MAX!r})")
+    posthoc_ema_every: int = key(10_000, "steps between post-hoc EMA snapshots (working_dir/posthoc_ema/{step}.pt)",
+                                 within="[1, inf)")
+    posthoc_ema_float16: bool = key(False, "store the snapshots in float16 (half the disk; the EMAs stay float32)")
+    seed: int = key(42, "rank r seeds with seed + r; the batch order depends on (seed, step)", within="[0, inf)")
+
+    precision: str = key("fp32", "fp32: float32 (TF32 with tf32); bf16: autocast everywhere; bf16-guidance: "
+                                 "autocast for the loss's guidance call only", choices=PRECISIONS,
+                         section="speed (defaults: the release's numerics)")
+    tf32: bool = key(True, "TF32 matmuls and convolutions on CUDA (the release's setting)")
+    attention: str = key("auto", "auto: memory-efficient SDPA on CUDA (the release's), PyTorch's on CPU",
+                         choices=ATTENTIONS)
+    compile: bool = key(False, "torch.compile of the network, in place (state-dict keys unchanged)")
+    channels_last: bool = key(False, "channels_last U-Net on CUDA")
+    fused_optimizer: bool = key(False, "fused AdamW / foreach RAdam kernels (same maths, other rounding)")
+    grad_accum_steps: int = key(1, "micro-batches per rank and step (same draws, one DDP sync per step)",
+                                within="[1, inf)")
+    grad_checkpointing: bool = key(False, "recompute each DiT / U-Net block in the backward pass (less memory)")
+
+    working_dir: str = key("./results/run", "the run's folder: config.yaml, log.txt, ckpts/, figs/, evals/, tb/",
+                           section="bookkeeping")
+    logging_steps: int = key(100, "steps per log line (averages over the window and all ranks)", within="[1, inf)")
+    eval_demo_steps: int = key(1000, "steps between EMA sample grids (figs/{step}.png)", within="[1, inf)")
+    eval_demo_shape: List[int] = key([4, 8], "rows (classes) and columns of the grids", length=2, within="[1, inf)")
+    ckpt_saving_steps: int = key(25_000, "steps between checkpoints (ckpts/{step}.pt)", within="[1, inf)")
+    eval_steps: int = key(25_000, "steps between FID dumps (evals/{step}.npz)", within="[1, inf)")
+    eval_batch_size: int = key(125, "samples per rank and batch when sampling grids and dumps", within="[1, inf)")
+    eval_NFE: int = key(1, "network calls per sample for grids and dumps", within="[1, inf)")
+    num_eval_samples: int = key(50_000, "images per FID dump", within="[0, inf)")
+    fid_ref_batch: Optional[str] = key(None, "ADM reference batch (.npz): score each periodic dump in training")
+    fid_inception_graph: Optional[str] = key(None, "classify_image_graph_def.pb (None: the evaluator's cached "
+                                                   "download)")
+    fid_dinov2: bool = key(False, "with fid_ref_batch: FD-DINOv2 (EDM2's protocol) on the same line")
+    fid_dinov2_weights: Optional[str] = key(None, "DINOv2 ViT-L/14 weights file (None: the Hugging Face Hub cache)")
+    eval_save_samples: bool = key(True, "false: score the periodic dumps without writing their images")
+    ckpt_keep_last: Optional[int] = key(None, "keep only the newest k periodic checkpoints (None: keep all, as the "
+                                              "release)", within="[1, inf)")
+    ckpt_keep_every: Optional[int] = key(None, "checkpoints of steps divisible by this are never deleted",
+                                         within="[1, inf)")
+    tracker: str = key("auto", "training's scalars and grids (auto: TensorBoard when importable)", choices=TRACKERS)
+    wandb_project: str = key("soflow", "Weights & Biases project (tracker: wandb)")
 
     def __post_init__(self):
-        for key, value in DATASETS.get(self.dataset_type, {}).items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
-        super().__post_init__()  # the loss settings' own checks
-        _check(self)
+        for name, value in DATASETS.get(self.dataset_type, {}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        super().__post_init__()  # every key against its declaration, then the loss settings' combinations
+        _check_posthoc_ema(self.posthoc_ema_sigma_rels)
+        _check_model_and_data(self)
 
     @property
     def conditional(self):
@@ -184,47 +195,10 @@ class Config(Objective):
 _TYPES = typing.get_type_hints(Config)
 
 
-def _check(cfg):
-    """Checks values, then combinations (the loss settings are checked by Objective); raises ConfigError
-    naming the key and the fix."""
-    def fail(msg):
-        raise ConfigError(msg)
-
-    for name, accepted in _CHOICES.items():
-        if getattr(cfg, name) not in accepted:
-            fail(f"'{name}' is {getattr(cfg, name)!r}; accepted: {', '.join(accepted)}")
-    for name, length in _LIST_LENGTHS.items():
-        if len(getattr(cfg, name)) != length:
-            fail(f"'{name}' must be a list of {length} numbers, got {getattr(cfg, name)!r}")
-    for name in ("data_channels", "data_size", "batch_size", "logging_steps", "eval_demo_steps", "ckpt_saving_steps",
-                 "eval_steps", "eval_batch_size", "eval_NFE", "ema_steps", "prefetch_factor", *_DIT_SIZES,
-                 "model_channels", "num_blocks", "grad_accum_steps", "ckpt_keep_last", "ckpt_keep_every",
-                 "posthoc_ema_every"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            fail(f"'{name}' must be >= 1, got {getattr(cfg, name)}")
-    for name in ("channel_mult", "attn_resolutions", "eval_demo_shape"):
-        if getattr(cfg, name) is not None and (not getattr(cfg, name) or min(getattr(cfg, name)) < 1):
-            fail(f"'{name}' must be a non-empty list of positive integers, got {getattr(cfg, name)!r}")
-    for name in ("num_classes", "num_workers", "num_eval_samples", "seed"):
-        if getattr(cfg, name) < 0:
-            fail(f"'{name}' must be >= 0, got {getattr(cfg, name)}")
-    for name in ("cfg_drop_rate", "augment_p", "ema_decay_rate", "dropout"):
-        if not 0 <= getattr(cfg, name) <= 1:
-            fail(f"'{name}' must lie in [0, 1], got {getattr(cfg, name)}")
-    _check_posthoc_ema(cfg.posthoc_ema_sigma_rels)
-    if cfg.learning_rate <= 0 or not all(0 <= b < 1 for b in cfg.betas) or cfg.weight_decay < 0:
-        fail(f"'learning_rate' must be > 0, 'betas' in [0, 1) and 'weight_decay' >= 0, got {cfg.learning_rate}, "
-             f"{cfg.betas}, {cfg.weight_decay}")
-    _check_model_and_data(cfg)
-
-
 def _check_posthoc_ema(sigma_rels):
-    if sigma_rels is None:
-        return
-    if not sigma_rels or len(set(sigma_rels)) != len(sigma_rels) or not all(0 < s < SIGMA_REL_MAX for s in sigma_rels):
-        raise ConfigError(f"'posthoc_ema_sigma_rels' must be a list of distinct numbers in (0, {SIGMA_REL_MAX:.4f}) "
-                          f"(the widths of power-function EMAs relative to the run's length; EDM2: [0.05, 0.10]), "
-                          f"got {sigma_rels!r}")
+    if sigma_rels is not None and len(set(sigma_rels)) != len(sigma_rels):
+        raise ConfigError(f"'posthoc_ema_sigma_rels' must be distinct (each a power-function EMA kept beside "
+                          f"ema_model), got {sigma_rels!r}")
 
 
 def _check_model_and_data(cfg):
@@ -326,10 +300,7 @@ def attention_precision_error(attention, precision):
 
 def _coerce(name, value):
     """The YAML value of one key, checked against (and converted to) the type of its field."""
-    kind = _TYPES[name]
-    optional = type(None) in typing.get_args(kind)
-    if optional:
-        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    kind, optional = unwrap_optional(_TYPES[name])
     if value is None:
         if optional:
             return None
@@ -510,48 +481,15 @@ def check_resume(old, new, old_source, new_source):
 
 KEYS_PAGE_INTRO = """# Config keys
 
-Every key of a config file, with its default and meaning. This page is the output of
-`python config.py --keys > docs/config_keys.md`, generated from the trailing comments on the fields of
-`config.Config` and `models.Objective` (a test checks that it matches). "release": a key of the release's
-config files, where this code keeps the release's name and meaning ([drop_in.md](drop_in.md)); with the defaults of the
-other keys a release config runs the release's recipe. "by dataset_type": the default comes from
-`config.DATASETS`.
+Every key of a config file, with its default, meaning and accepted values. This page is the output of
+`python config.py --keys > docs/config_keys.md`, generated from the declarations of the fields of `config.Config`
+and `models.Objective` (`config_keys.key`: the loader checks each value against the same declaration; a test checks
+that this page matches). "release": a key of the release's config files, where this code keeps the release's name
+and meaning ([drop_in.md](drop_in.md)); with the defaults of the other keys a release config runs the release's
+recipe. "by dataset_type": the default comes from `config.DATASETS`. "accepted": the values a key takes besides its
+type (a number, a string, true / false, a list); unset keys (`None`) skip it. Combinations of keys are checked too
+(for example cfg_scale > 1 needs cfg_drop_rate > 0); the error names the keys and the fix.
 """
-
-
-def field_comments(cls):
-    """[(section, field name, comment)] of the dataclass `cls`, in source order, read from its source file: the
-    comment after a field (continued on the next lines by comments starting in the same column) is its meaning,
-    and a comment line `# --- name ---` starts a section. Raises ValueError naming a field without a comment."""
-    path = sys.modules[cls.__module__].__file__
-    with open(path) as f:
-        source = f.read()
-    comments = {}  # line -> (column, text, alone on its line)
-    code_lines = set()
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT:
-            comments[tok.start[0]] = (tok.start[1], tok.string[1:].strip(), tok.start[0] not in code_lines)
-        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
-            code_lines.update(range(tok.start[0], tok.end[0] + 1))
-    node = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
-    rows, section, previous_end = [], "", node.body[0].lineno
-    for item in node.body:
-        if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
-            continue
-        for line in range(previous_end + 1, item.lineno):  # section headings between two fields
-            text = comments.get(line, (0, "", False))[1]
-            if text.startswith("---") and text.endswith("---"):
-                section = text.strip("- ")
-        previous_end = item.end_lineno
-        if item.end_lineno not in comments or comments[item.end_lineno][2]:
-            raise ValueError(f"{os.path.basename(path)}:{item.lineno}: field '{item.target.id}' has no trailing "
-                             f"comment; add one saying what the key means")
-        column, text, _ = comments[item.end_lineno]
-        line = item.end_lineno + 1
-        while line in comments and comments[line][2] and comments[line][0] == column:
-            text, previous_end, line = f"{text} {comments[line][1]}", line, line + 1
-        rows.append((section, item.target.id, text))
-    return rows
 
 
 def _yaml_value(value):
@@ -563,7 +501,7 @@ def _yaml_value(value):
 
 
 def _default(f):
-    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    value = declared_default(f)
     if value is None:
         by_dataset = [f"`{_yaml_value(d[f.name])}` {name}" for name, d in DATASETS.items() if f.name in d]
         return "by dataset_type: " + ", ".join(by_dataset) if by_dataset else "unset"
@@ -571,22 +509,20 @@ def _default(f):
 
 
 def keys_markdown():
-    """The Markdown page of every config key: name, whether it is one of the release's, default, meaning (from
-    the fields' comments) and the accepted values of the keys with a fixed set of them."""
-    choices = dict(_CHOICES, l_schedule=L_SCHEDULES)
-    fields = {f.name: f for f in dataclasses.fields(Config)}
+    """The Markdown page of every config key, by section, in declaration order: name, whether it is one of the
+    release's, default, meaning and accepted values (from the fields' declarations)."""
     sections = {}  # section -> rows
-    for cls, unnamed in ((Objective, "loss (models.Objective)"), (Config, "other")):
-        for section, name, text in field_comments(cls):
-            if name in choices:
-                text += "; one of: " + ", ".join(f"`{c}`" for c in choices[name])
-            text = text.replace("|", "\\|")
-            release = "yes" if name in RELEASE_KEYS else ""
-            sections.setdefault(section or unnamed, []).append(
-                f"| `{name}` | {release} | {_default(fields[name])} | {text} |")
+    section = None
+    for f in dataclasses.fields(Config):
+        declared = declaration(f)
+        section = declared["section"] or section
+        cells = [f"`{f.name}`", "yes" if f.name in RELEASE_KEYS else "", _default(f), declared["help"],
+                 accepted_text(f)]
+        sections.setdefault(section, []).append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     out = [KEYS_PAGE_INTRO]
     for section, rows in sections.items():
-        out += [f"## {section}", "", "| key | release | default | meaning |", "|---|---|---|---|", *rows, ""]
+        out += [f"## {section}", "", "| key | release | default | meaning | accepted |", "|---|---|---|---|---|",
+                *rows, ""]
     return "\n".join(out)
 
 

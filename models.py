@@ -13,13 +13,14 @@ This file by job, in the order it is written:
   Soflow           the model: the backbone, solution_operator, predict_velocity and the sampler `sample`.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from config_keys import ConfigError, check_choice, check_declared, key
 from dit import DIT_SIZES, build_dit
 from distributed import autocast, shared_random_state
 from unet import SongUNet
@@ -46,11 +47,6 @@ def check_guidance(setting, conditional, labels_given=True):
     values in the error (the config check and the loss calls share this rule)."""
     if not (conditional and labels_given):
         raise ValueError(f"{setting} needs a class-conditional model and labels (a DiT with num_classes > 0)")
-
-
-def _check_choice(name, value, accepted):
-    if value not in accepted:
-        raise ValueError(f"unknown {name} {value!r}; accepted: {', '.join(accepted)}")
 
 
 def _bcast(t, x):
@@ -98,72 +94,53 @@ class Objective:
     The first int(velocity_loss_ratio * B) rows of a batch feed the Flow Matching loss, the rest the
     consistency loss; times are logit-normal with (time_mean[i], time_std[i]), i = 0 for Flow Matching, 1 and
     2 for the consistency pair; p and eps shape the adaptive weights; cfg_scale, mix_ratio and cfg_decay_time
-    the guided target; l_schedule, l_init_ratio, l_end_ratio and total_steps the middle time l.
+    the guided target; l_schedule, l_init_ratio, l_end_ratio and total_steps the middle time l. Each key is
+    declared with its meaning and accepted values (config_keys.key).
     """
-    velocity_loss_ratio: float = 0.75   # share of each batch (its first rows) in the Flow Matching loss; the rest
-                                        # feed the consistency loss
-    p: float = 1.0                      # exponent of the adaptive loss weight 1 / (mse + eps)^p
-    eps: float = 0.01                   # offset of the adaptive loss weight 1 / (mse + eps)^p
-    time_mean: List[float] = field(default_factory=lambda: [-0.2, -1.0, 0.2])  # logit-normal time means:
-                                                                               # Flow Matching t, consistency s, t
-    time_std: List[float] = field(default_factory=lambda: [1.0, 0.8, 0.8])     # logit-normal std, as time_mean
-    cfg_scale: float = 1.0              # classifier-free guidance scale of the training target (1: no guidance)
-    mix_ratio: float = 1.0              # weight of the guided velocity in the target; the rest is the model's
-                                        # conditional velocity (no gradient)
-    cfg_decay_time: float = 1.0         # guidance decays for t above this time (1: no decay)
-    l_schedule: str = "Exponent"        # how the middle time l = t + (s - t) r moves from l_init_ratio to
-                                        # l_end_ratio over total_steps
-    l_init_ratio: float = 0.1           # r at step 0
-    l_end_ratio: float = 0.002          # r at total_steps
-    total_steps: int = 400_000          # training steps (also the length of the l schedule)
-    # --- MeanFlow ---
+    velocity_loss_ratio: float = key(
+        0.75, "share of each batch (its first rows) in the Flow Matching loss; the rest feed the consistency loss",
+        within="[0, 1]", section="loss (models.Objective)")
+    p: float = key(1.0, "exponent of the adaptive loss weight 1 / (mse + eps)^p", within="[0, inf)")
+    eps: float = key(0.01, "offset of the adaptive loss weight 1 / (mse + eps)^p", within="(0, inf)")
+    time_mean: List[float] = key([-0.2, -1.0, 0.2], "logit-normal time means: Flow Matching t, consistency s, t",
+                                 length=3)
+    time_std: List[float] = key([1.0, 0.8, 0.8], "logit-normal std, as time_mean", length=3, within="(0, inf)")
+    cfg_scale: float = key(1.0, "classifier-free guidance scale of the training target (1: no guidance)",
+                           within="[1, inf)")
+    mix_ratio: float = key(1.0, "weight of the guided velocity in the target; the rest is the model's conditional "
+                                "velocity (no gradient)", within="[0, 1]")
+    cfg_decay_time: float = key(1.0, "guidance decays for t above this time (1: no decay)", within="(0, 1]")
+    l_schedule: str = key("Exponent", "how the middle time l = t + (s - t) r moves from l_init_ratio to l_end_ratio "
+                                      "over total_steps", choices=L_SCHEDULES)
+    l_init_ratio: float = key(0.1, "r at step 0", within="[0, 1]")
+    l_end_ratio: float = key(0.002, "r at total_steps", within="[0, 1]")
+    total_steps: int = key(400_000, "training steps (also the length of the l schedule)", within="[1, inf)")
     # Keys of this code, read only with `method: meanflow`, which ignores the SoFlow keys above
     # except the class-drop rate `cfg_drop_rate`, shared because it sizes the network's label table. Defaults:
     # MeanFlow's ImageNet settings (Geng et al. 2025); its class-drop rate, 0.1, is also the release's ImageNet
     # `cfg_drop_rate`; eps is the least certain of them.
-    method: str = "soflow"              # soflow (the paper's objective) or meanflow (the baseline)
-    meanflow_ratio: float = 0.25        # share of rows with r != t (MeanFlow's ImageNet runs: 25%)
-    meanflow_time_mean: float = -0.4    # (t, r) from two logit-normal draws: MeanFlow's ImageNet lognorm(-0.4, 1.0)
-    meanflow_time_std: float = 1.0      # std of those two logit-normal draws (MeanFlow's ImageNet: 1.0)
-    meanflow_p: float = 1.0             # adaptive weight 1 / (mse + eps)^p: MeanFlow's ImageNet p = 1.0
-    meanflow_eps: float = 1e-3          # MeanFlow's constant c = 1e-3 of that weight
+    method: str = key("soflow", "soflow (the paper's objective) or meanflow (the baseline)", choices=METHODS,
+                      section="MeanFlow")
+    meanflow_ratio: float = key(0.25, "share of rows with r != t (MeanFlow's ImageNet runs: 25%)", within="[0, 1]")
+    meanflow_time_mean: float = key(-0.4, "(t, r) from two logit-normal draws: MeanFlow's ImageNet "
+                                          "lognorm(-0.4, 1.0)")
+    meanflow_time_std: float = key(1.0, "std of those two logit-normal draws (MeanFlow's ImageNet: 1.0)",
+                                   within="(0, inf)")
+    meanflow_p: float = key(1.0, "adaptive weight 1 / (mse + eps)^p: MeanFlow's ImageNet p = 1.0", within="[0, inf)")
+    meanflow_eps: float = key(1e-3, "MeanFlow's constant c = 1e-3 of that weight", within="(0, inf)")
     # Training-time guidance v~ = w v + kappa u(z, t, t | y) + (1 - w - kappa) u(z, t, t | null). MeanFlow's
     # ImageNet runs are guided (a per-size effective scale w / (1 - kappa) of about 2 to 2.5); their (w, kappa)
     # pairs are not verified here, so the defaults are the unguided w = 1, kappa = 0: set both for a guided run.
-    meanflow_cfg_scale: float = 1.0     # w of the target w v + kappa u(.|y) + (1 - w - kappa) u(.|null); 1: unguided
-    meanflow_cfg_kappa: float = 0.0     # kappa of that guided target (0: unguided)
+    meanflow_cfg_scale: float = key(1.0, "w of the target w v + kappa u(.|y) + (1 - w - kappa) u(.|null); 1: "
+                                         "unguided")
+    meanflow_cfg_kappa: float = key(0.0, "kappa of that guided target (0: unguided)")
 
     def __post_init__(self):
-        """The one place these settings are checked (the config loader relies on it)."""
-        _check_choice("l_schedule", self.l_schedule, L_SCHEDULES)
-        for key in ("time_mean", "time_std"):
-            if len(getattr(self, key)) != 3:
-                raise ValueError(f"'{key}' needs 3 values (Flow Matching, consistency tau1, consistency tau2), "
-                                 f"got {getattr(self, key)}")
-        if any(s <= 0 for s in self.time_std):
-            raise ValueError(f"'time_std' values must be > 0, got {self.time_std}")
-        for key in ("velocity_loss_ratio", "mix_ratio", "l_init_ratio", "l_end_ratio"):
-            if not 0 <= getattr(self, key) <= 1:
-                raise ValueError(f"'{key}' must lie in [0, 1], got {getattr(self, key)}")
-        if self.eps <= 0 or self.p < 0:
-            raise ValueError(f"'eps' must be > 0 and 'p' >= 0, got eps={self.eps}, p={self.p}")
-        if self.cfg_scale < 1:
-            raise ValueError(f"'cfg_scale' must be >= 1 (1 disables guidance), got {self.cfg_scale}")
-        if not 0 < self.cfg_decay_time <= 1:
-            raise ValueError(f"'cfg_decay_time' must lie in (0, 1], got {self.cfg_decay_time}")
+        """The one place these settings are checked (the config loader relies on it): each key against its
+        declaration (for a config.Config, every key of the config), then the combinations."""
+        check_declared(self)
         if self.l_schedule == "Exponent" and (self.l_init_ratio <= 0 or self.l_end_ratio <= 0):
-            raise ValueError("l_schedule 'Exponent' needs l_init_ratio > 0 and l_end_ratio > 0")
-        if self.total_steps < 1:
-            raise ValueError(f"'total_steps' must be >= 1, got {self.total_steps}")
-        self._check_meanflow()
-
-    def _check_meanflow(self):
-        _check_choice("method", self.method, METHODS)
-        if not 0 <= self.meanflow_ratio <= 1:
-            raise ValueError(f"'meanflow_ratio' must lie in [0, 1], got {self.meanflow_ratio}")
-        if self.meanflow_time_std <= 0 or self.meanflow_eps <= 0 or self.meanflow_p < 0:
-            raise ValueError(f"'meanflow_time_std' and 'meanflow_eps' must be > 0 and 'meanflow_p' >= 0, got "
-                             f"{self.meanflow_time_std}, {self.meanflow_eps}, {self.meanflow_p}")
+            raise ConfigError("l_schedule 'Exponent' needs l_init_ratio > 0 and l_end_ratio > 0")
 
     @property
     def meanflow_guided(self):
@@ -598,8 +575,8 @@ class Scheduler(ReleaseSchedulerCalls, nn.Module):
 
     def __init__(self, noising_type="Linear", coefficient_type="Euler"):
         super().__init__()
-        _check_choice("noising_type", noising_type, NOISING_TYPES)
-        _check_choice("coefficient_type", coefficient_type, COEFFICIENT_TYPES)
+        check_choice("noising_type", noising_type, NOISING_TYPES)
+        check_choice("coefficient_type", coefficient_type, COEFFICIENT_TYPES)
         self.noising_type = noising_type
         self.coefficient_type = coefficient_type
 
@@ -672,7 +649,7 @@ class Soflow(ReleaseModelCalls, nn.Module):
     def __init__(self, data_channels, data_size, num_classes, cfg_drop_rate, noising_type="Linear",
                  coefficient_type="Euler", model_type="DiT-B-4", network_kwargs=None):
         super().__init__()
-        _check_choice("model_type", model_type, MODEL_TYPES)
+        check_choice("model_type", model_type, MODEL_TYPES)
         if num_classes is not None and num_classes < 0:
             raise ValueError(f"num_classes={num_classes} must be >= 0 or None (None or 0: unconditional)")
         self.scheduler = Scheduler(noising_type, coefficient_type)
@@ -786,7 +763,7 @@ class Soflow(ReleaseModelCalls, nn.Module):
           meanflow  x = f(x, t_i, t_{i+1}), MeanFlow's z_r = z_t - (t - r) u(z_t, r, t); deterministic.
           euler     x = x + (t_{i+1} - t_i) v_theta(x, t_i), the Euler solver of a flow-matching model.
         At nfe = 1 the soflow and meanflow samplers are the same map, f(noise, 1, 0)."""
-        _check_choice("sampler", sampler, SAMPLERS)
+        check_choice("sampler", sampler, SAMPLERS)
         if nfe < 1:
             raise ValueError(f"nfe must be >= 1, got {nfe}")
         if renoise is not None and tuple(renoise.shape) != (nfe - 1, *noise.shape):

@@ -2,10 +2,12 @@
 and torchrun launches. Fixtures live in conftest.py; test modules import from here (and from inception_graphs.py),
 never from each other."""
 import dataclasses
+import math
 import os
 import pickle
 import subprocess
 import sys
+import typing
 
 import h5py
 import numpy as np
@@ -16,6 +18,7 @@ from PIL import Image
 import inference
 from checkpoints import save_checkpoint
 from config import load_config, read_values, save_config, write_variant
+from config_keys import declaration, declared_default, is_list_key, unwrap_optional
 from models import Soflow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,6 +133,35 @@ def release_guidance(kind):
     """The guidance and loss-weight keywords of the release's `kind` config that the loss functions
     (Soflow.get_velocity_loss / get_consistency_loss) take, in their argument order."""
     return release_config(kind, "cfg_scale", "cfg_decay_time", "p", "eps", "mix_ratio")
+
+
+def declared_values(f):
+    """(values just outside, values inside) what the declaration (config_keys.key) of the config field `f` accepts:
+    at each finite end of its interval, one step (1 for integers, 1e-6) past it and the end itself (or one step in,
+    for an open end); a name not among its choices and each choice; for a list key, lists of `length` (or one)
+    such items (inside: of its first default item, when nothing else is declared), the empty list and a list one
+    item too long (with a declared length)."""
+    declared = declaration(f)
+    kind = unwrap_optional(f.type)[0]
+    item = typing.get_args(kind)[0] if is_list_key(f) else kind
+    step = 1 if item is int else 1e-6
+    outside, inside = [], []
+    interval = declared["within"]
+    if interval is not None:
+        for end, closed, away in ((float(interval.low), interval.text[0] == "[", -step),
+                                  (float(interval.high), interval.text[-1] == "]", step)):
+            if math.isfinite(end):
+                outside.append(item(end + away if closed else end))
+                inside.append(item(end if closed else end - away))
+    if declared["choices"] is not None:
+        outside.append("not-a-choice")
+        inside += list(declared["choices"])
+    if not is_list_key(f):
+        return outside, inside
+    n = declared["length"] or 1
+    example = (inside or declared_default(f))[0]
+    too_long = [[example] * (n + 1)] if declared["length"] else []
+    return [[v] * n for v in outside] + [[]] + too_long, [[v] * n for v in inside or [example]]
 
 
 def write_release_config(kind, path, **changes):

@@ -1,5 +1,6 @@
 """Config loader: the release's files load unchanged, every shipped config validates, bad configs fail early
 with a message naming the key, and this code's own keys default to the release's recipe."""
+import dataclasses
 import glob
 import os
 
@@ -7,8 +8,10 @@ import pytest
 import torch
 import yaml
 
-from config import RELEASE_KEYS, ConfigError, check_world_size, from_dict, load_config, save_config, write_variant
-from helpers import ROOT, release_config, release_config_path, write_release_config
+from config import (RELEASE_KEYS, Config, ConfigError, check_world_size, from_dict, keys_markdown, load_config,
+                    save_config, write_variant)
+from config_keys import accepted_text, check_declared, declaration
+from helpers import ROOT, declared_values, release_config, release_config_path, write_release_config
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
 
@@ -120,7 +123,7 @@ def base():
 @pytest.mark.parametrize("change, message", [
     ({"learning_rat": 1e-4}, r"unknown key 'learning_rat' \(did you mean 'learning_rate'\?\)"),
     ({"batch_size": "many"}, "'batch_size' must be an integer"),
-    ({"time_mean": [0.1, 0.2]}, "'time_mean' needs 3 values"),
+    ({"time_mean": [0.1, 0.2]}, r"'time_mean' must be a list of 3 values, got \[0.1, 0.2\]"),
     ({"cfg_drop_rate": 0.0}, "cfg_scale=3.0 > 1 needs cfg_drop_rate > 0"),
     ({"cfg_scale": 1.0}, r"cfg_drop_rate=0.1 with cfg_scale=1.0: .*release requires cfg_drop_rate 0.*set "
                          r"cfg_drop_rate: 0.0, or cfg_scale > 1"),
@@ -137,6 +140,7 @@ def base():
     ({"use_fp16": True}, "unknown key"),
     ({"betas": [0.9, 1.2]}, "betas"),
     ({"betas": [0.9]}, "'betas' must be a list of 2"),
+    ({"posthoc_ema_sigma_rels": [0.05, 0.05]}, r"'posthoc_ema_sigma_rels' must be distinct .*got \[0.05, 0.05\]"),
     ({"learning_rate": float("inf")}, "'learning_rate' must be a finite number, got inf"),
     ({"eps": float("nan")}, "'eps' must be a finite number, got nan"),
     ({"weight_decay": float("nan")}, "'weight_decay' must be a finite number"),
@@ -188,44 +192,44 @@ def test_cifar_defaults_and_bad_yaml(tmp_path):
         from_dict({"dataset_type": "CIFAR10", "model_type": "DiT-B-4", "num_classes": 10})
 
 
-def test_keys_page_matches_the_fields_comments():
-    """docs/config_keys.md is the output of `python config.py --keys`: one home for the keys' meanings."""
-    import dataclasses
-
-    from config import Config, keys_markdown
+def test_keys_page_matches_the_declarations():
+    """docs/config_keys.md is the output of `python config.py --keys`: one home for the keys' meanings and accepted
+    values, the fields' declarations."""
     generated = keys_markdown()
     with open(os.path.join(ROOT, "docs", "config_keys.md")) as f:
         assert f.read() == generated, \
             "docs/config_keys.md is out of date: regenerate it with `python config.py --keys > docs/config_keys.md`"
-    for f in dataclasses.fields(Config):  # every key has a row
-        assert f"| `{f.name}` |" in generated, f.name
+    for f in dataclasses.fields(Config):  # every key has a row with its meaning and what it accepts
+        row = f"| `{f.name}` | {'yes' if f.name in RELEASE_KEYS else ''} | "
+        assert row in generated and generated.split(row)[1].split("\n")[0].endswith(
+            f"| {declaration(f)['help'].replace('|', chr(92) + '|')} | {accepted_text(f)} |".rstrip()), f.name
+    assert "| `batch_size` | yes | `256` | global, over all ranks | >= 1 |" in generated
+    assert "| `tracker` |  | `auto` | training's scalars and grids (auto: TensorBoard when importable) | one of: " \
+           "`auto`, `tensorboard`, `wandb`, `none` |" in generated
 
 
-def test_keys_generator_reads_trailing_and_continued_comments(tmp_path, monkeypatch):
-    import sys
+def test_every_key_is_declared_with_its_meaning():
+    for f in dataclasses.fields(Config):
+        assert isinstance(declaration(f)["help"], str) and declaration(f)["help"].strip(), f.name
+    assert declaration(dataclasses.fields(Config)[0])["section"]  # the page's first section has a name
 
-    from config import field_comments
-    (tmp_path / "keysdemo.py").write_text(
-        "from dataclasses import dataclass\n\n\n@dataclass\nclass Demo:\n    \"\"\"doc\"\"\"\n"
-        "    # --- first ---\n"
-        "    a: int = 1   # the a key,\n"
-        "                 # continued\n"
-        "    # a heading comment that is not a section\n"
-        "    b: str = 'x'  # the b key\n"
-        "    # --- second ---\n"
-        "    c: float = 0.5  # the c key\n"
-        "    d: int = 2\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import keysdemo
-    try:
-        with pytest.raises(ValueError, match="field 'd' has no trailing comment"):
-            field_comments(keysdemo.Demo)
-        (tmp_path / "keysdemo.py").write_text((tmp_path / "keysdemo.py").read_text().replace(
-            "d: int = 2\n", "d: int = 2  # the d key\n"))
-        assert field_comments(keysdemo.Demo) == [("first", "a", "the a key, continued"), ("first", "b", "the b key"),
-                                                 ("second", "c", "the c key"), ("second", "d", "the d key")]
-    finally:
-        sys.modules.pop("keysdemo", None)
+
+DECLARED = [f for f in dataclasses.fields(Config) if declared_values(f) != ([], [])]
+
+
+@pytest.mark.parametrize("f", DECLARED, ids=lambda f: f.name)
+def test_every_declared_constraint_is_enforced(f):
+    """Each value just outside a key's declaration is refused by the loader, naming the key; each value inside it
+    passes the declared check (the combinations of keys have their own tests)."""
+    outside, inside = declared_values(f)
+    assert outside and inside
+    for value in outside:
+        with pytest.raises(ConfigError, match=rf"^x.yaml: '{f.name}' (must|items must|is )"):
+            from_dict({**base(), f.name: value}, source="x.yaml")
+    cfg = from_dict(base())
+    for value in inside:
+        setattr(cfg, f.name, value)
+        check_declared(cfg)
 
 
 def test_keys_command_prints_the_page(capsys):
@@ -255,7 +259,7 @@ def test_meanflow_keys_default_to_soflow_and_are_checked():
     assert (cfg.meanflow_ratio, cfg.meanflow_time_mean, cfg.meanflow_time_std) == (0.25, -0.4, 1.0)
     assert cfg.objective().method == "meanflow" and not cfg.objective().meanflow_guided
     for change, message in [
-        ({"method": "shortcut"}, "unknown method 'shortcut'; accepted: soflow, meanflow"),
+        ({"method": "shortcut"}, "'method' is 'shortcut'; accepted: soflow, meanflow"),
         ({"coefficient_type": "Trig"}, "method 'meanflow' needs noising_type: Linear and coefficient_type: Euler"),
         ({"meanflow_cfg_kappa": 0.5}, "needs a class-conditional model with cfg_drop_rate > 0"),
         ({"compile": True}, r"eager float32 network: remove \['compile'\]"),

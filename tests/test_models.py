@@ -1,6 +1,7 @@
 """SoFlow wrapper: identities of the parameterisation, losses, gradients, CFG target, dropout sharing, sampler, and
 the release's interface (its training loop's calls, its scheduler's names)."""
 import copy
+import dataclasses
 import json
 import math
 
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import DEVICES, release_guidance, release_objective, tiny_dit, tiny_unet, torchrun, write_latent_file
+from helpers import (DEVICES, declared_values, release_guidance, release_objective, tiny_dit, tiny_unet, torchrun,
+                     write_latent_file)
 from models import (MIN_TIME_GAP, Objective, Scheduler, Soflow, SoflowLoss, average_velocity_jvp, draw_training_times,
                     middle_time, shared_random_state, to_uint8)
 
@@ -191,6 +193,20 @@ def test_training_forward_objective_and_time_ordering(monkeypatch, device):
     assert torch.all(seen["s"][c] <= seen["l"][c]) and torch.all(seen["l"][c] <= seen["t"][c] - MIN_TIME_GAP + 1e-7)
     assert set(stats) == {"Vel_MSE", "Vel_Weight", "Con_MSE", "Con_Weight"}
     assert all(torch.isfinite(v) and v > 0 for v in stats.values())
+
+
+def test_objective_checks_each_declared_key_then_the_combination():
+    """Objective checks each loss setting against its declaration by itself (the release's calls build one from
+    their keywords, without the config loader), raising a ValueError that names the key; then the combination."""
+    for f in dataclasses.fields(Objective):
+        outside, inside = declared_values(f)
+        for value in outside:
+            with pytest.raises(ValueError, match=f"^'{f.name}' (must|items must|is )"):
+                Objective(**{f.name: value})
+        for value in inside:
+            assert getattr(Objective(**{"l_schedule": "Linear", f.name: value}), f.name) == value
+    with pytest.raises(ValueError, match="l_schedule 'Exponent' needs l_init_ratio > 0 and l_end_ratio > 0"):
+        Objective(l_end_ratio=0.0)
 
 
 def l_ratio(k, total, name, init, end):
