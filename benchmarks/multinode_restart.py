@@ -114,43 +114,84 @@ def same_final_state(a, b):
     return True
 
 
-def lose_and_restart_node(config, run, logs, node_b_rank, args):
-    """Node A and node B as two nodes; node B killed after checkpoint --kill-after and started again. Returns (the
-    agents' exit statuses, the text of the last resumption in the run's log, the node whose console has it: rank 0
-    after the restart, "A" or "B")."""
-    port = free_port()
-    common = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-              "--rdzv-id=soflow-multinode-check", "--max-restarts=3"]
-    addr_a, addr_b = ("127.0.0.1", "127.0.0.2") if node_b_rank == 1 else ("127.0.0.2", "127.0.0.1")
-    command_a = torchrun_command(config, [*common, f"--local-addr={addr_a}"])
-    command_b = torchrun_command(config, [*common, f"--local-addr={addr_b}"])
-    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0" if args.shared_store else "1"}
-    node_a = start(command_a, logs + "_node_a.log", **env)
-    # Both agents match the endpoint's address here, and the first to bind it hosts the rendezvous store; on a
-    # cluster, the head node (the endpoint's host) does. Node A starts first so that it is the head node.
-    wait_for_listener(port, node_a)
-    node_b = start(command_b, logs + "_node_b.log", **env)
-    wait_for(os.path.join(run, "ckpts", f"{args.kill_after}.pt"), node_a, timeout=1200)
-    killed = kill_node(node_b)
+class TwoNodes:
+    """Two torchrun agents on this machine as the two nodes of one job: node A, the head node (it hosts the
+    rendezvous store), and node B, each with an address of its own. The rendezvous numbers the nodes in the order of
+    their addresses, so `node_b_rank` chooses node B's group rank."""
+
+    def __init__(self, config, logs, node_b_rank, shared_store):
+        self.port = free_port()
+        common = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{self.port}",
+                  "--rdzv-id=soflow-multinode-check", "--max-restarts=3"]
+        addresses = dict(zip("AB", ("127.0.0.1", "127.0.0.2") if node_b_rank == 1 else ("127.0.0.2", "127.0.0.1")))
+        self.commands = {node: torchrun_command(config, [*common, f"--local-addr={addresses[node]}"]) for node in "AB"}
+        self.logs = {node: f"{logs}_node_{node.lower()}.log" for node in "AB"}
+        self.env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0" if shared_store else "1"}
+        self.agents = {}
+
+    def start(self, node):
+        self.agents[node] = start(self.commands[node], self.logs[node], **self.env)
+        if node == "A":
+            # Both agents match the endpoint's address here, and the first to bind it hosts the rendezvous store; on
+            # a cluster, the head node (the endpoint's host) does. Node A starts first so that it is the head node.
+            wait_for_listener(self.port, self.agents["A"])
+
+    def rank_zero(self):
+        """The node whose console has a resumption (rank 0 prints it): "A" or "B" ("" if none, "AB" if both)."""
+        return "".join(node for node in "AB" if "resumed from" in read_text(self.logs[node]))
+
+
+def lose_and_restart_node(config, run, logs, lost, node_b_rank, args):
+    """The job on two nodes; node `lost` ("A" or "B") killed after checkpoint --kill-after, and started again (node
+    B) after --restart-after seconds, or (node A, the head node) once node B's agent has ended, together with node B.
+    Returns (whether every check passed, the line of the last resumption in the run's log)."""
+    nodes = TwoNodes(config, logs, node_b_rank, args.shared_store)
+    nodes.start("A")
+    nodes.start("B")
+    wait_for(os.path.join(run, "ckpts", f"{args.kill_after}.pt"), nodes.agents["A"], timeout=1200)
+    killed = kill_node(nodes.agents[lost])
+    killed_at = time.time()
     newest = max(int(n[:-3]) for n in os.listdir(os.path.join(run, "ckpts")) if n.endswith(".pt"))
-    print(f"  node B (group rank {node_b_rank}) killed, agent and {killed} worker, after checkpoint {newest}.pt",
-          flush=True)
+    print(f"  node {lost} killed, agent and {killed} worker, after checkpoint {newest}.pt", flush=True)
     if newest >= args.steps:
-        kill_node(node_a)
-        raise SystemExit(f"FAIL: the run had finished before node B was killed; raise --steps (logs: {logs}*)")
-    time.sleep(args.restart_after)
-    node_b = start(command_b, logs + "_node_b.log", **env)
-    status = finish([node_a, node_b], timeout=900)
+        kill_node(nodes.agents["B" if lost == "A" else "A"])
+        raise SystemExit(f"FAIL: the run had finished before node {lost} was killed; raise --steps (logs: {logs}*)")
+    survivor_failed = True
+    if lost == "A":
+        status_b = finish([nodes.agents["B"]], timeout=120)[0]
+        survivor_failed = status_b not in (0, None)
+        print(f"  node B's agent ended by itself with status {status_b}, {time.time() - killed_at:.0f} s after the "
+              f"kill; both nodes started again", flush=True)
+        restart = "AB"
+    else:
+        time.sleep(args.restart_after)
+        restart = "B"
+    for node in restart:
+        nodes.start(node)
+    status = finish([nodes.agents[node] for node in "AB"], timeout=300)
+    final = os.path.join(run, "ckpts", f"{args.steps}.pt")
+    identical = status == (0, 0) and os.path.exists(final) and same_final_state(args.expected, final)
     with open(os.path.join(run, "log.txt")) as f:
         resumed = [line.strip() for line in f if "resumed from" in line]
-    rank_zero = [node for node in "AB" if "resumed from" in read_text(f"{logs}_node_{node.lower()}.log")]
-    return status, resumed[-1] if resumed else "never resumed", "".join(rank_zero)
+    rank_zero = nodes.rank_zero()
+    print(f"  exit statuses {status}, {time.time() - killed_at:.0f} s after the kill; rank 0 then on node "
+          f"{rank_zero or '?'}; final checkpoint " + ("bit-identical to" if identical else "NOT identical to") +
+          " the reference's", flush=True)
+    expected_rank_zero = "B" if node_b_rank == 0 else "A"
+    return identical and survivor_failed and rank_zero == expected_rank_zero, resumed[-1] if resumed else None
+
+
+CASES = {  # name: (the node killed, node B's group rank)
+    "node_b_rank_1": ("B", 1),
+    "node_b_rank_0": ("B", 0),
+    "head_node": ("A", 1),
+}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--kill-after", type=int, default=10, help="kill node B once this step's checkpoint exists")
+    p.add_argument("--kill-after", type=int, default=10, help="kill a node once this step's checkpoint exists")
     p.add_argument("--restart-after", type=float, default=5, help="seconds between node B's death and its restart")
     p.add_argument("--shared-store", action="store_true",
                    help="leave torchrun's rendezvous store shared with the workers (its default; fails on torch "
@@ -158,31 +199,25 @@ def main(argv=None):
     args = p.parse_args(argv)
     from config import write_variant
     tmp = tempfile.mkdtemp(prefix="multinode_")
-    names = ("reference", "node_b_rank_1", "node_b_rank_0")
     configs = {name: write_variant(os.path.join(ROOT, "configs", "digits_demo.yaml"), os.path.join(tmp, name + ".yaml"),
                                    working_dir=os.path.join(tmp, name), total_steps=args.steps, **SMALL)
-               for name in names}
+               for name in ("reference", *CASES)}
     began = time.time()
     reference = start(torchrun_command(configs["reference"], ["--standalone", "--nproc-per-node=2"]),
                       os.path.join(tmp, "reference.log"))
     if reference.wait() != 0:
         raise SystemExit(f"FAIL: the reference run failed; see {tmp}/reference.log")
     print(f"reference (--standalone, 2 ranks, {args.steps} steps): {time.time() - began:.0f} s", flush=True)
-    expected = os.path.join(tmp, "reference", "ckpts", f"{args.steps}.pt")
-    passed = True
-    for name, node_b_rank in zip(names[1:], (1, 0)):
-        began = time.time()
-        print(f"two nodes, node B group rank {node_b_rank}:", flush=True)
-        run = os.path.join(tmp, name)
-        status, resumed, rank_zero = lose_and_restart_node(configs[name], run, os.path.join(tmp, name), node_b_rank,
-                                                           args)
-        final = os.path.join(run, "ckpts", f"{args.steps}.pt")
-        identical = status == (0, 0) and os.path.exists(final) and same_final_state(expected, final)
-        passed = passed and identical and rank_zero == ("B" if node_b_rank == 0 else "A")
-        print(f"  exit statuses {status}; {resumed} (rank 0 then on node {rank_zero or '?'}); "
-              f"{time.time() - began:.0f} s; " +
-              ("final checkpoint bit-identical to the reference's" if identical else "NOT identical"), flush=True)
-    print("PASS" if passed else f"FAIL: see the logs in {tmp}", flush=True)
+    args.expected = os.path.join(tmp, "reference", "ckpts", f"{args.steps}.pt")
+    results = {}
+    for name, (lost, node_b_rank) in CASES.items():
+        print(f"two nodes, node B group rank {node_b_rank}, node {lost} lost:", flush=True)
+        results[name], resumed = lose_and_restart_node(configs[name], os.path.join(tmp, name), os.path.join(tmp, name),
+                                                       lost, node_b_rank, args)
+        print(f"  {resumed or 'never resumed'}: " + ("pass" if results[name] else "FAIL"), flush=True)
+    passed = all(results.values())
+    print("PASS" if passed else f"FAIL ({', '.join(n for n, ok in results.items() if not ok)}): see the logs in {tmp}",
+          flush=True)
     return 0 if passed else 1
 
 
