@@ -3,18 +3,20 @@
     python benchmarks/multinode_restart.py [--steps 100] [--kill-after 10] [--restart-after 5] [--shared-store]
 
 Runs a small digits config (a tiny DiT, a checkpoint every 2 steps, no grids or dumps) as a reference,
-`torchrun --standalone --nproc-per-node=2`, and then twice as two nodes: two agents with `--nnodes=2
+`torchrun --standalone --nproc-per-node=2`, and then three times as two nodes: two agents with `--nnodes=2
 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:PORT --max-restarts=3` and
-TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/cluster.md says why), node A (the head node: started first, it hosts the
-rendezvous store) and node B. Each node has an address of its own (`--local-addr` 127.0.0.1 and 127.0.0.2, both this
-machine); the rendezvous numbers the nodes in the order of their addresses, so the two cases make node B group rank 1
-and then group rank 0 (the host of the process group's store). Once the run has written the checkpoint of step
---kill-after, node B's agent and worker are killed with SIGKILL; after --restart-after seconds the same command is
-started there again. Node A's worker loses its peer and fails, its agent restarts it into a new rendezvous round,
-the restarted node B joins it, and both ranks resume from the newest checkpoint. For each case the script checks that
-both agents exit 0 and that the final checkpoint (weights, EMA, optimizer state) is bit-identical to the reference's,
-and prints PASS or FAIL. `--shared-store` leaves torchrun's default (the store shared with the workers) on, which
-fails on torch 2.14.1. CPU, gloo; about two minutes on a 2-core CPU (too slow for the test suite).
+TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/cluster.md says why): node A, the head node (started first, it hosts the
+rendezvous store), and node B, each with an address of its own (`--local-addr` 127.0.0.1 or 127.0.0.2, both this
+machine), which sets their group ranks. Once the run has written the checkpoint of step --kill-after, one node's
+agent and worker are killed with SIGKILL:
+  1. node B as group rank 1, started again --restart-after seconds later: node A's worker loses its peer and fails,
+     its agent restarts it into a new rendezvous round, node B joins it, both ranks resume from the newest checkpoint;
+  2. the same with node B as group rank 0 (the host of the process group's store);
+  3. node A, the head node: node B's agent must end by itself (the rendezvous store is gone); both are started again.
+Each case passes when both agents exit 0, rank 0 is on the expected node, and the final checkpoint (weights, EMA,
+optimizer state) is bit-identical to the reference's; the script prints PASS or FAIL. `--shared-store` leaves
+torchrun's default (the store shared with the workers) on, with which cases 1 and 2 fail on torch 2.14.1. CPU, gloo;
+about 90 s on a 2-core CPU (too slow for the test suite).
 """
 import argparse
 import os
