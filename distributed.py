@@ -37,6 +37,18 @@ def _ranks_from_slurm():
         raise RuntimeError("srun without torchrun: export MASTER_ADDR (the first node of the job) in the job script")
 
 
+def _attempt_prefix():
+    """The store prefix of this attempt's process group. With torchrun's default shared store
+    (TORCHELASTIC_USE_AGENT_STORE=True), one store outlives the restarts of a group (--max-restarts): without a
+    prefix per attempt, a restarted rank can read a previous attempt's addresses and fail to connect (seen with gloo
+    here). With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (multi-node, docs/cluster.md), rank 0 hosts a fresh store on a
+    fresh port each round, and the restart count is no common name: a node started again counts from 0 while the
+    others count their restarts, so their ranks would wait under different prefixes."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return "soflow"
+    return f"soflow/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
 def setup_distributed(timeout_minutes=60):
     """(rank, world_size, device) from torchrun's environment, or SLURM's under a plain srun (a single process
     without either, and then no process group)."""
@@ -59,11 +71,8 @@ def setup_distributed(timeout_minutes=60):
         from torch.distributed.rendezvous import rendezvous
         timeout = timedelta(minutes=timeout_minutes)
         store, rank, world_size = next(rendezvous("env://", timeout=timeout))
-        # torchrun keeps one store across the restarts of a group (--max-restarts); without a prefix per attempt,
-        # a restarted rank can read a previous attempt's addresses and fail to connect (seen with gloo here).
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
-                                store=dist.PrefixStore(f"soflow/attempt_{attempt}", store), rank=rank,
+                                store=dist.PrefixStore(_attempt_prefix(), store), rank=rank,
                                 world_size=world_size, device_id=device if device.type == "cuda" else None)
     return rank, world_size, device
 

@@ -32,6 +32,18 @@ def test_slurm_task_ids_become_ranks(monkeypatch):
     assert os.environ["RANK"] == "2"
 
 
+def test_store_prefix_per_attempt_only_on_torchruns_shared_store(monkeypatch):
+    def prefix(shared, restarts):
+        monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", str(shared))
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(restarts))
+        return distributed._attempt_prefix()
+
+    # one store across a group's restarts: each attempt under its own keys
+    assert prefix(True, 0) != prefix(True, 1)
+    # a fresh store each round, where a node started again (restart count 0) meets a survivor that restarted once
+    assert prefix(False, 0) == prefix(False, 1)
+
+
 def test_fault_injection_actions(monkeypatch):
     monkeypatch.setenv("SOFLOW_TEST_CRASH", "ckpt:4@1=ENOSPC")
     distributed.FaultInjection.from_env(rank=0).at("ckpt", 4)  # another rank: nothing
