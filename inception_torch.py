@@ -20,7 +20,6 @@ TensorFlow backend), computing pool_3 features, the spatial features of mixed_6/
 the pool features times the weights of softmax/logits/MatMul. Float32 throughout; on CUDA TF32 is switched
 off while it runs, so the convolutions and products are plain fp32 as TensorFlow computes them.
 """
-import contextlib
 import math
 from pathlib import Path
 
@@ -353,7 +352,6 @@ def _as_tensor(value):
 def _place(ctx, array_or_tensor):
     """Floating-point values live on the compute device; integer and boolean values (shapes, axes) on
     the CPU, where the ops that read them as Python numbers can do so without a device sync."""
-    torch = _torch()
     t = _as_tensor(array_or_tensor)
     return t.to(ctx.device) if t.is_floating_point() else t.cpu()
 
@@ -1036,7 +1034,6 @@ CONV_UNIT = OpSpec(_run_conv_unit, {}, n_inputs=1)
 def folded_conv_weights(w, bn_attrs, mean, var, beta, gamma):
     """(weight, bias) of Conv2D with filter `w` [h, w, in, out] followed by the batch norm: the scale as
     TensorFlow computes it (float32), the products and the bias in float64, rounded once to float32."""
-    torch = _torch()
     scale = batch_norm_scale(bn_attrs, var, gamma).double()
     weight = torch_conv_weight((w.double() * scale).float())
     bias = (beta.double() - mean.double() * scale).float()

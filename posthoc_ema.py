@@ -25,7 +25,6 @@ import os
 import re
 import sys
 
-import numpy as np
 import torch
 
 from checkpoints import check_weights_fit, load_checkpoint, save_checkpoint

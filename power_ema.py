@@ -24,7 +24,6 @@ import hashlib
 import math
 import os
 import re
-import warnings
 
 import numpy as np
 import torch

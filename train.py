@@ -30,8 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--config", required=True, help="YAML config (see configs/; the release's files load as they are)")
     p.add_argument("--no-resume", action="store_true", help="refuse to start when working_dir has checkpoints")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU intra-op threads per rank (default: OMP_NUM_THREADS when set, else the usable cores "
-                        "divided by the ranks on this node; 1 beside other busy work, docs/performance.md)")
+                   help="CPU intra-op threads per rank (default: OMP_NUM_THREADS when set, else the usable cores but "
+                        "one, divided among the ranks on this node, at least 1; docs/performance.md)")
     return p.parse_args(argv)
 
 
@@ -243,15 +243,27 @@ def is_due(step, period, total_steps):
 
 
 def intra_op_threads(requested, environ, usable_cores, local_ranks):
-    """Threads per rank: --threads when given, else OMP_NUM_THREADS when set, else the usable cores shared among
-    this node's ranks (at least 1), so that the ranks together never run more threads than cores."""
+    """Threads per rank: --threads when given, else OMP_NUM_THREADS when set, else the usable cores but one, shared
+    among this node's ranks (at least 1 each): the ranks never run more threads than cores, and one core is left
+    to the rest of the machine. An intra-op thread that must wait for a core stalls the whole step
+    (docs/performance.md#cpu-threads: on 2 cores beside one busy process, 2 threads ran 13x slower than 1)."""
     if requested is not None:
         if requested < 1:
             raise SystemExit(f"--threads must be >= 1, got {requested}")
         return requested
     if environ.get("OMP_NUM_THREADS", "").isdigit() and int(environ["OMP_NUM_THREADS"]) >= 1:
         return int(environ["OMP_NUM_THREADS"])
-    return max(usable_cores // local_ranks, 1)
+    return max((usable_cores - 1) // local_ranks, 1)
+
+
+def multinode_store_warning(environ):
+    """A warning for a multi-node torchrun job on torchrun's shared store, where a lost node cannot rejoin
+    (docs/cluster.md), or None."""
+    if int(environ.get("GROUP_WORLD_SIZE", 1)) > 1 and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return ("warning: a multi-node job on torchrun's shared store: a node lost and started again cannot rejoin "
+                "it (torch 2.14.1). Export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node before torchrun "
+                "(docs/cluster.md#multi-node)")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -580,6 +592,8 @@ def log_setup(log, cfg, model, dataset, device, tracker):
         "process group: none (one process outside torchrun), the model without DDP")
     if device.type == "cpu":
         log(f"CPU threads: {torch.get_num_threads()} per rank (--threads; docs/performance.md#cpu-threads)")
+    if multinode_store_warning(os.environ):
+        log(multinode_store_warning(os.environ))
     log(f"model {cfg.model_type}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
         f"dataset {cfg.dataset_type}: {len(dataset)} samples; global batch {cfg.batch_size}"
         + (f" in {cfg.grad_accum_steps} micro-batches per rank" if cfg.grad_accum_steps > 1 else "")

@@ -303,10 +303,12 @@ def test_a_finished_run_rerun_says_so_in_one_line(reference_run, cifar_root, tmp
 
 
 def test_threads_never_oversubscribe_by_default_and_can_be_set(cifar_root, tmp_path):
-    assert train.intra_op_threads(None, {}, 2, 1) == 2  # one process: every usable core
+    assert train.intra_op_threads(None, {}, 2, 1) == 1  # one process on 2 cores: one core left to the machine
+    assert train.intra_op_threads(None, {}, 16, 1) == 15
     assert train.intra_op_threads(None, {}, 2, 2) == 1  # ranks filling the cores: one thread each
     assert train.intra_op_threads(None, {}, 2, 4) == 1
-    assert train.intra_op_threads(None, {}, 16, 4) == 4
+    assert train.intra_op_threads(None, {}, 16, 4) == 3
+    assert train.intra_op_threads(None, {}, 1, 1) == 1
     assert train.intra_op_threads(None, {"OMP_NUM_THREADS": "3"}, 2, 1) == 3  # the variable, when set
     assert train.intra_op_threads(1, {"OMP_NUM_THREADS": "3"}, 2, 1) == 1  # the option first
     with pytest.raises(SystemExit, match="--threads must be >= 1"):
@@ -315,6 +317,15 @@ def test_threads_never_oversubscribe_by_default_and_can_be_set(cifar_root, tmp_p
     torch.set_num_threads(2)
     assert train.main(["--config", config(tmp_path, cifar_root, run, total_steps=1), "--threads", "1"]) == 0
     assert torch.get_num_threads() == 1 and "CPU threads: 1 per rank" in (run / "log.txt").read_text()
+
+
+def test_a_multinode_job_on_torchruns_shared_store_is_warned():
+    """A lost node cannot rejoin a multi-node job on torchrun's shared store (docs/cluster.md): the log says so."""
+    shared = {"GROUP_WORLD_SIZE": "2", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in train.multinode_store_warning(shared)
+    assert train.multinode_store_warning({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert train.multinode_store_warning({**shared, "GROUP_WORLD_SIZE": "1"}) is None  # one node: restarts work
+    assert train.multinode_store_warning({}) is None
 
 
 def test_a_config_error_comes_once_and_before_the_training_imports(tmp_path, monkeypatch, capsys):
